@@ -1,0 +1,196 @@
+"""Typed wire messages: the contract between Baton's processes.
+
+Every message is a msgspec Struct encoded as msgpack and decoded against the union of the
+types a subscriber accepts, so a malformed payload fails with the bad field's path instead
+of travelling on as a dict. Evolution rules (see docs/protocol.md):
+
+- New fields go at the end and have defaults; never change a field's type or a tag.
+- To retire a field, stop sending it and keep decoding it.
+- Never use ``forbid_unknown_fields``: older readers must skip newer fields.
+- Enums on the wire are ``IntEnum``.
+- Only measured hot structs (``TokenChunk``, ``TokenBatch``) are ``array_like``; their field
+  order is then part of the contract, so they only ever grow at the end.
+"""
+
+from enum import IntEnum
+from typing import NewType
+
+import msgspec
+
+RequestId = NewType("RequestId", str)
+InstanceId = NewType("InstanceId", str)
+BlockHash = NewType("BlockHash", int)
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+    """Base of every bus message; decoded by its tag."""
+
+
+class FinishReason(IntEnum):
+    """Why a stream ended; mapped to OpenAI's ``finish_reason`` by the frontend."""
+
+    STOP = 1  # EOS token, stop token or stop string
+    LENGTH = 2  # max_tokens or the context limit
+    ABORT = 3  # the client or an operator cancelled it
+    ERROR = 4  # the worker failed it; TokenChunk.error says why
+
+
+class ErrorCode(IntEnum):
+    """Error classes that cross the wire; shared/errors.py maps each to an exception."""
+
+    INVALID_REQUEST = 1
+    OVERLOADED = 2
+    UNAVAILABLE = 3
+    DEADLINE_EXCEEDED = 4
+    CANCELLED = 5
+    ENGINE_ERROR = 6
+    NOT_FOUND = 7
+
+
+class WorkerRole(IntEnum):
+    AGGREGATED = 1  # prefill and decode in one engine
+    PREFILL = 2
+    DECODE = 3
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the engine needs to generate; stop strings stay in the frontend."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+
+
+# --- requests: frontend -> worker -------------------------------------------------------------
+
+
+class GenerateRequest(Message, frozen=True, tag="generate"):
+    """Ask a worker to run a request. Sent by request-reply; the worker answers with
+    ``GenerateAccepted`` or ``ErrorReply`` at once and then streams ``TokenChunk``s to
+    ``stream_subject`` (the requesting process's token inbox)."""
+
+    request_id: RequestId
+    model: str
+    token_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+    stream_subject: str = ""
+    frontend_id: InstanceId = InstanceId("")
+
+
+class AbortRequest(Message, frozen=True, tag="abort"):
+    """Stop a request and free its KV blocks. Idempotent: unknown ids are ignored."""
+
+    request_id: RequestId
+
+
+class GenerateAccepted(Message, frozen=True, tag="accepted"):
+    request_id: RequestId
+    worker_id: InstanceId
+    num_prompt_tokens: int
+
+
+class ErrorReply(Message, frozen=True, tag="error"):
+    """A typed failure; the receiver raises the matching ``shared.errors`` class again."""
+
+    code: ErrorCode
+    message: str
+    retry_after_s: float | None = None
+
+
+# --- token streams: worker -> frontend ----------------------------------------------------------
+
+
+class TokenChunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """New tokens of one request from one engine step (hot path: positional fields)."""
+
+    request_id: RequestId
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class TokenBatch(Message, frozen=True, tag="tokens"):
+    """Every chunk one engine step produced for one destination process."""
+
+    worker_id: InstanceId
+    chunks: list[TokenChunk]
+
+
+# --- discovery (etcd values) and load ------------------------------------------------------------
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a frontend needs to serve a model: stored in etcd under the model registry."""
+
+    name: str
+    tokenizer: str  # a local directory, or "builtin" for the tokenizer Baton ships
+    context_length: int
+    kv_block_size: int
+    eos_token_ids: list[int] = []
+    created: int = 0
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A live worker, registered under its lease; the key disappears when the lease does."""
+
+    worker_id: InstanceId
+    model: str
+    role: WorkerRole
+    subject: str  # where GenerateRequest and AbortRequest go
+    max_num_seqs: int
+    num_kv_blocks: int
+    host: str = ""
+    pid: int = 0
+
+
+class FrontendInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    frontend_id: InstanceId
+    http_url: str
+    stream_subject: str
+
+
+class LoadMetrics(Message, frozen=True, tag="load"):
+    """A worker's load, published every few hundred milliseconds and after big changes."""
+
+    worker_id: InstanceId
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float
+    is_draining: bool = False
+
+
+# --- KV cache events (consumed by the KV-aware router) -------------------------------------------
+
+
+class BlockStored(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="s"):
+    """Full blocks now cached, in prefix order; ``parent_hash`` is the block before the first."""
+
+    block_hashes: list[BlockHash]
+    parent_hash: BlockHash | None = None
+
+
+class BlockRemoved(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="r"):
+    block_hashes: list[BlockHash]
+
+
+class AllBlocksCleared(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="c"):
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(Message, frozen=True, tag="kv_events"):
+    """KV events of one worker, numbered so that a gap shows lost messages."""
+
+    worker_id: InstanceId
+    seq: int
+    events: list[KVEvent]

@@ -1,0 +1,81 @@
+"""NATS subject names: built here and spelled nowhere else.
+
+Every subject starts with ``baton.<namespace>`` so that several clusters (or test cases)
+share one NATS server without seeing each other's traffic. Ids and namespaces must be
+subject-safe tokens: letters, digits, ``-`` and ``_``.
+"""
+
+import re
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_token(value: str, what: str) -> str:
+    """Return ``value`` if it is one subject token, else raise ``ValueError``."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} must match [A-Za-z0-9_-]+, got {value!r}")
+    return value
+
+
+def worker_inbox(namespace: str, worker_id: str) -> str:
+    """GenerateRequest (request-reply) and AbortRequest for one worker."""
+    return f"baton.{check_token(namespace, 'namespace')}.worker.{check_token(worker_id, 'id')}"
+
+
+def stream_inbox(namespace: str, frontend_id: str) -> str:
+    """TokenBatch messages for every stream one frontend process holds."""
+    return f"baton.{check_token(namespace, 'namespace')}.stream.{check_token(frontend_id, 'id')}"
+
+
+def load_metrics(namespace: str, worker_id: str) -> str:
+    """LoadMetrics published by one worker."""
+    return f"baton.{check_token(namespace, 'namespace')}.load.{check_token(worker_id, 'id')}"
+
+
+def load_metrics_all(namespace: str) -> str:
+    """Wildcard over every worker's LoadMetrics."""
+    return f"baton.{check_token(namespace, 'namespace')}.load.*"
+
+
+def kv_events(namespace: str, worker_id: str) -> str:
+    """KVEventBatch published by one worker."""
+    return f"baton.{check_token(namespace, 'namespace')}.kv.{check_token(worker_id, 'id')}"
+
+
+def kv_events_all(namespace: str) -> str:
+    """Wildcard over every worker's KVEventBatch."""
+    return f"baton.{check_token(namespace, 'namespace')}.kv.*"
+
+
+# etcd keys live beside the subjects so that names are spelled in one place.
+
+
+def etcd_prefix(namespace: str) -> str:
+    return f"/baton/{check_token(namespace, 'namespace')}/"
+
+
+def etcd_workers(namespace: str) -> str:
+    return f"{etcd_prefix(namespace)}workers/"
+
+
+def etcd_worker(namespace: str, worker_id: str) -> str:
+    return f"{etcd_workers(namespace)}{check_token(worker_id, 'id')}"
+
+
+def etcd_models(namespace: str) -> str:
+    return f"{etcd_prefix(namespace)}models/"
+
+
+def etcd_model(namespace: str, model: str) -> str:
+    # Model names may hold '/', as in 'org/model': keep them readable, they end the key.
+    if not model or any(c.isspace() for c in model):
+        raise ValueError(f"model name must be non-empty without spaces, got {model!r}")
+    return f"{etcd_models(namespace)}{model}"
+
+
+def etcd_frontends(namespace: str) -> str:
+    return f"{etcd_prefix(namespace)}frontends/"
+
+
+def etcd_frontend(namespace: str, frontend_id: str) -> str:
+    return f"{etcd_frontends(namespace)}{check_token(frontend_id, 'id')}"
