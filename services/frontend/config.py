@@ -1,0 +1,57 @@
+"""The frontend's configuration."""
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from proto.subjects import check_token
+
+
+def default_frontend_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"frontend-{host[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrontendConfig:
+    namespace: str = field(default="default", metadata=_help("cluster namespace"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_help("NATS server URL"))
+    etcd_url: str = field(default="http://127.0.0.1:2379", metadata=_help("etcd URL"))
+    host: str = field(default="127.0.0.1", metadata=_help("HTTP listen address"))
+    port: int = field(default=8000, metadata=_help("HTTP port (0 picks a free one)"))
+    frontend_id: str = field(default="", metadata=_help("instance id (default: host-pid-random)"))
+    max_in_flight: int = field(
+        default=50000, metadata=_help("requests served at once before new ones get 503")
+    )
+    admission_timeout_s: float = field(
+        default=5.0, metadata=_help("how long a worker may take to accept a request")
+    )
+    stream_idle_timeout_s: float = field(
+        default=120.0, metadata=_help("longest silence from a worker before a stream fails")
+    )
+    tokenize_in_thread_chars: int = field(
+        default=4096, metadata=_help("prompts at least this long are tokenized in a thread")
+    )
+    drain_timeout_s: float = field(
+        default=30.0, metadata=_help("on SIGTERM, how long open streams may finish")
+    )
+    lease_ttl_s: float = field(default=10.0, metadata=_help("etcd lease TTL"))
+    log_level: str = field(default="info", metadata=_help("logging level"))
+
+    def __post_init__(self) -> None:
+        check_token(self.namespace, "namespace")
+        if self.frontend_id:
+            check_token(self.frontend_id, "frontend_id")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_in_flight", "tokenize_in_thread_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("admission_timeout_s", "stream_idle_timeout_s", "lease_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

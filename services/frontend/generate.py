@@ -1,0 +1,152 @@
+"""Send one request to a worker and follow its token stream; abort it if the client leaves."""
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from proto.messages import (
+    AbortRequest,
+    ErrorReply,
+    FinishReason,
+    GenerateAccepted,
+    GenerateRequest,
+    InstanceId,
+    RequestId,
+    SamplingParams,
+    TokenChunk,
+)
+from services.frontend.workers import WorkerPool, WorkerState
+from shared.bus import Bus
+from shared.codec import generate_reply_decoder
+from shared.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidRequest,
+    Overloaded,
+    ServingError,
+    Unavailable,
+    from_reply,
+)
+from shared.streams import StreamDemux
+
+logger = logging.getLogger(__name__)
+
+
+def new_request_id() -> RequestId:
+    return RequestId(uuid.uuid4().hex)
+
+
+class Generator:
+    """Places requests on workers and yields their chunks."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        demux: StreamDemux,
+        pool: WorkerPool,
+        frontend_id: InstanceId,
+        *,
+        admission_timeout_s: float,
+        stream_idle_timeout_s: float,
+        max_attempts: int = 3,
+    ) -> None:
+        self._bus = bus
+        self._demux = demux
+        self._pool = pool
+        self._frontend_id = frontend_id
+        self._admission_timeout_s = admission_timeout_s
+        self._stream_idle_timeout_s = stream_idle_timeout_s
+        self._max_attempts = max_attempts
+
+    async def generate(
+        self,
+        request_id: RequestId,
+        model: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+    ) -> AsyncIterator[list[TokenChunk]]:
+        """Yield the request's chunks as they arrive until one carries a finish reason.
+
+        Closing the iterator early (client gone, stop string matched) aborts the request on
+        its worker. A worker that vanishes or goes silent for ``stream_idle_timeout_s`` ends
+        the stream with ``Unavailable`` / ``DeadlineExceeded``, never a hang.
+        """
+        stream = self._demux.open(request_id)
+        worker: WorkerState | None = None
+        finished = False
+        try:
+            worker = await self._place(request_id, model, token_ids, sampling)
+            stream.worker_id = worker.info.worker_id
+            while True:
+                try:
+                    async with asyncio.timeout(self._stream_idle_timeout_s):
+                        chunks = await stream.get()
+                except TimeoutError as exc:
+                    raise DeadlineExceeded(
+                        f"no tokens from worker {worker.info.worker_id} for "
+                        f"{self._stream_idle_timeout_s} s"
+                    ) from exc
+                last = chunks[-1]
+                if last.finish_reason is not None:
+                    finished = True
+                    if last.finish_reason == FinishReason.ERROR:
+                        raise EngineError(last.error or "the engine failed this request")
+                yield chunks
+                if finished:
+                    return
+        finally:
+            self._demux.close(request_id)
+            if worker is not None:
+                worker.in_flight -= 1
+                if not finished:
+                    await self._abort(worker, request_id)
+
+    async def _place(
+        self, request_id: RequestId, model: str, token_ids: list[int], sampling: SamplingParams
+    ) -> WorkerState:
+        candidates = self._pool.candidates(model)
+        if not candidates:
+            raise Overloaded(f"no live worker serves model {model!r}", retry_after_s=1.0)
+        message = GenerateRequest(
+            request_id=request_id,
+            model=model,
+            token_ids=token_ids,
+            sampling=sampling,
+            stream_subject=self._demux.subject,
+            frontend_id=self._frontend_id,
+        )
+        last_error: ServingError = Overloaded("no worker accepted the request", retry_after_s=1.0)
+        for worker in candidates[: self._max_attempts]:
+            worker.in_flight += 1
+            worker.sent_since_report += 1
+            try:
+                data = await self._bus.request(
+                    worker.info.subject, message, timeout_s=self._admission_timeout_s
+                )
+                reply = generate_reply_decoder.decode(data)
+            except (Unavailable, DeadlineExceeded) as exc:
+                worker.in_flight -= 1
+                last_error = exc
+                continue
+            except BaseException:
+                worker.in_flight -= 1
+                raise
+            match reply:
+                case GenerateAccepted():
+                    return worker
+                case ErrorReply():
+                    worker.in_flight -= 1
+                    error = from_reply(reply)
+                    if isinstance(error, InvalidRequest):
+                        raise error
+                    last_error = error
+        if isinstance(last_error, (Unavailable, DeadlineExceeded)):
+            raise Overloaded(f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0)
+        raise last_error
+
+    async def _abort(self, worker: WorkerState, request_id: RequestId) -> None:
+        try:
+            await self._bus.publish(worker.info.subject, AbortRequest(request_id=request_id))
+        except ServingError as exc:
+            logger.warning("abort not sent request_id=%s error=%s", request_id, exc)

@@ -1,0 +1,42 @@
+"""The frontend's Prometheus metrics, in a registry of its own (no module-level state)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "baton_frontend_requests",
+            "HTTP completion requests by model, endpoint and final status",
+            ["model", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "baton_frontend_in_flight_requests",
+            "completion requests being served",
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "baton_frontend_time_to_first_token_seconds",
+            "time from request arrival to the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "baton_frontend_inter_token_latency_seconds",
+            "mean time between tokens of one arriving chunk",
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "baton_frontend_prompt_tokens", "prompt tokens received", registry=self.registry
+        )
+        self.output_tokens = Counter(
+            "baton_frontend_output_tokens", "tokens generated", registry=self.registry
+        )

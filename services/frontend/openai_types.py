@@ -1,0 +1,164 @@
+"""OpenAI-compatible request bodies, validated on decode, and their mapping to SamplingParams.
+
+msgspec checks types as it parses, so ``{"max_tokens": "ten"}`` fails with
+"Expected `int | null`, got `str` - at `$.max_tokens`" before any handler logic runs.
+Unknown fields are ignored (clients send many we do not use); fields we cannot honour with a
+value other than their default are refused, never silently dropped.
+"""
+
+from typing import Literal
+
+import msgspec
+
+from proto.messages import SamplingParams
+from shared.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+
+
+class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
+    include_usage: bool = False
+
+
+class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
+    """The fields chat and text completions share."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+
+
+class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+
+
+chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+completion_decoder = msgspec.json.Decoder(CompletionRequest)
+
+
+def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages as the plain dicts a chat template expects, text parts joined."""
+    if not request.messages:
+        raise InvalidRequest("messages must hold at least one message")
+    out = []
+    for i, message in enumerate(request.messages):
+        if message.content is None:
+            text = ""
+        elif isinstance(message.content, str):
+            text = message.content
+        else:
+            parts = []
+            for part in message.content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequest(
+                        f"messages[{i}].content: only text parts are supported, got {part.type!r}"
+                    )
+                parts.append(part.text)
+            text = "".join(parts)
+        out.append({"role": message.role, "content": text})
+    return out
+
+
+def completion_prompt(request: CompletionRequest) -> str | list[int]:
+    """The one prompt of a text completion: a string or a list of token ids."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty")
+    if all(isinstance(p, int) for p in prompt):
+        return [p for p in prompt if isinstance(p, int)]
+    if len(prompt) == 1:
+        only = prompt[0]
+        return only if isinstance(only, str) else list(only)  # type: ignore[arg-type]
+    raise InvalidRequest(f"prompt: one prompt per request is supported, got {len(prompt)}")
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    if any(not s for s in stops):
+        raise InvalidRequest("stop: strings must not be empty")
+    return stops
+
+
+def sampling_params(
+    fields: SamplingFields,
+    max_tokens: int | None,
+    num_prompt_tokens: int,
+    context_length: int,
+) -> SamplingParams:
+    """Check the sampling fields against the model and build the engine's SamplingParams.
+
+    ``max_tokens`` defaults to what the context leaves after the prompt.
+    """
+    if fields.n != 1:
+        raise InvalidRequest(f"n: only n=1 is supported, got {fields.n}")
+    if fields.logprobs not in (None, False, 0):
+        raise InvalidRequest("logprobs are not supported")
+    if fields.presence_penalty != 0.0 or fields.frequency_penalty != 0.0:
+        raise InvalidRequest("presence_penalty and frequency_penalty are not supported")
+    temperature = 1.0 if fields.temperature is None else fields.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}")
+    top_p = 1.0 if fields.top_p is None else fields.top_p
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
+    if fields.seed is not None and not -(2**63) <= fields.seed < 2**64:
+        raise InvalidRequest(f"seed must fit in 64 bits, got {fields.seed}")
+    room = context_length - num_prompt_tokens
+    if room < 1:
+        raise InvalidRequest(
+            f"prompt has {num_prompt_tokens} tokens; the model's context is {context_length}"
+        )
+    if max_tokens is None:
+        max_tokens = room
+    elif max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}")
+    elif max_tokens > room:
+        raise InvalidRequest(
+            f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"model's context of {context_length} tokens"
+        )
+    if not 0 <= fields.min_tokens <= max_tokens:
+        raise InvalidRequest(f"min_tokens must be in [0, max_tokens], got {fields.min_tokens}")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=fields.min_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=fields.seed,
+        ignore_eos=fields.ignore_eos,
+    )

@@ -1,0 +1,103 @@
+"""serve(): wires the frontend's connections, watches, HTTP server and graceful shutdown."""
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from proto import subjects
+from proto.messages import FrontendInfo, InstanceId
+from services.frontend.app import FrontendState, build_app
+from services.frontend.config import FrontendConfig
+from services.frontend.generate import Generator
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.models import ModelRegistry
+from services.frontend.workers import WorkerPool
+from shared.bus import Bus
+from shared.codec import encode
+from shared.discovery import Discovery, PrefixView
+from shared.errors import Unavailable
+from shared.lifecycle import shutdown_event
+from shared.streams import StreamDemux
+
+logger = logging.getLogger(__name__)
+
+
+async def _follow(view: PrefixView, apply: "WorkerPool | ModelRegistry") -> None:
+    """Apply every change of an etcd view until cancelled."""
+    while True:
+        apply.sync(dict(view.items))
+        await view.wait_changed()
+
+
+async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -> None:
+    """Serve HTTP until SIGTERM/SIGINT (or ``stopping``), then drain open streams and exit."""
+    stopping = stopping or shutdown_event()
+    frontend_id = InstanceId(config.frontend_id)
+    inbox = subjects.stream_inbox(config.namespace, frontend_id)
+    async with (
+        Bus.connect(config.nats_url, name=frontend_id) as bus,
+        Discovery.connect(config.etcd_url) as discovery,
+        discovery.watch_prefix(subjects.etcd_workers(config.namespace)) as worker_view,
+        discovery.watch_prefix(subjects.etcd_models(config.namespace)) as model_view,
+    ):
+        demux = StreamDemux(bus, inbox)
+        pool = WorkerPool(bus, config.namespace)
+        pool.on_removed = lambda worker_id: _fail_streams(demux, worker_id)
+        models = ModelRegistry()
+        await demux.start()
+        await pool.start()
+        state = FrontendState(
+            models=models,
+            pool=pool,
+            generator=Generator(
+                bus,
+                demux,
+                pool,
+                frontend_id,
+                admission_timeout_s=config.admission_timeout_s,
+                stream_idle_timeout_s=config.stream_idle_timeout_s,
+            ),
+            metrics=FrontendMetrics(),
+            max_in_flight=config.max_in_flight,
+            tokenize_in_thread_chars=config.tokenize_in_thread_chars,
+        )
+        runner = web.AppRunner(
+            build_app(state), handler_cancellation=True, access_log=None,
+            shutdown_timeout=config.drain_timeout_s,
+        )
+        await runner.setup()
+        async with asyncio.TaskGroup() as tg:
+            followers = [
+                tg.create_task(_follow(worker_view, pool), name="follow-workers"),
+                tg.create_task(_follow(model_view, models), name="follow-models"),
+            ]
+            try:
+                site = web.TCPSite(runner, config.host, config.port, backlog=4096)
+                await site.start()
+                port = runner.addresses[0][1]
+                url = f"http://{config.host}:{port}"
+                registration = await discovery.register(
+                    subjects.etcd_frontend(config.namespace, frontend_id),
+                    encode(FrontendInfo(frontend_id=frontend_id, http_url=url,
+                                        stream_subject=inbox)),
+                    ttl_s=config.lease_ttl_s,
+                )
+                state.is_ready = True
+                logger.info("frontend ready url=%s frontend_id=%s", url, frontend_id)
+                await stopping.wait()
+                logger.info("[shutdown] frontend draining open=%d", len(demux))
+                state.is_draining = True
+                await registration.revoke()
+            finally:
+                # Stops accepting, waits up to drain_timeout_s for open requests, cancels the rest.
+                await runner.cleanup()
+                for task in followers:
+                    task.cancel()
+    logger.info("[shutdown] frontend stopped frontend_id=%s", frontend_id)
+
+
+def _fail_streams(demux: StreamDemux, worker_id: InstanceId) -> None:
+    failed = demux.fail_worker(worker_id, Unavailable(f"worker {worker_id} went away"))
+    if failed:
+        logger.warning("worker gone; streams failed worker_id=%s num_streams=%d", worker_id, failed)

@@ -1,0 +1,110 @@
+"""Which workers exist (etcd) and how loaded they are (NATS), and which one gets a request.
+
+Until the KV-aware router lands (issue #4) the frontend places requests itself: the worker
+with the fewest requests, counting its last reported load plus what this frontend has sent it
+since that report. Ties rotate, so an idle cluster still spreads work.
+"""
+
+import itertools
+import logging
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.msg import Msg
+
+from proto import subjects
+from proto.messages import InstanceId, LoadMetrics, WorkerInfo
+from shared.bus import Bus
+from shared.codec import load_metrics_decoder, worker_info_decoder
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerState:
+    __slots__ = ("in_flight", "info", "load", "sent_since_report")
+
+    def __init__(self, info: WorkerInfo) -> None:
+        self.info = info
+        self.load: LoadMetrics | None = None
+        self.in_flight = 0  # requests this frontend has open on it
+        self.sent_since_report = 0
+
+    @property
+    def score(self) -> float:
+        if self.load is None:
+            return float(self.in_flight)
+        return float(self.load.num_running + self.load.num_waiting + self.sent_since_report)
+
+    @property
+    def is_draining(self) -> bool:
+        return self.load is not None and self.load.is_draining
+
+
+class WorkerPool:
+    """Live workers by model, kept from the etcd directory and the load subjects."""
+
+    def __init__(self, bus: Bus, namespace: str) -> None:
+        self._bus = bus
+        self._namespace = namespace
+        self._workers: dict[InstanceId, WorkerState] = {}
+        self._rotation = itertools.count()
+        self.on_removed: Callable[[InstanceId], None] | None = None
+
+    async def start(self) -> None:
+        await self._bus.subscribe(subjects.load_metrics_all(self._namespace), self._on_load)
+
+    def sync(self, items: dict[str, bytes]) -> None:
+        """Replace the directory with etcd's view (key -> encoded WorkerInfo)."""
+        seen: set[InstanceId] = set()
+        for key, value in items.items():
+            try:
+                info = worker_info_decoder.decode(value)
+            except msgspec.DecodeError as exc:
+                logger.warning("bad worker entry key=%s error=%s", key, exc)
+                continue
+            seen.add(info.worker_id)
+            state = self._workers.get(info.worker_id)
+            if state is None:
+                self._workers[info.worker_id] = WorkerState(info)
+                logger.info("worker joined worker_id=%s model=%s", info.worker_id, info.model)
+            else:
+                state.info = info
+        for worker_id in [w for w in self._workers if w not in seen]:
+            del self._workers[worker_id]
+            logger.info("worker left worker_id=%s", worker_id)
+            if self.on_removed is not None:
+                self.on_removed(worker_id)
+
+    async def _on_load(self, msg: Msg) -> None:
+        try:
+            load = load_metrics_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            logger.warning("bad load metrics subject=%s error=%s", msg.subject, exc)
+            return
+        state = self._workers.get(load.worker_id)
+        if state is not None:
+            state.load = load
+            state.sent_since_report = 0
+
+    def models(self) -> set[str]:
+        return {s.info.model for s in self._workers.values()}
+
+    def has_model(self, model: str) -> bool:
+        return any(s.info.model == model for s in self._workers.values())
+
+    def candidates(self, model: str) -> list[WorkerState]:
+        """Workers serving ``model``, best first; draining ones are left out."""
+        states = [
+            s for s in self._workers.values() if s.info.model == model and not s.is_draining
+        ]
+        if len(states) > 1:
+            offset = next(self._rotation) % len(states)
+            states = states[offset:] + states[:offset]
+            states.sort(key=lambda s: s.score)  # stable: the rotation breaks ties
+        return states
+
+    def get(self, worker_id: InstanceId) -> WorkerState | None:
+        return self._workers.get(worker_id)
+
+    def __len__(self) -> int:
+        return len(self._workers)

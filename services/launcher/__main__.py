@@ -1,0 +1,63 @@
+"""baton: the umbrella command. `baton up` runs a whole local cluster until Ctrl-C."""
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from services.launcher.cluster import local_cluster
+from services.launcher.config import UpConfig
+from shared.config import load_config
+from shared.lifecycle import run_async, setup_logging, shutdown_event
+
+logger = logging.getLogger(__name__)
+
+USAGE = """usage: baton up [options]
+
+Commands:
+  up    start a local cluster (NATS, etcd, workers, frontend) and serve until Ctrl-C
+
+Each service also has its own command: baton-frontend, baton-decode (see --help).
+`baton up --help` lists the options."""
+
+
+async def up(config: UpConfig) -> int:
+    stopping = shutdown_event()
+    async with local_cluster(config) as cluster:
+        print(f"Baton is up: {cluster.url}/v1 (model {config.model!r}); Ctrl-C stops it", flush=True)
+        waits = [asyncio.create_task(c.proc.wait()) for c in cluster.children]
+        stop = asyncio.create_task(stopping.wait())
+        done, _ = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+        for task in [stop, *waits]:
+            task.cancel()
+        if stop not in done:
+            dead = [c for c in cluster.children if c.proc.returncode is not None]
+            for child in dead:
+                logger.error("%s exited with code %s; stopping the cluster",
+                             child.name, child.proc.returncode)
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if args else 2)
+    if args[0] != "up":
+        print(f"baton: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    config = load_config(UpConfig, "up", args[1:], description="Start a local Baton cluster")
+    setup_logging(config.log_level)
+    code = 0
+
+    async def run() -> None:
+        nonlocal code
+        code = await up(config)
+
+    run_async(run())
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Flags and environment variables derived from a service's frozen config dataclass.
+
+One name, three spellings: field ``max_num_seqs``, flag ``--max-num-seqs``, and the env vars
+``BATON_<SERVICE>_MAX_NUM_SEQS`` (this service only) and ``BATON_MAX_NUM_SEQS`` (every service,
+so that ``BATON_NATS_URL`` configures a whole cluster). Precedence: flag > service env >
+global env > default. This is the only module that reads ``os.environ``.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
+
+
+class DataclassInstance(Protocol):
+    __dataclass_fields__: typing.ClassVar[dict[str, Any]]
+
+
+ConfigT = TypeVar("ConfigT", bound=DataclassInstance)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _scalar_type(annotation: Any) -> tuple[type, bool]:
+    """(base type, is_optional) of a field annotation such as ``int`` or ``str | None``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported config annotation {annotation!r}")
+        return args[0], True
+    return annotation, False
+
+
+def _converter(base: type) -> Any:
+    if base is bool:
+        return _parse_bool
+    if base in (int, float, str):
+        return base
+    raise TypeError(f"unsupported config field type {base!r}")
+
+
+def env_names(service: str, field_name: str) -> tuple[str, str]:
+    upper = field_name.upper()
+    return f"BATON_{service.upper()}_{upper}", f"BATON_{upper}"
+
+
+def build_parser(cls: type[ConfigT], service: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field; help text comes from field metadata."""
+    parser = argparse.ArgumentParser(
+        prog=f"baton-{service}",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        base, _ = _scalar_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        env_service, env_global = env_names(service, field.name)
+        help_text = field.metadata.get("help", "")
+        help_text = f"{help_text} [env {env_service} or {env_global}]".strip()
+        parser.add_argument(
+            flag, dest=field.name, type=_converter(base), default=None, help=help_text,
+            metavar=base.__name__.upper(),
+        )
+    return parser
+
+
+def load_config(
+    cls: type[ConfigT],
+    service: str,
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    description: str = "",
+) -> ConfigT:
+    """Build ``cls`` from flags, then env vars, then the dataclass defaults.
+
+    Invalid values exit with a usage error that names the flag or variable.
+    """
+    env = os.environ if env is None else env
+    parser = build_parser(cls, service, description)
+    args = parser.parse_args(argv)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        from_flag = getattr(args, field.name)
+        if from_flag is not None:
+            values[field.name] = from_flag
+            continue
+        base, is_optional = _scalar_type(hints[field.name])
+        for name in env_names(service, field.name):
+            if name in env:
+                raw = env[name]
+                try:
+                    values[field.name] = (
+                        None if is_optional and raw == "" else _converter(base)(raw)
+                    )
+                except ValueError as exc:
+                    parser.error(f"{name}={raw!r}: {exc}")
+                break
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def describe(config: DataclassInstance) -> str:
+    """``key=value`` pairs of a config, for the startup log line."""
+    return " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(config).items())

@@ -1,0 +1,152 @@
+"""The token-stream path: engine steps -> TokenBatch messages -> per-request streams.
+
+Built for tens of thousands of concurrent streams:
+
+- a worker sends **one message per engine step per destination process** (``group_chunks`` then
+  ``publish_chunks``), never one message per token or per request;
+- a frontend holds **one subscription for all its streams** (``StreamDemux``) and hands each
+  chunk to the request's ``TokenStream`` in O(1).
+"""
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+import msgspec
+from nats.aio.msg import Msg
+
+from proto.messages import InstanceId, RequestId, TokenBatch, TokenChunk
+from shared.bus import Bus
+from shared.codec import encode, token_batch_decoder
+from shared.errors import PayloadTooLarge, ServingError
+
+logger = logging.getLogger(__name__)
+
+
+def group_chunks(pairs: Iterable[tuple[str, TokenChunk]]) -> dict[str, list[TokenChunk]]:
+    """Group (destination subject, chunk) pairs by destination, keeping order."""
+    grouped: dict[str, list[TokenChunk]] = {}
+    for subject, chunk in pairs:
+        chunks = grouped.get(subject)
+        if chunks is None:
+            grouped[subject] = [chunk]
+        else:
+            chunks.append(chunk)
+    return grouped
+
+
+def encode_batches(worker_id: InstanceId, chunks: list[TokenChunk], max_payload: int) -> list[bytes]:
+    """Encode chunks as few TokenBatch payloads as fit under ``max_payload``, splitting in
+    halves when one is too large. A single chunk that alone exceeds it is a bug upstream
+    (prompts are never echoed), so it raises ``PayloadTooLarge``."""
+    payload = encode(TokenBatch(worker_id=worker_id, chunks=chunks))
+    if len(payload) <= max_payload:
+        return [payload]
+    if len(chunks) == 1:
+        raise PayloadTooLarge(len(payload), max_payload)
+    middle = len(chunks) // 2
+    return encode_batches(worker_id, chunks[:middle], max_payload) + encode_batches(
+        worker_id, chunks[middle:], max_payload
+    )
+
+
+async def publish_chunks(
+    bus: Bus, worker_id: InstanceId, grouped: dict[str, list[TokenChunk]]
+) -> None:
+    """Publish one step's chunks: one TokenBatch per destination (more only if too large)."""
+    for subject, chunks in grouped.items():
+        for payload in encode_batches(worker_id, chunks, bus.max_payload):
+            await bus.publish_bytes(subject, payload)
+
+
+class TokenStream:
+    """The chunks of one request, in order, waiting for the handler that streams them out."""
+
+    __slots__ = ("_chunks", "_error", "_waiter", "request_id", "worker_id")
+
+    def __init__(self, request_id: RequestId) -> None:
+        self.request_id = request_id
+        self.worker_id: InstanceId | None = None
+        self._chunks: deque[TokenChunk] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: ServingError | None = None
+
+    def put(self, chunk: TokenChunk) -> None:
+        self._chunks.append(chunk)
+        self._wake()
+
+    def fail(self, error: ServingError) -> None:
+        """End the stream with an error (its worker vanished, say); ``get`` raises it."""
+        self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> list[TokenChunk]:
+        """Every chunk that has arrived, waiting for at least one. The caller bounds the wait
+        (``asyncio.timeout``); a failed stream raises its error once its chunks are taken."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        return chunks
+
+
+class StreamDemux:
+    """One subscription on this process's token inbox, feeding every open ``TokenStream``."""
+
+    def __init__(self, bus: Bus, subject: str) -> None:
+        self.subject = subject
+        self._bus = bus
+        self._streams: dict[RequestId, TokenStream] = {}
+        self.num_orphan_chunks = 0
+        self.num_bad_messages = 0
+
+    async def start(self) -> None:
+        await self._bus.subscribe(self.subject, self._on_message)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def open(self, request_id: RequestId) -> TokenStream:
+        """Register a stream before its request is sent, so no early chunk is lost."""
+        if request_id in self._streams:
+            raise ValueError(f"stream {request_id} is already open")
+        stream = TokenStream(request_id)
+        self._streams[request_id] = stream
+        return stream
+
+    def close(self, request_id: RequestId) -> None:
+        self._streams.pop(request_id, None)
+
+    def fail_worker(self, worker_id: InstanceId, error: ServingError) -> int:
+        """Fail every stream served by a worker that is gone; returns how many."""
+        failed = [s for s in self._streams.values() if s.worker_id == worker_id]
+        for stream in failed:
+            stream.fail(error)
+        return len(failed)
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            batch = token_batch_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self.num_bad_messages += 1
+            logger.warning("bad token batch subject=%s error=%s", msg.subject, exc)
+            return
+        streams = self._streams
+        for chunk in batch.chunks:
+            stream = streams.get(chunk.request_id)
+            if stream is None:
+                self.num_orphan_chunks += 1  # its client left; the abort is on its way
+            else:
+                stream.put(chunk)
