@@ -147,6 +147,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     num_kv_blocks: int
     host: str = ""
     pid: int = 0
+    is_draining: bool = False  # finishing in-flight work: choose another worker
 
 
 class FrontendInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -5,6 +5,8 @@ import logging
 import os
 import socket
 
+import msgspec
+
 from proto import subjects
 from proto.messages import InstanceId, ModelCard, WorkerInfo, WorkerRole
 from services.decode.config import DecodeConfig
@@ -80,8 +82,11 @@ async def serve(config: DecodeConfig, stopping: asyncio.Event | None = None) -> 
             logger.info("worker ready worker_id=%s model=%s", worker_id, config.model)
             await stopping.wait()
             logger.info("[shutdown] worker draining worker_id=%s", worker_id)
-            await registration.revoke()  # 1. frontends stop choosing us
+            # 1. Frontends and routers stop choosing us, but keep our streams: the key stays
+            # (marked draining) until the drain ends, so a crash mid-drain still shows.
+            await registration.update(encode(msgspec.structs.replace(info, is_draining=True)))
             await worker.drain(config.drain_timeout_s)  # 2. finish in-flight work
+            await registration.revoke()  # 3. gone
             for task in (load_task, loop_task):
                 task.cancel()
             await bus.flush()

@@ -167,8 +167,8 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
     state.metrics.in_flight.inc()
     try:
         card = state.models.card(body.model)
-        if card is None or not state.pool.has_model(body.model):
-            raise NotFound(f"model {body.model!r} does not exist or has no live worker")
+        if card is None:
+            raise NotFound(f"model {body.model!r} does not exist")
         if state.is_draining:
             raise Overloaded("this frontend is shutting down", retry_after_s=1.0)
         if state.num_in_flight > state.max_in_flight:

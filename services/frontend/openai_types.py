@@ -57,7 +57,7 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int | str | list[int]]
     echo: bool = False
 
 
@@ -95,11 +95,13 @@ def completion_prompt(request: CompletionRequest) -> str | list[int]:
         return prompt
     if not prompt:
         raise InvalidRequest("prompt must not be empty")
-    if all(isinstance(p, int) for p in prompt):
-        return [p for p in prompt if isinstance(p, int)]
-    if len(prompt) == 1:
-        only = prompt[0]
-        return only if isinstance(only, str) else list(only)  # type: ignore[arg-type]
+    ids = [p for p in prompt if isinstance(p, int)]
+    if len(ids) == len(prompt):
+        return ids
+    if len(prompt) == 1 and not isinstance(prompt[0], int):
+        return prompt[0]
+    if ids:
+        raise InvalidRequest("prompt: a list must hold only token ids, or prompts")
     raise InvalidRequest(f"prompt: one prompt per request is supported, got {len(prompt)}")
 
 

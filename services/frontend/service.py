@@ -15,7 +15,7 @@ from services.frontend.models import ModelRegistry
 from services.frontend.workers import WorkerPool
 from shared.bus import Bus
 from shared.codec import encode
-from shared.discovery import Discovery, PrefixView
+from shared.discovery import Discovery, WatchView
 from shared.errors import Unavailable
 from shared.lifecycle import shutdown_event
 from shared.streams import StreamDemux
@@ -23,7 +23,7 @@ from shared.streams import StreamDemux
 logger = logging.getLogger(__name__)
 
 
-async def _follow(view: PrefixView, apply: "WorkerPool | ModelRegistry") -> None:
+async def _follow(view: WatchView[bytes], apply: "WorkerPool | ModelRegistry") -> None:
     """Apply every change of an etcd view until cancelled."""
     while True:
         apply.sync(dict(view.items))

@@ -37,7 +37,7 @@ class WorkerState:
 
     @property
     def is_draining(self) -> bool:
-        return self.load is not None and self.load.is_draining
+        return self.info.is_draining or (self.load is not None and self.load.is_draining)
 
 
 class WorkerPool:

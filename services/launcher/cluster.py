@@ -102,7 +102,7 @@ async def local_cluster(config: UpConfig) -> AsyncIterator[Cluster]:
                 await _spawn(
                     f"decode-{i}", "services.decode",
                     ["--model", config.model, "--engine", config.engine,
-                     "--speedup", str(config.speedup), "--seed", str(i)],
+                     "--speedup", str(config.speedup)],
                     env, config.log_dir,
                 )
             )
