@@ -58,8 +58,14 @@ class DecodeConfig:
             check_token(self.worker_id, "worker_id")
         if self.engine != "sim":
             raise ValueError(f"engine must be 'sim', got {self.engine!r}")
-        for name in ("num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len", "mean_output_tokens"):
+        for name in (
+            "num_kv_blocks",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "mean_output_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
@@ -68,4 +74,3 @@ class DecodeConfig:
             raise ValueError(f"speedup must be > 0, got {self.speedup}")
         if self.lease_ttl_s < 1:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
-

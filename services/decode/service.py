@@ -68,7 +68,9 @@ async def serve(config: DecodeConfig, stopping: asyncio.Event | None = None) -> 
         Bus.connect(config.nats_url, name=worker_id) as bus,
         Discovery.connect(config.etcd_url) as discovery,
     ):
-        worker = DecodeWorker(bus, worker_id, config.namespace, engine, max_waiting=config.max_waiting)
+        worker = DecodeWorker(
+            bus, worker_id, config.namespace, engine, max_waiting=config.max_waiting
+        )
         await worker.start()
         async with asyncio.TaskGroup() as tg:
             loop_task = tg.create_task(worker.run_engine(), name="engine-loop")

@@ -4,7 +4,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -85,9 +85,7 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ok = state.is_ready and not state.is_draining
-    return web.json_response(
-        {"ready": ok, "workers": len(state.pool)}, status=200 if ok else 503
-    )
+    return web.json_response({"ready": ok, "workers": len(state.pool)}, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -100,8 +98,13 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     served = state.pool.models()
     data = [
-        {"id": card.name, "object": "model", "created": card.created, "owned_by": "baton",
-         "max_model_len": card.context_length}
+        {
+            "id": card.name,
+            "object": "model",
+            "created": card.created,
+            "owned_by": "baton",
+            "max_model_len": card.context_length,
+        }
         for card in state.models.cards()
         if card.name in served
     ]
@@ -183,8 +186,9 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         sampling = sampling_params(body, max_tokens, len(prompt_ids), card.context_length)
         stops = stop_strings(body.stop)
         state.metrics.prompt_tokens.inc(len(prompt_ids))
-        call = _Call(request, state, kind, body, card, tokenizer, prompt_ids, sampling, stops,
-                     started)
+        call = _Call(
+            request, state, kind, body, card, tokenizer, prompt_ids, sampling, stops, started
+        )
         response = await (call.stream() if body.stream else call.collect())
         status = "ok"
         return response
@@ -257,7 +261,7 @@ class _Call:
         self.num_output_tokens += num_new
         metrics.output_tokens.inc(num_new)
 
-    async def _chunks(self):  # type: ignore[no-untyped-def]
+    async def _chunks(self) -> AsyncGenerator[tuple[str, bool], None]:
         """(text, finish reason or None) per batch of arrived chunks."""
         generator = self.state.generator.generate(
             self.request_id, self.card.name, self.prompt_ids, self.sampling

@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from proto.messages import (
     AbortRequest,
@@ -65,7 +65,7 @@ class Generator:
         model: str,
         token_ids: list[int],
         sampling: SamplingParams,
-    ) -> AsyncIterator[list[TokenChunk]]:
+    ) -> AsyncGenerator[list[TokenChunk], None]:
         """Yield the request's chunks as they arrive until one carries a finish reason.
 
         Closing the iterator early (client gone, stop string matched) aborts the request on

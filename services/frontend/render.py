@@ -37,7 +37,9 @@ def error_body(error: ServingError, param: str | None = None) -> dict[str, Any]:
     }
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int) -> dict[str, Any]:
+def usage(
+    num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int
+) -> dict[str, Any]:
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
@@ -55,7 +57,7 @@ class Renderer:
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
-        head = {
+        head: dict[str, Any] = {
             "id": self.response_id,
             "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
             "created": self.created,
@@ -65,7 +67,9 @@ class Renderer:
         head_json = _json.encode(head)[:-1]  # without the closing brace
         tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         if kind == "chat":
-            self._text_prefix = b"data: " + head_json + b',"choices":[{"index":0,"delta":{"content":'
+            self._text_prefix = (
+                b"data: " + head_json + b',"choices":[{"index":0,"delta":{"content":'
+            )
             self._text_suffix = b'},"logprobs":null,"finish_reason":null}]' + tail
         else:
             self._text_prefix = b"data: " + head_json + b',"choices":[{"index":0,"text":'
@@ -87,8 +91,12 @@ class Renderer:
             return b""
         return self._event(
             self._chunk(
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
             )
         )
 
@@ -97,8 +105,12 @@ class Renderer:
 
     def finish_event(self, finish_reason: str) -> bytes:
         if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "delta": {}, "logprobs": None,
-                                      "finish_reason": finish_reason}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         else:
             choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
         return self._event(self._chunk(choice))

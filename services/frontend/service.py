@@ -63,7 +63,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             tokenize_in_thread_chars=config.tokenize_in_thread_chars,
         )
         runner = web.AppRunner(
-            build_app(state), handler_cancellation=True, access_log=None,
+            build_app(state),
+            handler_cancellation=True,
+            access_log=None,
             shutdown_timeout=config.drain_timeout_s,
         )
         await runner.setup()
@@ -79,8 +81,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 url = f"http://{config.host}:{port}"
                 registration = await discovery.register(
                     subjects.etcd_frontend(config.namespace, frontend_id),
-                    encode(FrontendInfo(frontend_id=frontend_id, http_url=url,
-                                        stream_subject=inbox)),
+                    encode(
+                        FrontendInfo(frontend_id=frontend_id, http_url=url, stream_subject=inbox)
+                    ),
                     ttl_s=config.lease_ttl_s,
                 )
                 state.is_ready = True

@@ -94,9 +94,7 @@ class WorkerPool:
 
     def candidates(self, model: str) -> list[WorkerState]:
         """Workers serving ``model``, best first; draining ones are left out."""
-        states = [
-            s for s in self._workers.values() if s.info.model == model and not s.is_draining
-        ]
+        states = [s for s in self._workers.values() if s.info.model == model and not s.is_draining]
         if len(states) > 1:
             offset = next(self._rotation) % len(states)
             states = states[offset:] + states[:offset]

@@ -24,7 +24,8 @@ Each service also has its own command: baton-frontend, baton-decode (see --help)
 async def up(config: UpConfig) -> int:
     stopping = shutdown_event()
     async with local_cluster(config) as cluster:
-        print(f"Baton is up: {cluster.url}/v1 (model {config.model!r}); Ctrl-C stops it", flush=True)
+        ready = f"Baton is up: {cluster.url}/v1 (model {config.model!r}); Ctrl-C stops it"
+        print(ready, flush=True)  # noqa: T201 - CLI output
         waits = [asyncio.create_task(c.proc.wait()) for c in cluster.children]
         stop = asyncio.create_task(stopping.wait())
         done, _ = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
@@ -33,8 +34,11 @@ async def up(config: UpConfig) -> int:
         if stop not in done:
             dead = [c for c in cluster.children if c.proc.returncode is not None]
             for child in dead:
-                logger.error("%s exited with code %s; stopping the cluster",
-                             child.name, child.proc.returncode)
+                logger.error(
+                    "%s exited with code %s; stopping the cluster",
+                    child.name,
+                    child.proc.returncode,
+                )
             return 1
     return 0
 
@@ -42,10 +46,10 @@ async def up(config: UpConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE)  # noqa: T201 - CLI output
         sys.exit(0 if args else 2)
     if args[0] != "up":
-        print(f"baton: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+        print(f"baton: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)  # noqa: T201 - CLI output
         sys.exit(2)
     config = load_config(UpConfig, "up", args[1:], description="Start a local Baton cluster")
     setup_logging(config.log_level)

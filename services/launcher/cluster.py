@@ -26,11 +26,16 @@ class Child:
     proc: asyncio.subprocess.Process
 
 
-async def _spawn(name: str, module: str, args: list[str], env: dict[str, str],
-                 log_dir: str) -> Child:
-    out = open(Path(log_dir) / f"{name}.log", "ab") if log_dir else None  # noqa: SIM115
+async def _spawn(
+    name: str, module: str, args: list[str], env: dict[str, str], log_dir: str
+) -> Child:
+    # A local file opened once per child at start-up: not worth a thread.
+    out = open(Path(log_dir) / f"{name}.log", "ab") if log_dir else None  # noqa: SIM115, ASYNC230
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args,
+        sys.executable,
+        "-m",
+        module,
+        *args,
         env=env,
         stdout=out if out else None,
         stderr=asyncio.subprocess.STDOUT if out else None,
@@ -100,16 +105,29 @@ async def local_cluster(config: UpConfig) -> AsyncIterator[Cluster]:
         for i in range(config.num_workers):
             children.append(
                 await _spawn(
-                    f"decode-{i}", "services.decode",
-                    ["--model", config.model, "--engine", config.engine,
-                     "--speedup", str(config.speedup)],
-                    env, config.log_dir,
+                    f"decode-{i}",
+                    "services.decode",
+                    [
+                        "--model",
+                        config.model,
+                        "--engine",
+                        config.engine,
+                        "--speedup",
+                        str(config.speedup),
+                    ],
+                    env,
+                    config.log_dir,
                 )
             )
         port = config.port or free_port()
         children.append(
-            await _spawn("frontend", "services.frontend",
-                         ["--host", config.host, "--port", str(port)], env, config.log_dir)
+            await _spawn(
+                "frontend",
+                "services.frontend",
+                ["--host", config.host, "--port", str(port)],
+                env,
+                config.log_dir,
+            )
         )
         url = f"http://{config.host}:{port}"
         async with asyncio.timeout(config.ready_timeout_s):

@@ -30,8 +30,9 @@ class Cluster:
         return f"{self.url}/v1"
 
 
-def wait_ready(url: str, num_workers: int, procs: list[subprocess.Popen[bytes]],
-               timeout_s: float = 30.0) -> None:
+def wait_ready(
+    url: str, num_workers: int, procs: list[subprocess.Popen[bytes]], timeout_s: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for proc in procs:
@@ -59,15 +60,17 @@ def start_cluster(
     """A factory: ``start_cluster(num_workers=2, worker_args=[...])`` -> a ready Cluster."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(num_workers: int = 2, worker_args: tuple[str, ...] = (),
-              frontend_args: tuple[str, ...] = ()) -> Cluster:
+    def start(
+        num_workers: int = 2, worker_args: tuple[str, ...] = (), frontend_args: tuple[str, ...] = ()
+    ) -> Cluster:
         env = dict(os.environ)
-        env.update(BATON_NAMESPACE=namespace, BATON_NATS_URL=nats_server.url,
-                   BATON_ETCD_URL=etcd_server.url, BATON_LOG_LEVEL="warning")
-        workers = [
-            service("services.decode", *worker_args, env=env)
-            for _ in range(num_workers)
-        ]
+        env.update(
+            BATON_NAMESPACE=namespace,
+            BATON_NATS_URL=nats_server.url,
+            BATON_ETCD_URL=etcd_server.url,
+            BATON_LOG_LEVEL="warning",
+        )
+        workers = [service("services.decode", *worker_args, env=env) for _ in range(num_workers)]
         started.extend(workers)
         port = free_port()
         frontend = service("services.frontend", "--port", str(port), *frontend_args, env=env)

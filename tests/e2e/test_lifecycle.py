@@ -25,8 +25,13 @@ async def _read_events(resp, events: list[dict], limit: int | None = None) -> No
 async def test_sigterm_drains_in_flight_streams_then_exits_zero(start_cluster):
     cluster = start_cluster(num_workers=1, worker_args=("--drain-timeout-s", "30"))
     worker = cluster.workers[0]
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "drain"}], "stream": True,
-            "max_tokens": 300, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "drain"}],
+        "stream": True,
+        "max_tokens": 300,
+        "ignore_eos": True,
+    }
     events: list[dict] = []
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{cluster.api}/chat/completions", json=body) as resp:
@@ -52,8 +57,13 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(start_cluster):
 
 async def test_killed_worker_ends_its_streams_with_an_error(start_cluster):
     cluster = start_cluster(num_workers=1, worker_args=("--lease-ttl-s", "2"))
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "crash"}], "stream": True,
-            "max_tokens": 5000, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "crash"}],
+        "stream": True,
+        "max_tokens": 5000,
+        "ignore_eos": True,
+    }
     events: list[dict] = []
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{cluster.api}/chat/completions", json=body) as resp:
@@ -67,8 +77,20 @@ async def test_killed_worker_ends_its_streams_with_an_error(start_cluster):
 
 def test_baton_up_serves_and_stops_on_sigterm(tmp_path):
     port = free_port()
-    args = [sys.executable, "-m", "services.launcher", "up", "--port", str(port),
-            "--num-workers", "1", "--log-dir", str(tmp_path), "--namespace", "uptest"]
+    args = [
+        sys.executable,
+        "-m",
+        "services.launcher",
+        "up",
+        "--port",
+        str(port),
+        "--num-workers",
+        "1",
+        "--log-dir",
+        str(tmp_path),
+        "--namespace",
+        "uptest",
+    ]
     with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
@@ -76,7 +98,9 @@ def test_baton_up_serves_and_stops_on_sigterm(tmp_path):
             assert f"http://127.0.0.1:{port}/v1" in line
             api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
             reply = api.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4,
                 extra_body={"ignore_eos": True},
             )
             assert reply.usage.completion_tokens == 4

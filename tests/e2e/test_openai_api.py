@@ -41,7 +41,9 @@ def test_sdk_streams_a_chat_completion(cluster):
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == ["length"]
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
@@ -51,8 +53,13 @@ def test_sdk_streams_a_chat_completion(cluster):
 
 
 def test_greedy_output_is_the_same_streamed_or_not(cluster):
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "same prompt"}],
-                  max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "same prompt"}],
+        max_tokens=30,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client(cluster).chat.completions.create(**kwargs)
     streamed = client(cluster).chat.completions.create(stream=True, **kwargs)
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
@@ -64,20 +71,31 @@ def test_greedy_output_is_the_same_streamed_or_not(cluster):
 
 def test_text_completion_accepts_a_string_or_token_ids(cluster):
     c = client(cluster)
-    by_text = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
-                                   temperature=0, extra_body={"ignore_eos": True})
+    by_text = c.completions.create(
+        model=MODEL,
+        prompt="Once upon a time",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert by_text.choices[0].finish_reason == "length"
     assert by_text.usage.completion_tokens == 8
-    by_ids = c.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=5,
-                                  extra_body={"ignore_eos": True})
+    by_ids = c.completions.create(
+        model=MODEL, prompt=[5, 6, 7, 8], max_tokens=5, extra_body={"ignore_eos": True}
+    )
     assert by_ids.usage.prompt_tokens == 4
     assert by_ids.usage.completion_tokens == 5
 
 
 def test_stop_string_ends_the_stream_before_it(cluster):
     c = client(cluster)
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "stop test"}],
-                  temperature=0, max_tokens=40, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "stop test"}],
+        temperature=0,
+        max_tokens=40,
+        extra_body={"ignore_eos": True},
+    )
     text = c.chat.completions.create(**kwargs).choices[0].message.content
     words = text.split()
     stop = " " + words[len(words) // 2]
@@ -93,16 +111,28 @@ def test_stop_string_ends_the_stream_before_it(cluster):
     ("body", "status", "param"),
     [
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, None),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"},
-         400, "max_tokens"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
-         400, None),
-        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
-         "messages[0].role"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"},
+            400,
+            "max_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+            400,
+            None,
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+            400,
+            "messages[0].role",
+        ),
         ({"model": MODEL, "messages": []}, 400, None),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, None),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
-         400, None),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
+            400,
+            None,
+        ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400, None),
         ({"model": MODEL, "prompt": [1, 2, 10**9]}, 400, None),
         ({"messages": [{"role": "user", "content": "hi"}]}, 400, None),
@@ -155,8 +185,14 @@ async def _stream_text(session, url, body) -> str:
 
 
 async def test_bad_requests_do_not_hurt_concurrent_streams(cluster):
-    good = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "stream": True,
-            "max_tokens": 20, "ignore_eos": True, "temperature": 0}
+    good = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": True,
+        "max_tokens": 20,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     bad = {"model": MODEL, "messages": [{"role": "user", "content": 5}], "stream": True}
     url = f"{cluster.api}/chat/completions"
     async with aiohttp.ClientSession() as session:
@@ -177,26 +213,38 @@ async def test_bad_requests_do_not_hurt_concurrent_streams(cluster):
 
 async def test_client_disconnect_aborts_the_request_on_the_worker(cluster):
     loads: dict[str, LoadMetrics] = {}
+    arrived: asyncio.Queue[None] = asyncio.Queue()
+
+    async def until(predicate) -> None:
+        async with asyncio.timeout(10):
+            while not predicate():
+                await arrived.get()
+
+    def num_running() -> int:
+        return sum(m.num_running for m in loads.values())
+
     async with Bus.connect(cluster.nats_url) as bus:
 
         async def on_load(msg):
             load = load_metrics_decoder.decode(msg.data)
             loads[load.worker_id] = load
+            arrived.put_nowait(None)
 
         await bus.subscribe(subjects.load_metrics_all(cluster.namespace), on_load)
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}],
-                "stream": True, "max_tokens": 4000, "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "long"}],
+            "stream": True,
+            "max_tokens": 4000,
+            "ignore_eos": True,
+        }
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{cluster.api}/chat/completions", json=body) as resp:
                 assert resp.status == 200
                 await resp.content.readline()
-                async with asyncio.timeout(10):
-                    while sum(m.num_running for m in loads.values()) != 1:
-                        await asyncio.sleep(0.05)
+                await until(lambda: num_running() == 1)
             # Leaving the block closes the connection mid-stream.
-        async with asyncio.timeout(10):
-            while len(loads) < 2 or sum(m.num_running for m in loads.values()) != 0:
-                await asyncio.sleep(0.05)
+        await until(lambda: len(loads) == 2 and num_running() == 0)
 
 
 async def test_overloaded_workers_give_503_with_retry_after(start_cluster):
@@ -211,12 +259,16 @@ async def test_overloaded_workers_give_503_with_retry_after(start_cluster):
 
 async def test_metrics_count_requests_and_tokens(cluster):
     client(cluster).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "count me"}], max_tokens=5,
+        model=MODEL,
+        messages=[{"role": "user", "content": "count me"}],
+        max_tokens=5,
         extra_body={"ignore_eos": True},
     )
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{cluster.url}/metrics") as resp:
             text = await resp.text()
-    assert 'baton_frontend_requests_total{endpoint="chat",model="baton-sim",status="ok"} 1.0' in text
+    assert (
+        'baton_frontend_requests_total{endpoint="chat",model="baton-sim",status="ok"} 1.0' in text
+    )
     assert "baton_frontend_output_tokens_total 5.0" in text
     assert "baton_frontend_time_to_first_token_seconds_count 1.0" in text
