@@ -48,10 +48,16 @@ class ModelRegistry:
             cached = self._tokenizers.get(card.tokenizer)
             if cached is None:
                 try:
-                    cached = await asyncio.to_thread(Tokenizer.load, card.tokenizer)
+                    cached = await asyncio.to_thread(_load, card.tokenizer)
                 except (OSError, ValueError) as exc:
                     raise Unavailable(
                         f"tokenizer {card.tokenizer!r} of model {card.name!r} failed to load: {exc}"
                     ) from exc
                 self._tokenizers[card.tokenizer] = cached
         return cached
+
+
+def _load(path: str) -> Tokenizer:
+    tokenizer = Tokenizer.load(path)
+    _ = tokenizer.byte_table  # built here, in the thread, not on the first request's loop turn
+    return tokenizer

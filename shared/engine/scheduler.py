@@ -1,0 +1,275 @@
+"""Continuous batching: which sequences run in the next step, and what their tokens mean.
+
+Each step decodes every running sequence (one token each) and then admits waiting ones for
+prefill, first come first served, while the prefill token budget, ``max_num_seqs`` and free
+blocks allow. When a decode finds no free block, the most recently admitted sequence is
+preempted: its blocks are freed and it goes back to the front of the queue to be recomputed,
+keeping its generated tokens, so its output does not change.
+
+Prefill is not chunked: a sequence's whole uncached prompt runs in one step. A prompt longer
+than ``max_num_batched_tokens`` is admitted when it is the first prefill of its step, so it runs
+alone (beside the decodes) rather than never.
+"""
+
+import logging
+from collections import deque
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+
+from proto.messages import FinishReason, RequestId
+from shared.engine.block_manager import BlockManager
+from shared.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    """Batch limits and cache shape. ``eos_token_id`` None means no token ends a sequence by
+    itself (only stop tokens and length do)."""
+
+    num_kv_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_kv_blocks",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """One step's work. ``seqs`` lists the prefills first, then the decodes, and
+    ``num_new_tokens[i]`` is how many tokens of ``seqs[i]`` the step computes (1 for a decode).
+    Every scheduled sequence samples one token; ``preempted`` were sent back to the queue."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_prefill_seqs: int = 0
+    num_prefill_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def prefill_seqs(self) -> list[Sequence]:
+        """Sequences whose uncached tokens this step computes (new or resumed)."""
+        return self.seqs[: self.num_prefill_seqs]
+
+    @property
+    def decode_seqs(self) -> list[Sequence]:
+        """Sequences this step extends by one token."""
+        return self.seqs[self.num_prefill_seqs :]
+
+    @property
+    def num_decode_seqs(self) -> int:
+        """The decode batch size (one token each)."""
+        return len(self.seqs) - self.num_prefill_seqs
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether the step has nothing to run."""
+        return not self.seqs
+
+
+class Scheduler:
+    """Owns the waiting queue, the running batch and the block manager of one engine.
+
+    ``running`` is a dict in admission order, so the newest is preempted in O(1) and an abort
+    removes in O(1). ``waiting`` is a deque; an aborted waiting sequence stays in it, marked
+    finished, and is dropped when it reaches the front (``num_waiting`` counts only live ones).
+    """
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[RequestId, Sequence] = {}
+        self._seqs: dict[RequestId, Sequence] = {}  # every unfinished sequence
+        self._num_waiting = 0
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        """Live sequences queued (new or preempted), not counting aborted leftovers."""
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        """Sequences holding blocks and decoding."""
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self._seqs)
+
+    def get(self, request_id: RequestId) -> Sequence | None:
+        """The unfinished sequence with this id, or None."""
+        return self._seqs.get(request_id)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence at the back. The caller has validated it (see ``SimEngine``)."""
+        if seq.request_id in self._seqs:
+            raise ValueError(f"request {seq.request_id} is already scheduled")
+        seq.status = SequenceStatus.WAITING
+        self._seqs[seq.request_id] = seq
+        self.waiting.append(seq)
+        self._num_waiting += 1
+
+    def abort(self, request_id: RequestId) -> Sequence | None:
+        """Finish a sequence with ABORT and free its blocks now; None if it is unknown."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            del self.running[request_id]
+            self.block_manager.deallocate(seq)
+        else:
+            self._num_waiting -= 1
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+        return seq
+
+    # --- scheduling ----------------------------------------------------------------------------
+
+    def schedule(self) -> BatchPlan:
+        """Plan the next step: decode every running sequence, preempting the newest when blocks
+        run out, then admit waiting ones (none in a step that preempted, so a sequence just sent
+        back is not re-admitted at once)."""
+        plan = BatchPlan()
+        decode_seqs = self._schedule_decodes(plan.preempted)
+        if not plan.preempted:
+            self._schedule_prefills(plan)
+        plan.seqs.extend(decode_seqs)
+        plan.num_new_tokens.extend([1] * len(decode_seqs))
+        return plan
+
+    def _schedule_decodes(self, preempted: list[Sequence]) -> list[Sequence]:
+        seqs = list(self.running.values())
+        bm = self.block_manager
+        bs = self.config.block_size
+        # Fast path: a sequence needs a block only when its last token starts one.
+        needy = [seq for seq in seqs if len(seq.block_table) * bs < len(seq.token_ids)]
+        if len(needy) <= bm.num_free_blocks:
+            for seq in needy:
+                bm.append_slot(seq)
+            return seqs
+        lo, hi = 0, len(seqs)
+        while lo < hi:
+            seq = seqs[lo]
+            if bm.can_append(seq):
+                bm.append_slot(seq)
+                lo += 1
+                continue
+            hi -= 1
+            victim = seqs[hi]
+            self._preempt(victim)
+            preempted.append(victim)
+        return seqs[:lo]
+
+    def _preempt(self, seq: Sequence) -> None:
+        del self.running[seq.request_id]
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self._num_waiting += 1
+        self.num_preemptions += 1
+        logger.debug(
+            "sequence preempted request_id=%s num_tokens=%d", seq.request_id, seq.num_tokens
+        )
+
+    def _schedule_prefills(self, plan: BatchPlan) -> None:
+        bm = self.block_manager
+        bs = self.config.block_size
+        budget = self.config.max_num_batched_tokens
+        max_num_seqs = self.config.max_num_seqs
+        waiting = self.waiting
+        while waiting and len(self.running) < max_num_seqs:
+            seq = waiting[0]
+            if seq.status is SequenceStatus.FINISHED:  # aborted while waiting
+                waiting.popleft()
+                continue
+            cached_block_ids = bm.match_prefix(seq)
+            num_new = len(seq.token_ids) - len(cached_block_ids) * bs
+            if num_new > budget and plan.num_prefill_seqs:
+                break
+            if not bm.can_allocate(seq, cached_block_ids):
+                break
+            waiting.popleft()
+            self._num_waiting -= 1
+            bm.allocate(seq, cached_block_ids)
+            seq.status = SequenceStatus.RUNNING
+            self.running[seq.request_id] = seq
+            plan.seqs.append(seq)
+            plan.num_new_tokens.append(num_new)
+            plan.num_prefill_seqs += 1
+            plan.num_prefill_tokens += num_new
+            budget -= num_new
+
+    # --- results -------------------------------------------------------------------------------
+
+    def postprocess(self, plan: BatchPlan, token_ids: SequenceABC[int]) -> list[Sequence]:
+        """Apply one step's sampled tokens (``token_ids[i]`` for ``plan.seqs[i]``): record the
+        computed KV in the prefix cache, append each token, finish sequences that are done and
+        free their blocks. Returns the sequences finished by this step.
+
+        Finish order, as vLLM's stop checker: no stop before ``min_tokens`` output tokens; then
+        EOS (unless ``ignore_eos``) or a ``stop_token_ids`` token -> STOP; then ``max_tokens``
+        or ``max_model_len`` reached -> LENGTH. The stopping token stays in the output.
+        """
+        if len(token_ids) != len(plan.seqs):
+            raise ValueError(f"got {len(token_ids)} tokens for {len(plan.seqs)} sequences")
+        bm = self.block_manager
+        bs = self.config.block_size
+        eos_token_id = self.config.eos_token_id
+        max_model_len = self.config.max_model_len
+        running = SequenceStatus.RUNNING
+        finished: list[Sequence] = []
+        for seq, num_new, token_id in zip(plan.seqs, plan.num_new_tokens, token_ids, strict=True):
+            if seq.status is not running:  # aborted since schedule()
+                continue
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens // bs > seq.num_committed_blocks:
+                bm.cache_full_blocks(seq)
+            tokens = seq.token_ids
+            tokens.append(token_id)
+            sampling = seq.sampling
+            # Cheap screen first: most tokens end nothing.
+            if (
+                token_id == eos_token_id
+                or sampling.stop_token_ids
+                or len(tokens) - seq.num_prompt_tokens >= sampling.max_tokens
+                or len(tokens) >= max_model_len
+            ):
+                reason = self._check_finish(seq, token_id)
+                if reason is not None:
+                    self._finish(seq, reason)
+                    finished.append(seq)
+        return finished
+
+    def _check_finish(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        sampling = seq.sampling
+        num_output = len(seq.token_ids) - seq.num_prompt_tokens
+        if num_output >= sampling.min_tokens:
+            if token_id == self.config.eos_token_id and not sampling.ignore_eos:
+                return FinishReason.STOP
+            if sampling.stop_token_ids and token_id in sampling.stop_token_ids:
+                return FinishReason.STOP
+        if num_output >= sampling.max_tokens or len(seq.token_ids) >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        del self.running[seq.request_id]
+        del self._seqs[seq.request_id]
+        self.block_manager.deallocate(seq)

@@ -1,0 +1,98 @@
+"""One request's state inside an engine: its tokens, its KV blocks and where it is in its life."""
+
+import enum
+
+from proto.messages import BlockHash, FinishReason, RequestId, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is: queued (new or preempted), in the batch, or done."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """A request's tokens (prompt then output, in one list) and its KV-cache bookkeeping.
+
+    The scheduler owns ``status`` and ``finish_reason``; the block manager owns ``block_table``,
+    ``block_hashes``, ``num_cached_tokens``, ``num_computed_tokens`` and
+    ``num_committed_blocks``. ``block_hashes`` survives preemption (the tokens do not change), so
+    each full block is hashed once per sequence, however often it is re-admitted.
+    """
+
+    __slots__ = (
+        "arrival_time_s",
+        "block_hashes",
+        "block_table",
+        "finish_reason",
+        "num_cached_tokens",
+        "num_committed_blocks",
+        "num_computed_tokens",
+        "num_prompt_tokens",
+        "request_id",
+        "sampling",
+        "status",
+        "token_ids",
+    )
+
+    def __init__(
+        self,
+        request_id: RequestId,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        arrival_time_s: float = 0.0,
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then output appended
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling = sampling
+        self.arrival_time_s = arrival_time_s
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.block_table: list[int] = []
+        self.block_hashes: list[BlockHash] = []  # chained hashes of the first full blocks
+        self.num_cached_tokens = 0  # prefix-cache hit at the latest admission
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_committed_blocks = 0  # blocks of block_table offered to the prefix cache
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, status={self.status.name}, "
+            f"num_tokens={self.num_tokens}, num_blocks={len(self.block_table)})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens."""
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far (kept across preemption)."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """A copy of the prompt."""
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """A copy of the generated tokens."""
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token_id(self) -> int:
+        """The newest token: the one the next decode step feeds the model."""
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the sequence is done (stopped, length-capped or aborted)."""
+        return self.status is SequenceStatus.FINISHED
+
+    def num_blocks(self, block_size: int) -> int:
+        """Blocks needed to hold the KV of every token so far."""
+        return -(-len(self.token_ids) // block_size)

@@ -1,0 +1,64 @@
+"""Flags and env vars derived from config dataclasses: one name, three spellings."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from services.decode.config import DecodeConfig
+from shared.config import load_config
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExampleConfig:
+    max_num_seqs: int = field(default=8, metadata={"help": "batch size"})
+    nats_url: str = "nats://default"
+    speedup: float = 1.0
+    is_verbose: bool = False
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+def test_defaults_when_nothing_is_set():
+    assert load_config(ExampleConfig, "svc", [], env={}) == ExampleConfig()
+
+
+def test_flag_beats_service_env_beats_global_env():
+    env = {"BATON_SVC_MAX_NUM_SEQS": "16", "BATON_MAX_NUM_SEQS": "32", "BATON_NATS_URL": "nats://g"}
+    assert load_config(ExampleConfig, "svc", [], env=env).max_num_seqs == 16
+    assert load_config(ExampleConfig, "svc", ["--max-num-seqs", "4"], env=env).max_num_seqs == 4
+    assert load_config(ExampleConfig, "svc", [], env=env).nats_url == "nats://g"
+    del env["BATON_SVC_MAX_NUM_SEQS"]
+    assert load_config(ExampleConfig, "svc", [], env=env).max_num_seqs == 32
+
+
+def test_types_are_converted_from_text():
+    env = {"BATON_SVC_SPEEDUP": "2.5", "BATON_SVC_IS_VERBOSE": "yes", "BATON_SVC_NOTE": "hi"}
+    config = load_config(ExampleConfig, "svc", [], env=env)
+    assert (config.speedup, config.is_verbose, config.note) == (2.5, True, "hi")
+    assert load_config(ExampleConfig, "svc", ["--is-verbose", "false"], env={}).is_verbose is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--max-num-seqs", "many"], {}, "--max-num-seqs"),
+        ([], {"BATON_SVC_MAX_NUM_SEQS": "many"}, "BATON_SVC_MAX_NUM_SEQS"),
+        ([], {"BATON_SVC_IS_VERBOSE": "maybe"}, "BATON_SVC_IS_VERBOSE"),
+        (["--max-num-seqs", "0"], {}, "max_num_seqs must be >= 1"),
+    ],
+)
+def test_bad_values_exit_with_a_usage_error_naming_the_setting(argv, env, named, capsys):
+    with pytest.raises(SystemExit) as info:
+        load_config(ExampleConfig, "svc", argv, env=env)
+    assert info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_decode_config_rejects_bad_namespace_and_engine():
+    with pytest.raises(ValueError, match="namespace"):
+        DecodeConfig(namespace="a.b")
+    with pytest.raises(ValueError, match="engine"):
+        DecodeConfig(engine="gpu-magic")
