@@ -1,6 +1,7 @@
 """serve(): wires the decode worker's resources, tasks and graceful shutdown."""
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -81,6 +82,7 @@ async def serve(config: DecodeConfig, stopping: asyncio.Event | None = None) -> 
                 encode(info),
                 ttl_s=config.lease_ttl_s,
             )
+            gc.freeze()  # start-up objects live forever: keep them out of every collection
             logger.info("worker ready worker_id=%s model=%s", worker_id, config.model)
             await stopping.wait()
             logger.info("[shutdown] worker draining worker_id=%s", worker_id)

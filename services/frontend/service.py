@@ -1,6 +1,7 @@
 """serve(): wires the frontend's connections, watches, HTTP server and graceful shutdown."""
 
 import asyncio
+import gc
 import logging
 
 from aiohttp import web
@@ -86,6 +87,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                     ),
                     ttl_s=config.lease_ttl_s,
                 )
+                gc.freeze()  # start-up objects live forever: keep them out of every collection
                 state.is_ready = True
                 logger.info("frontend ready url=%s frontend_id=%s", url, frontend_id)
                 await stopping.wait()

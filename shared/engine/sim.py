@@ -180,7 +180,7 @@ class SimEngine:
         for seq in finished:
             del streams[seq.request_id]
         step_ms = self.config.timing.step_ms(
-            plan.num_prefill_tokens, plan.num_decode_seqs, kv_usage
+            plan.num_new_tokens[: plan.num_prefill_seqs], plan.num_decode_seqs, kv_usage
         )
         return StepResult(
             outputs=outputs,

@@ -6,6 +6,7 @@ decode bound by reading weights plus the KV cache, transfers paying latency plus
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 
@@ -14,7 +15,9 @@ class TimingModel:
     """Cost model of one engine step, in milliseconds, every result divided by ``speedup``.
 
     - ``prefill_ms(T) = prefill_quadratic_ms * T**2 + prefill_linear_ms * T + prefill_const_ms``
-      for ``T > 0`` new tokens (0 for none): attention is quadratic, the MLP linear.
+      for ``T > 0`` new tokens (0 for none): attention is quadratic, the MLP linear. A batch of
+      prompts pays the quadratic term per prompt (attention never crosses sequences), the
+      linear term on the total and the constant once: ``prefill_batch_ms``.
     - ``decode_ms(B, u) = decode_const_ms + decode_per_seq_ms * B + decode_full_kv_ms * u`` for a
       batch of ``B > 0`` sequences (0 for none) with the KV cache a fraction ``u`` full: decode
       is memory-bound, reading the weights once and then every cached token's KV.
@@ -55,6 +58,15 @@ class TimingModel:
         ms = self.prefill_quadratic_ms * t * t + self.prefill_linear_ms * t + self.prefill_const_ms
         return ms / self.speedup
 
+    def prefill_batch_ms(self, new_token_counts: Sequence[int]) -> float:
+        """Time to prefill several prompts in one step, ``new_token_counts`` tokens each."""
+        total = sum(new_token_counts)
+        if total <= 0:
+            return 0.0
+        squares = sum(t * t for t in new_token_counts)
+        ms = self.prefill_quadratic_ms * squares + self.prefill_linear_ms * total
+        return (ms + self.prefill_const_ms) / self.speedup
+
     def decode_ms(self, num_seqs: int, kv_usage: float) -> float:
         """Time for one decode token for each of ``num_seqs`` sequences at KV usage ``kv_usage``
         (0..1)."""
@@ -67,9 +79,14 @@ class TimingModel:
         )
         return ms / self.speedup
 
-    def step_ms(self, num_prefill_tokens: int, num_decode_seqs: int, kv_usage: float) -> float:
-        """Time of a step that prefills ``num_prefill_tokens`` and decodes ``num_decode_seqs``."""
-        return self.prefill_ms(num_prefill_tokens) + self.decode_ms(num_decode_seqs, kv_usage)
+    def step_ms(
+        self, prefill_token_counts: Sequence[int], num_decode_seqs: int, kv_usage: float
+    ) -> float:
+        """Time of a step that prefills prompts of ``prefill_token_counts`` new tokens and
+        decodes ``num_decode_seqs`` sequences."""
+        return self.prefill_batch_ms(prefill_token_counts) + self.decode_ms(
+            num_decode_seqs, kv_usage
+        )
 
     def transfer_ms(self, num_bytes: int) -> float:
         """Time to move ``num_bytes`` of KV cache from one worker to another."""

@@ -261,7 +261,7 @@ def test_step_duration_follows_the_timing_model():
 
     assert prefill.num_prefill_tokens == 30
     assert prefill.num_decode_tokens == 0
-    assert prefill.duration_s == pytest.approx(timing.prefill_ms(30) / 1000)
+    assert prefill.duration_s == pytest.approx(timing.prefill_batch_ms([10, 20]) / 1000)
     assert decode.num_prefill_tokens == 0
     assert decode.num_decode_tokens == 2
     kv_usage = engine.stats().kv_usage

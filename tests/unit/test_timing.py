@@ -31,10 +31,10 @@ def test_decode_ms_grows_with_kv_usage_and_batch():
 def test_step_ms_adds_prefill_and_decode_parts():
     timing = TimingModel()
 
-    assert timing.step_ms(512, 64, 0.3) == pytest.approx(
+    assert timing.step_ms([512], 64, 0.3) == pytest.approx(
         timing.prefill_ms(512) + timing.decode_ms(64, 0.3)
     )
-    assert timing.step_ms(0, 0, 0.0) == 0.0
+    assert timing.step_ms([], 0, 0.0) == 0.0
 
 
 def test_transfer_ms_is_latency_plus_bytes_over_bandwidth():
@@ -56,7 +56,7 @@ def test_speedup_divides_every_time():
 def test_infinite_speedup_makes_every_time_zero():
     timing = TimingModel(speedup=math.inf)
 
-    assert timing.step_ms(4096, 512, 1.0) == 0.0
+    assert timing.step_ms([4096], 512, 1.0) == 0.0
     assert timing.transfer_ms(10**9) == 0.0
 
 
@@ -72,3 +72,12 @@ def test_infinite_speedup_makes_every_time_zero():
 def test_timing_model_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         TimingModel(**{field: value})
+
+
+def test_batched_prefill_pays_the_quadratic_term_per_prompt():
+    timing = TimingModel(prefill_quadratic_ms=1e-3, prefill_linear_ms=0.01, prefill_const_ms=2.0)
+    # Two 100-token prompts: 2 * 100**2 * 1e-3 + 200 * 0.01 + 2 (one constant per step).
+    assert timing.prefill_batch_ms([100, 100]) == pytest.approx(20.0 + 2.0 + 2.0)
+    assert timing.prefill_batch_ms([100, 100]) < timing.prefill_ms(200)
+    assert timing.prefill_batch_ms([300]) == pytest.approx(timing.prefill_ms(300))
+    assert timing.prefill_batch_ms([]) == 0.0
