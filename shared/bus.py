@@ -161,4 +161,3 @@ async def _log_disconnected() -> None:
 
 async def _log_reconnected() -> None:
     logger.info("nats reconnected")
-

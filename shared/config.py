@@ -76,7 +76,11 @@ def build_parser(cls: type[ConfigT], service: str, description: str) -> argparse
         help_text = field.metadata.get("help", "")
         help_text = f"{help_text} [env {env_service} or {env_global}]".strip()
         parser.add_argument(
-            flag, dest=field.name, type=_converter(base), default=None, help=help_text,
+            flag,
+            dest=field.name,
+            type=_converter(base),
+            default=None,
+            help=help_text,
             metavar=base.__name__.upper(),
         )
     return parser

@@ -18,7 +18,9 @@ def shutdown_event() -> asyncio.Event:
     def on_signal(signum: int) -> None:
         if stopping.is_set() and signum == signal.SIGINT:
             os._exit(130)
-        logging.getLogger(__name__).info("shutdown requested signal=%s", signal.Signals(signum).name)
+        logging.getLogger(__name__).info(
+            "shutdown requested signal=%s", signal.Signals(signum).name
+        )
         stopping.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -33,7 +35,6 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-
 
 
 def run_async(main: Coroutine[Any, Any, None]) -> None:

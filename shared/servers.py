@@ -87,8 +87,12 @@ class ServerProcess:
             self.proc.wait(5)
 
 
-def start_nats(port: int | None = None, *, max_payload_bytes: int = 8 * 1024 * 1024,
-               log_path: str | None = None) -> ServerProcess:
+def start_nats(
+    port: int | None = None,
+    *,
+    max_payload_bytes: int = 8 * 1024 * 1024,
+    log_path: str | None = None,
+) -> ServerProcess:
     """Start nats-server on 127.0.0.1. ``max_payload_bytes`` defaults to 8 MiB (the server's own
     default is 1 MiB; KV events and large prompts need more headroom, 64 MiB is its ceiling)."""
     port = port or free_port()
@@ -108,8 +112,9 @@ def start_nats(port: int | None = None, *, max_payload_bytes: int = 8 * 1024 * 1
     return ServerProcess(url=f"nats://127.0.0.1:{port}", port=port, proc=proc)
 
 
-def start_etcd(port: int | None = None, *, data_dir: str | None = None,
-               log_path: str | None = None) -> ServerProcess:
+def start_etcd(
+    port: int | None = None, *, data_dir: str | None = None, log_path: str | None = None
+) -> ServerProcess:
     """Start a single-node etcd on 127.0.0.1 with its data in ``data_dir`` (a temp dir if None).
     Passing the same ``port`` and ``data_dir`` again restarts the same member."""
     port = port or free_port()
@@ -119,14 +124,22 @@ def start_etcd(port: int | None = None, *, data_dir: str | None = None,
     peer_url = f"http://127.0.0.1:{peer_port}"
     args = [
         find_binary("etcd"),
-        "--name", "baton",
-        "--data-dir", data_dir,
-        "--listen-client-urls", client_url,
-        "--advertise-client-urls", client_url,
-        "--listen-peer-urls", peer_url,
-        "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"baton={peer_url}",
-        "--log-level", "error",
+        "--name",
+        "baton",
+        "--data-dir",
+        data_dir,
+        "--listen-client-urls",
+        client_url,
+        "--advertise-client-urls",
+        client_url,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster",
+        f"baton={peer_url}",
+        "--log-level",
+        "error",
     ]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

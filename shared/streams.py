@@ -36,7 +36,9 @@ def group_chunks(pairs: Iterable[tuple[str, TokenChunk]]) -> dict[str, list[Toke
     return grouped
 
 
-def encode_batches(worker_id: InstanceId, chunks: list[TokenChunk], max_payload: int) -> list[bytes]:
+def encode_batches(
+    worker_id: InstanceId, chunks: list[TokenChunk], max_payload: int
+) -> list[bytes]:
     """Encode chunks as few TokenBatch payloads as fit under ``max_payload``, splitting in
     halves when one is too large. A single chunk that alone exceeds it is a bug upstream
     (prompts are never echoed), so it raises ``PayloadTooLarge``."""

@@ -3,17 +3,10 @@
 import shutil
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-import proto
 from shared.servers import ServerProcess, start_etcd, start_nats
-
-
-def test_proto_is_this_repos_package() -> None:
-    # `proto` is also another package's import name (proto-plus); make sure it is ours.
-    assert Path(proto.__file__).resolve().parent == Path(__file__).resolve().parent.parent / "proto"
 
 
 @pytest.fixture(scope="session")

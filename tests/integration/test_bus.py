@@ -44,7 +44,8 @@ async def test_request_reply_round_trip(nats_server, namespace):
             request = worker_inbound_decoder.decode(msg.data)
             assert isinstance(request, GenerateRequest)
             reply = GenerateAccepted(
-                request_id=request.request_id, worker_id=InstanceId("w1"),
+                request_id=request.request_id,
+                worker_id=InstanceId("w1"),
                 num_prompt_tokens=len(request.token_ids),
             )
             await bus.publish_bytes(msg.reply, encode(reply))
