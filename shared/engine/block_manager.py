@@ -10,32 +10,14 @@ Block hashes chain: a full block's hash is ``blake2b-64(parent hash || its token
 ``hash_block_tokens``), so one hash names a whole prefix, as in vLLM and Dynamo.
 """
 
-import hashlib
 import logging
-from array import array
 from collections import OrderedDict, deque
-from collections.abc import Sequence as SequenceABC
 
 from proto.messages import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KVEvent
 from shared.engine.sequence import Sequence
+from shared.kv_hash import hash_block_tokens
 
 logger = logging.getLogger(__name__)
-
-
-def hash_block_tokens(parent_hash: BlockHash | None, token_ids: SequenceABC[int]) -> BlockHash:
-    """The chained hash of one full block: 64 bits of BLAKE2b over the parent's hash (8 bytes,
-    little-endian; absent for the first block) then the token ids as little-endian int64s.
-
-    Why BLAKE2b rather than ``hash()``: the router and every worker must compute the same value
-    in different processes and across restarts, and ``hash()`` of a tuple mixes in per-build
-    constants and is not specified. A first block and a later one can never collide by layout,
-    because every full block has the same number of tokens and only later ones carry a parent.
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    if parent_hash is not None:
-        digest.update(parent_hash.to_bytes(8, "little"))
-    digest.update(array("q", token_ids).tobytes())
-    return BlockHash(int.from_bytes(digest.digest(), "little"))
 
 
 class BlockManager:

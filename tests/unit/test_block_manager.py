@@ -11,8 +11,9 @@ from proto.messages import (
     RequestId,
     SamplingParams,
 )
-from shared.engine.block_manager import BlockManager, hash_block_tokens
+from shared.engine.block_manager import BlockManager
 from shared.engine.sequence import Sequence
+from shared.kv_hash import hash_block_tokens
 
 
 def make_seq(token_ids: list[int], request_id: str = "r0") -> Sequence:

@@ -13,10 +13,10 @@ from proto.messages import (
     RequestId,
     SamplingParams,
 )
-from shared.engine.block_manager import hash_block_tokens
 from shared.engine.interface import Engine, EngineRequest
 from shared.engine.sim import SimEngine, SimEngineConfig
 from shared.errors import InvalidRequest
+from shared.kv_hash import hash_block_tokens
 
 EOS = 2
 
