@@ -71,7 +71,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 class GenerateRequest(Message, frozen=True, tag="generate"):
     """Ask a worker to run a request. Sent by request-reply; the worker answers with
     ``GenerateAccepted`` or ``ErrorReply`` at once and then streams ``TokenChunk``s to
-    ``stream_subject`` (the requesting process's token inbox)."""
+    ``stream_subject`` (the requesting process's token inbox). ``prefill_worker_id`` and
+    ``cached_tokens`` are the router's advice for a disaggregated cluster."""
 
     request_id: RequestId
     model: str
@@ -79,6 +80,8 @@ class GenerateRequest(Message, frozen=True, tag="generate"):
     sampling: SamplingParams = SamplingParams()
     stream_subject: str = ""
     frontend_id: InstanceId = InstanceId("")
+    prefill_worker_id: InstanceId | None = None
+    cached_tokens: int | None = None
 
 
 class AbortRequest(Message, frozen=True, tag="abort"):
@@ -101,7 +104,76 @@ class ErrorReply(Message, frozen=True, tag="error"):
     retry_after_s: float | None = None
 
 
+# --- disaggregation: decode worker -> prefill worker ---------------------------------------------
+
+
+class PrefillRequest(Message, frozen=True, tag="prefill"):
+    """Compute a prompt's KV and its first token, then hold the blocks for ``decode_worker_id``
+    to read until a ``KVRelease`` (or ``hold_timeout_s``). Sent by request-reply; the reply is
+    ``PrefillDone`` or ``ErrorReply``."""
+
+    request_id: RequestId
+    token_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+    decode_worker_id: InstanceId = InstanceId("")
+    hold_timeout_s: float = 30.0
+
+
+class PrefillDone(Message, frozen=True, tag="prefill_done"):
+    """The prompt's KV is ready to read: one (address, length) descriptor per block of the
+    prompt, in order, in the memory the prefill worker's agent registered (see its
+    ``WorkerInfo.kv_agent_metadata``)."""
+
+    request_id: RequestId
+    worker_id: InstanceId
+    first_token_id: int
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    kv_agent: str
+    block_descriptors: list[tuple[int, int]]
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+class KVRelease(Message, frozen=True, tag="kv_release"):
+    """The decode worker has read (or given up on) a request's blocks: free them."""
+
+    request_id: RequestId
+
+
+# --- routing: frontend -> router --------------------------------------------------------------
+
+
+class RouteRequest(Message, frozen=True, tag="route"):
+    """Which workers should serve this prompt? Sent by request-reply to the routers' queue."""
+
+    request_id: RequestId
+    model: str
+    token_ids: list[int]
+
+
+class RouteDecision(Message, frozen=True, tag="route_decision"):
+    """The chosen decode (or aggregated) worker and, in a disaggregated cluster, a prefill
+    worker; ``decode_cached_tokens`` is the decode worker's cached prefix as the router sees
+    it, which feeds the local-or-remote prefill decision."""
+
+    request_id: RequestId
+    worker_id: InstanceId
+    decode_cached_tokens: int = 0
+    prefill_worker_id: InstanceId | None = None
+    prefill_cached_tokens: int = 0
+
+
 # --- token streams: worker -> frontend ----------------------------------------------------------
+
+
+class TTFTBreakdown(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """Where a request's time to first token went, measured by the workers (seconds)."""
+
+    queue_s: float = 0.0  # waiting for a batch slot (on the prefill worker when remote)
+    prefill_s: float = 0.0  # computing the prompt
+    transfer_s: float = 0.0  # moving the KV cache to the decode worker (0 when local)
+    is_remote_prefill: bool = False
 
 
 class TokenChunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -113,6 +185,7 @@ class TokenChunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    ttft: TTFTBreakdown | None = None  # on the first chunk only
 
 
 class TokenBatch(Message, frozen=True, tag="tokens"):
@@ -148,6 +221,9 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     host: str = ""
     pid: int = 0
     is_draining: bool = False  # finishing in-flight work: choose another worker
+    kv_agent: str = ""  # the KV transfer agent's name ("" when it cannot transfer)
+    kv_agent_metadata: bytes = b""  # what a peer's agent needs to read our blocks
+    kv_block_size: int = 0
 
 
 class FrontendInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -187,6 +263,18 @@ class AllBlocksCleared(msgspec.Struct, frozen=True, array_like=True, gc=False, t
 
 
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVStateRequest(Message, frozen=True, tag="kv_state_request"):
+    """A router lost events of this worker: ask for its whole cached set (request-reply)."""
+
+
+class KVState(Message, frozen=True, tag="kv_state"):
+    """Every block a worker caches now, and the seq of the last KVEventBatch it reflects."""
+
+    worker_id: InstanceId
+    seq: int
+    block_hashes: list[BlockHash]
 
 
 class KVEventBatch(Message, frozen=True, tag="kv_events"):

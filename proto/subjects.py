@@ -22,6 +22,14 @@ def worker_inbox(namespace: str, worker_id: str) -> str:
     return f"baton.{check_token(namespace, 'namespace')}.worker.{check_token(worker_id, 'id')}"
 
 
+def router_requests(namespace: str) -> str:
+    """RouteRequest (request-reply), served by every router replica in one queue group."""
+    return f"baton.{check_token(namespace, 'namespace')}.router.route"
+
+
+ROUTER_QUEUE = "routers"
+
+
 def stream_inbox(namespace: str, frontend_id: str) -> str:
     """TokenBatch messages for every stream one frontend process holds."""
     return f"baton.{check_token(namespace, 'namespace')}.stream.{check_token(frontend_id, 'id')}"

@@ -16,7 +16,6 @@ from proto.messages import (
     SamplingParams,
     TokenChunk,
 )
-from services.frontend.workers import WorkerPool, WorkerState
 from shared.bus import Bus
 from shared.codec import generate_reply_decoder
 from shared.errors import (
@@ -29,6 +28,7 @@ from shared.errors import (
     from_reply,
 )
 from shared.streams import StreamDemux
+from shared.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
 

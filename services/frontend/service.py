@@ -13,13 +13,13 @@ from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.models import ModelRegistry
-from services.frontend.workers import WorkerPool
 from shared.bus import Bus
 from shared.codec import encode
 from shared.discovery import Discovery, WatchView
 from shared.errors import Unavailable
 from shared.lifecycle import shutdown_event
 from shared.streams import StreamDemux
+from shared.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Which workers exist (etcd) and how loaded they are (NATS), and which one gets a request.
 
-Until the KV-aware router lands (issue #4) the frontend places requests itself: the worker
-with the fewest requests, counting its last reported load plus what this frontend has sent it
-since that report. Ties rotate, so an idle cluster still spreads work.
+Used where no router decides (or none answers in time): the frontend picking a decode worker,
+a decode worker picking a prefill worker. The choice is the worker with the fewest requests,
+counting its last reported load plus what this process has sent it since that report. Ties
+rotate, so an idle cluster still spreads work.
 """
 
 import itertools
@@ -13,11 +14,15 @@ import msgspec
 from nats.aio.msg import Msg
 
 from proto import subjects
-from proto.messages import InstanceId, LoadMetrics, WorkerInfo
+from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder, worker_info_decoder
 
 logger = logging.getLogger(__name__)
+
+
+# Roles that take GenerateRequests: prefill workers only ever take PrefillRequests.
+SERVING_ROLES = (WorkerRole.AGGREGATED, WorkerRole.DECODE)
 
 
 class WorkerState:
@@ -87,10 +92,8 @@ class WorkerPool:
             state.sent_since_report = 0
 
     def models(self) -> set[str]:
-        return {s.info.model for s in self._workers.values()}
-
-    def has_model(self, model: str) -> bool:
-        return any(s.info.model == model for s in self._workers.values())
+        """Models that some worker taking GenerateRequests serves."""
+        return {s.info.model for s in self._workers.values() if s.info.role in SERVING_ROLES}
 
     def candidates(self, model: str) -> list[WorkerState]:
         """Workers serving ``model``, best first; draining ones are left out."""
