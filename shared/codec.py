@@ -7,6 +7,7 @@ shape raises ``msgspec.ValidationError`` naming the bad field (``$.token_ids[1]`
 from typing import Final
 
 import msgspec
+from msgspec.msgpack import Decoder
 
 from proto.messages import (
     AbortRequest,
@@ -14,24 +15,43 @@ from proto.messages import (
     GenerateAccepted,
     GenerateRequest,
     KVEventBatch,
+    KVRelease,
+    KVState,
+    KVStateRequest,
     LoadMetrics,
     ModelCard,
+    PrefillDone,
+    PrefillRequest,
+    RouteDecision,
+    RouteRequest,
     TokenBatch,
     WorkerInfo,
 )
 
-WorkerInbound = GenerateRequest | AbortRequest
+WorkerInbound = GenerateRequest | AbortRequest | KVStateRequest
+PrefillInbound = PrefillRequest | KVRelease | AbortRequest | KVStateRequest
 GenerateReply = GenerateAccepted | ErrorReply
+PrefillReply = PrefillDone | ErrorReply
+RouteReply = RouteDecision | ErrorReply
 
 encoder: Final = msgspec.msgpack.Encoder()
 
-worker_inbound_decoder: Final = msgspec.msgpack.Decoder(WorkerInbound)
-generate_reply_decoder: Final = msgspec.msgpack.Decoder(GenerateReply)
-token_batch_decoder: Final = msgspec.msgpack.Decoder(TokenBatch)
-load_metrics_decoder: Final = msgspec.msgpack.Decoder(LoadMetrics)
-kv_event_batch_decoder: Final = msgspec.msgpack.Decoder(KVEventBatch)
-worker_info_decoder: Final = msgspec.msgpack.Decoder(WorkerInfo)
-model_card_decoder: Final = msgspec.msgpack.Decoder(ModelCard)
+worker_inbound_decoder: Final[Decoder[GenerateRequest | AbortRequest | KVStateRequest]] = Decoder(
+    WorkerInbound
+)
+prefill_inbound_decoder: Final[
+    Decoder[PrefillRequest | KVRelease | AbortRequest | KVStateRequest]
+] = Decoder(PrefillInbound)
+generate_reply_decoder: Final[Decoder[GenerateAccepted | ErrorReply]] = Decoder(GenerateReply)
+prefill_reply_decoder: Final[Decoder[PrefillDone | ErrorReply]] = Decoder(PrefillReply)
+route_request_decoder: Final[Decoder[RouteRequest]] = Decoder(RouteRequest)
+route_reply_decoder: Final[Decoder[RouteDecision | ErrorReply]] = Decoder(RouteReply)
+kv_state_decoder: Final[Decoder[KVState | ErrorReply]] = Decoder(KVState | ErrorReply)
+token_batch_decoder: Final[Decoder[TokenBatch]] = Decoder(TokenBatch)
+load_metrics_decoder: Final[Decoder[LoadMetrics]] = Decoder(LoadMetrics)
+kv_event_batch_decoder: Final[Decoder[KVEventBatch]] = Decoder(KVEventBatch)
+worker_info_decoder: Final[Decoder[WorkerInfo]] = Decoder(WorkerInfo)
+model_card_decoder: Final[Decoder[ModelCard]] = Decoder(ModelCard)
 
 
 def encode(message: msgspec.Struct) -> bytes:

@@ -31,6 +31,13 @@ class FrontendConfig:
     admission_timeout_s: float = field(
         default=5.0, metadata=_help("how long a worker may take to accept a request")
     )
+    route_timeout_s: float = field(
+        default=0.05,
+        metadata=_help(
+            "how long to wait for a router's answer before placing a request "
+            "by load alone (0: never ask a router)"
+        ),
+    )
     stream_idle_timeout_s: float = field(
         default=120.0, metadata=_help("longest silence from a worker before a stream fails")
     )
@@ -52,6 +59,8 @@ class FrontendConfig:
         for name in ("max_in_flight", "tokenize_in_thread_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.route_timeout_s < 0:
+            raise ValueError(f"route_timeout_s must be >= 0, got {self.route_timeout_s}")
         for name in ("admission_timeout_s", "stream_idle_timeout_s", "lease_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

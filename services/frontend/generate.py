@@ -5,6 +5,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator
 
+from proto import subjects
 from proto.messages import (
     AbortRequest,
     ErrorReply,
@@ -13,11 +14,13 @@ from proto.messages import (
     GenerateRequest,
     InstanceId,
     RequestId,
+    RouteDecision,
+    RouteRequest,
     SamplingParams,
     TokenChunk,
 )
 from shared.bus import Bus
-from shared.codec import generate_reply_decoder
+from shared.codec import generate_reply_decoder, route_reply_decoder
 from shared.errors import (
     DeadlineExceeded,
     EngineError,
@@ -46,9 +49,11 @@ class Generator:
         demux: StreamDemux,
         pool: WorkerPool,
         frontend_id: InstanceId,
+        namespace: str,
         *,
         admission_timeout_s: float,
         stream_idle_timeout_s: float,
+        route_timeout_s: float = 0.0,
         max_attempts: int = 3,
     ) -> None:
         self._bus = bus
@@ -58,6 +63,9 @@ class Generator:
         self._admission_timeout_s = admission_timeout_s
         self._stream_idle_timeout_s = stream_idle_timeout_s
         self._max_attempts = max_attempts
+        self._route_timeout_s = route_timeout_s
+        self._router_subject = subjects.router_requests(namespace)
+        self.num_route_fallbacks = 0
 
     async def generate(
         self,
@@ -108,6 +116,16 @@ class Generator:
         candidates = self._pool.candidates(model)
         if not candidates:
             raise Overloaded(f"no live worker serves model {model!r}", retry_after_s=1.0)
+        decision = await self._route(request_id, model, token_ids)
+        prefill_worker_id: InstanceId | None = None
+        cached_tokens: int | None = None
+        if decision is not None:
+            chosen = self._pool.get(decision.worker_id)
+            if chosen is not None and chosen in candidates:
+                candidates.remove(chosen)
+                candidates.insert(0, chosen)
+                prefill_worker_id = decision.prefill_worker_id
+                cached_tokens = decision.decode_cached_tokens
         message = GenerateRequest(
             request_id=request_id,
             model=model,
@@ -115,6 +133,8 @@ class Generator:
             sampling=sampling,
             stream_subject=self._demux.subject,
             frontend_id=self._frontend_id,
+            prefill_worker_id=prefill_worker_id,
+            cached_tokens=cached_tokens,
         )
         last_error: ServingError = Overloaded("no worker accepted the request", retry_after_s=1.0)
         for worker in candidates[: self._max_attempts]:
@@ -144,6 +164,29 @@ class Generator:
         if isinstance(last_error, (Unavailable, DeadlineExceeded)):
             raise Overloaded(f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0)
         raise last_error
+
+    async def _route(
+        self, request_id: RequestId, model: str, token_ids: list[int]
+    ) -> RouteDecision | None:
+        """Ask the routers where to go; None (place it ourselves) if none answers in time."""
+        if self._route_timeout_s <= 0:
+            return None
+        try:
+            data = await self._bus.request(
+                self._router_subject,
+                RouteRequest(request_id=request_id, model=model, token_ids=token_ids),
+                timeout_s=self._route_timeout_s,
+            )
+            reply = route_reply_decoder.decode(data)
+        except (Unavailable, DeadlineExceeded) as exc:
+            self.num_route_fallbacks += 1
+            logger.debug("no route; placing locally request_id=%s error=%s", request_id, exc)
+            return None
+        if isinstance(reply, ErrorReply):
+            self.num_route_fallbacks += 1
+            logger.debug("router refused request_id=%s error=%s", request_id, reply.message)
+            return None
+        return reply
 
     async def _abort(self, worker: WorkerState, request_id: RequestId) -> None:
         try:
