@@ -45,12 +45,13 @@ class DecodeWorker:
         engine: Engine,
         *,
         max_waiting: int,
+        step_in_thread: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.inbox = subjects.worker_inbox(namespace, worker_id)
         self._namespace = namespace
         self._bus = bus
-        self._loop = EngineLoop(engine, self.on_step)
+        self._loop = EngineLoop(engine, self.on_step, step_in_thread=step_in_thread)
         self._max_waiting = max_waiting
         self._destinations: dict[RequestId, str] = {}
         self._kv_event_seq = 0
@@ -78,17 +79,17 @@ class DecodeWorker:
             return
         match message:
             case GenerateRequest():
-                reply = self._admit(message)
+                reply = await self._admit(message)
                 if msg.reply:
                     await self._reply(msg, reply)
             case AbortRequest(request_id=request_id):
                 if self._destinations.pop(request_id, None) is not None:
-                    self._loop.abort(request_id)
+                    await self._loop.abort(request_id)
                     logger.debug("request aborted request_id=%s", request_id)
                     if self.is_draining and not self._destinations:
                         self._drained.set()
 
-    def _admit(self, request: GenerateRequest) -> GenerateAccepted | ErrorReply:
+    async def _admit(self, request: GenerateRequest) -> GenerateAccepted | ErrorReply:
         try:
             if self.is_draining:
                 raise Unavailable(f"worker {self.worker_id} is draining", retry_after_s=1.0)
@@ -101,7 +102,7 @@ class DecodeWorker:
                     f"worker {self.worker_id} has {self._max_waiting} requests waiting",
                     retry_after_s=1.0,
                 )
-            self._loop.add(
+            await self._loop.add(
                 EngineRequest(
                     request_id=request.request_id,
                     token_ids=request.token_ids,
@@ -191,7 +192,7 @@ class DecodeWorker:
         leftover = list(self._destinations.items())
         self._destinations.clear()
         for request_id, _ in leftover:
-            self._loop.abort(request_id)
+            await self._loop.abort(request_id)
         if leftover:
             logger.warning("drain deadline passed; aborting num_requests=%d", len(leftover))
             await publish_chunks(

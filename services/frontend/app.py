@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proto.messages import FinishReason, ModelCard, RequestId, SamplingParams
+from proto.messages import FinishReason, ModelCard, RequestId, SamplingParams, TTFTBreakdown
 from services.frontend.generate import Generator, new_request_id
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.models import ModelRegistry
@@ -250,11 +250,21 @@ class _Call:
         emitted, stopped = self.stop_matcher.push(text)
         return emitted if stopped else emitted + self.stop_matcher.flush()
 
-    def _observe(self, num_new: int) -> None:
+    def _observe(self, num_new: int, ttft: TTFTBreakdown | None) -> None:
         now = time.monotonic()
         metrics = self.state.metrics
         if self.num_output_tokens == 0:
-            metrics.ttft.observe(now - self.started)
+            total = now - self.started
+            metrics.ttft.observe(total)
+            if ttft is not None:
+                phases = metrics.ttft_phase
+                phases.labels("queue").observe(ttft.queue_s)
+                phases.labels("prefill").observe(ttft.prefill_s)
+                phases.labels("transfer").observe(ttft.transfer_s)
+                rest = total - ttft.queue_s - ttft.prefill_s - ttft.transfer_s
+                phases.labels("other").observe(max(0.0, rest))
+                if ttft.is_remote_prefill:
+                    metrics.remote_prefills.inc()
         elif num_new:
             metrics.itl.observe((now - self._last_token_at) / num_new)
         self._last_token_at = now
@@ -270,12 +280,15 @@ class _Call:
             async for chunks in generator:
                 token_ids: list[int] = []
                 finish: FinishReason | None = None
+                ttft: TTFTBreakdown | None = None
                 for chunk in chunks:
                     token_ids.extend(chunk.token_ids)
+                    if chunk.ttft is not None:
+                        ttft = chunk.ttft
                     if chunk.finish_reason is not None:
                         finish = chunk.finish_reason
                         self.num_cached_tokens = chunk.num_cached_tokens
-                self._observe(len(token_ids))
+                self._observe(len(token_ids), ttft)
                 text, stopped = self._text(token_ids)
                 if stopped:
                     self.finish_reason = "stop"

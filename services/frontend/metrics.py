@@ -40,6 +40,19 @@ class FrontendMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.ttft_phase = Histogram(
+            "baton_frontend_ttft_phase_seconds",
+            "time to first token by phase, as the workers measured it: queue, prefill, "
+            "transfer (KV handoff), and the rest (routing, first decode step, network)",
+            ["phase"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.remote_prefills = Counter(
+            "baton_frontend_remote_prefills",
+            "requests whose prompt a prefill worker computed",
+            registry=self.registry,
+        )
         self.itl = Histogram(
             "baton_frontend_inter_token_latency_seconds",
             "mean time between tokens of one arriving chunk",

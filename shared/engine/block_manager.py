@@ -74,15 +74,19 @@ class BlockManager:
 
     # --- prefix cache ------------------------------------------------------------------------
 
-    def match_prefix(self, seq: Sequence) -> list[int]:
-        """Ids of cached blocks holding ``seq``'s longest cached prefix, in order.
+    def match_prefix(self, seq: Sequence, num_tokens: int | None = None) -> list[int]:
+        """Ids of cached blocks holding ``seq``'s longest cached prefix, in order, looking only
+        at blocks wholly inside its first ``num_tokens`` tokens.
 
-        At least one token is always left to compute, as in vLLM: only blocks wholly inside
-        the first ``num_tokens - 1`` tokens are looked up. So when every block of a prompt is
-        cached and the prompt fills its last block exactly, that last block is recomputed into a
-        fresh block (its KV would otherwise be written into a block others share).
+        By default (``None``) at least one token is left to compute, as in vLLM: the limit is
+        ``len(seq.token_ids) - 1``. So when every block of a prompt is cached and the prompt
+        fills its last block exactly, that last block is recomputed into a fresh block (its KV
+        would otherwise be written into a block others share). A reservation, whose KV arrives
+        by transfer and computes nothing, passes the whole prompt.
         """
-        num_lookup_blocks = (len(seq.token_ids) - 1) // self.block_size
+        if num_tokens is None:
+            num_tokens = len(seq.token_ids) - 1
+        num_lookup_blocks = min(num_tokens, len(seq.token_ids)) // self.block_size
         self._ensure_hashes(seq, num_lookup_blocks)
         block_of_hash = self._block_of_hash
         hashes = seq.block_hashes

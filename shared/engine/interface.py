@@ -3,22 +3,48 @@
 An engine is synchronous and single-owner: one asyncio task (``shared.engine.loop``) owns it,
 applies queued adds and aborts between steps, calls ``step()`` and publishes what it returns.
 Nothing here does I/O.
+
+Disaggregated serving (prefill first) splits a request across two engines. The prefill engine
+runs it with ``hold_kv`` and ``prefill_sampling(sampling)`` (one token), publishes the first
+token and keeps the prompt's blocks (``held_blocks``) until the decode side has read them
+(``release``). The decode engine ``reserve``s blocks for the prompt, pulls the KV of every block
+past ``Reservation.num_cached_tokens`` into them, then ``commit``s the first token; its later
+steps emit the rest, exactly the tokens one engine would have produced alone.
 """
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from proto.messages import FinishReason, KVEvent, RequestId, SamplingParams
+from shared.engine.runner import KVRegion
 
 
 @dataclass(slots=True)
 class EngineRequest:
-    """One request as an engine sees it."""
+    """One request as an engine sees it. ``hold_kv`` (prefill side of disaggregation) keeps
+    its blocks after it finishes, until ``Engine.release``."""
 
     request_id: RequestId
     token_ids: list[int]
     sampling: SamplingParams
     arrival_time_s: float = 0.0
+    hold_kv: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Blocks a decode engine reserved for a request's prompt (see ``Engine.reserve``).
+
+    ``block_ids`` cover the whole prompt in order, the last one maybe partial. The first
+    ``num_cached_tokens // block_size`` of them already hold this prefix in the decode engine's
+    own cache (``num_cached_tokens`` is a multiple of the block size), so only the rest need
+    their KV transferred.
+    """
+
+    block_ids: list[int]
+    num_cached_tokens: int
 
 
 @dataclass(slots=True)
@@ -50,10 +76,14 @@ class StepResult:
 
 @dataclass(slots=True, frozen=True)
 class EngineStats:
+    """Load of one engine. Blocks of reserved and held requests count as used (not free)."""
+
     num_running: int
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    num_reserved: int = 0
+    num_held: int = 0
 
     @property
     def kv_usage(self) -> float:
@@ -71,14 +101,21 @@ class Engine(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def kv_region(self) -> KVRegion | None:
+        """The KV cache memory a transfer agent registers, or None when there is none."""
+
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request. Raises ``shared.errors.InvalidRequest`` if it can never run
         (prompt plus max_tokens over the context, or more blocks than the whole cache)."""
 
     def abort(self, request_id: RequestId) -> bool:
-        """Drop a request and free its blocks; False if it was unknown (already finished)."""
+        """Drop a request and free its blocks, whether queued, running, reserved or held;
+        False if it was unknown (already finished and not held)."""
 
-    def has_unfinished(self) -> bool: ...
+    def has_unfinished(self) -> bool:
+        """Whether any request is queued or running, so ``step`` has work. Reserved and held
+        requests do not count: they wait on a transfer, not on a step."""
 
     def step(self) -> StepResult:
         """Schedule one batch, run it, and return what it produced."""
@@ -87,3 +124,60 @@ class Engine(Protocol):
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV events since the last call, in order (blocks stored, removed, cache cleared)."""
+
+    # --- disaggregation: prefill side -----------------------------------------------------------
+
+    def held_blocks(self, request_id: RequestId) -> list[int]:
+        """Block ids holding a finished ``hold_kv`` request's prompt KV, in order (the last one
+        maybe partial), for a decode worker to read. Raises ``KeyError`` if it is not held."""
+
+    def release(self, request_id: RequestId) -> bool:
+        """Let a held request's blocks go (its full blocks stay in the prefix cache, as after
+        any request). False if it is not held. Call once the decode side has read them."""
+
+    # --- disaggregation: decode side ------------------------------------------------------------
+
+    def reserve(self, request: EngineRequest) -> Reservation:
+        """Reserve blocks for a request's prompt while its KV is pulled from a prefill worker.
+
+        The request is validated as ``add_request`` does (``InvalidRequest``) and takes no part
+        in steps until ``commit``. Raises ``shared.errors.Overloaded`` when there is no room now
+        (too few free blocks, or ``max_num_seqs`` requests running or reserved), so that the
+        caller can pick another worker rather than wait.
+        """
+
+    def commit(self, request_id: RequestId, first_token_id: int) -> RequestOutput | None:
+        """The reserved request's prompt KV is in its blocks: cache its full prompt blocks
+        (``BlockStored``) and continue it from ``first_token_id`` (sampled by the prefill
+        worker), which no ``RequestOutput`` ever carries, since the caller already has it.
+
+        Returns None when the request goes on decoding (its next tokens come from ``step``), or
+        its finishing output (no new tokens; blocks freed) when the first token ends it.
+        Raises ``KeyError`` if the request is not reserved (aborted meanwhile, say) and
+        ``InvalidRequest`` for a token outside the vocabulary.
+        """
+
+    def modelled_transfer_s(self, num_blocks: int) -> float:
+        """Modelled time to pull ``num_blocks`` blocks of KV from another worker. A simulated
+        engine moves only a few bytes per block, so a caller waits this long to model a real
+        transfer; an engine whose transfer is real returns 0.0."""
+
+
+def prefill_sampling(sampling: SamplingParams) -> SamplingParams:
+    """Sampling for the prefill half of a disaggregated request: one token, sampled exactly as
+    the whole request would sample its first.
+
+    ``max_tokens`` becomes 1, so ``min_tokens`` must be capped at 1. For a runner that masks
+    EOS and stop tokens before ``min_tokens`` outputs that changes nothing (the first token is
+    masked for any ``min_tokens >= 1``). The simulated runner, though, lets EOS be the
+    ``min_tokens``-th token, so a cap to 1 would let EOS come first where the full request
+    forbids it; ``ignore_eos`` (when ``min_tokens >= 2``) says so. The finish reason on the
+    prefill side means nothing: the decode side keeps the original parameters, and its
+    ``commit`` decides whether the first token ends the request.
+    """
+    return msgspec.structs.replace(
+        sampling,
+        max_tokens=1,
+        min_tokens=min(sampling.min_tokens, 1),
+        ignore_eos=sampling.ignore_eos or sampling.min_tokens > 1,
+    )

@@ -1,13 +1,16 @@
 """The asyncio shell around a synchronous engine: step it, pace it, hand the results on.
 
-``EngineLoop`` is the engine's only owner. Handlers add and abort requests between steps
-(on the same event loop, so the engine never sees two callers at once); the loop sleeps while
-the engine is idle and, for a simulated engine, waits out each step's modelled duration.
+``EngineLoop`` is the engine's only owner. Everything that touches the engine (adding,
+aborting, reserving blocks) runs under ``exclusive()``, which the loop also holds for each
+step, so the engine never sees two callers at once even when its steps run in a thread (a
+real model) rather than inline on the event loop (the simulator). The loop sleeps while the
+engine is idle and, for a simulated engine, waits out each step's modelled duration.
 """
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from proto.messages import RequestId
 from shared.engine.interface import Engine, EngineRequest, EngineStats, StepResult
@@ -20,29 +23,36 @@ StepCallback = Callable[[StepResult], Awaitable[None]]
 class EngineLoop:
     """Runs ``engine.step()`` while there is work and passes each result to ``on_step``."""
 
-    def __init__(self, engine: Engine, on_step: StepCallback) -> None:
+    def __init__(self, engine: Engine, on_step: StepCallback, *, step_in_thread: bool) -> None:
         self.engine = engine
         self._on_step = on_step
+        self._step_in_thread = step_in_thread
+        self._lock = asyncio.Lock()
         self._has_work = asyncio.Event()
         self.num_steps = 0
 
-    def add(self, request: EngineRequest) -> None:
-        """Queue a request; raises ``InvalidRequest`` at once if it can never run."""
-        self.engine.add_request(request)
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Engine]:
+        """The engine, between two steps; wake the loop afterwards (there may be work)."""
+        async with self._lock:
+            yield self.engine
         self._has_work.set()
 
-    def abort(self, request_id: RequestId) -> bool:
-        return self.engine.abort(request_id)
+    async def add(self, request: EngineRequest) -> None:
+        """Queue a request; raises ``InvalidRequest`` at once if it can never run."""
+        async with self.exclusive() as engine:
+            engine.add_request(request)
+
+    async def abort(self, request_id: RequestId) -> bool:
+        async with self.exclusive() as engine:
+            return engine.abort(request_id)
 
     def stats(self) -> EngineStats:
+        """A snapshot; safe between steps and good enough during one (plain int reads)."""
         return self.engine.stats()
 
-    @property
-    def is_idle(self) -> bool:
-        return not self.engine.has_unfinished()
-
     async def run(self) -> None:
-        """Step until cancelled. An idle engine costs nothing: the loop waits for ``add``."""
+        """Step until cancelled. An idle engine costs nothing: the loop waits for work."""
         loop = asyncio.get_running_loop()
         while True:
             if not self.engine.has_unfinished():
@@ -50,8 +60,12 @@ class EngineLoop:
                 await self._has_work.wait()
                 continue
             started = loop.time()
-            result = self.engine.step()
-            self.num_steps += 1
-            await self._on_step(result)
+            async with self._lock:
+                if self._step_in_thread:
+                    result = await asyncio.to_thread(self.engine.step)
+                else:
+                    result = self.engine.step()
+                self.num_steps += 1
+                await self._on_step(result)
             # Wait out the rest of the modelled step; always yield so handlers run between steps.
             await asyncio.sleep(max(0.0, started + result.duration_s - loop.time()))

@@ -9,6 +9,12 @@ keeping its generated tokens, so its output does not change.
 Prefill is not chunked: a sequence's whole uncached prompt runs in one step. A prompt longer
 than ``max_num_batched_tokens`` is admitted when it is the first prefill of its step, so it runs
 alone (beside the decodes) rather than never.
+
+Disaggregated serving adds two states outside the queue and the batch. A prefill-side sequence
+with ``hold_kv`` that finishes is *held*: its blocks stay allocated (and its full blocks cached)
+until ``release``, while a decode worker reads them. A decode-side sequence is *reserved*: it
+gets blocks for its prompt (reusing the cached prefix) while the KV is pulled, then ``commit``
+puts it in the batch with its first token, as if this engine had prefilled it.
 """
 
 import logging
@@ -86,6 +92,8 @@ class Scheduler:
     ``running`` is a dict in admission order, so the newest is preempted in O(1) and an abort
     removes in O(1). ``waiting`` is a deque; an aborted waiting sequence stays in it, marked
     finished, and is dropped when it reaches the front (``num_waiting`` counts only live ones).
+    ``reserved`` and ``held`` hold blocks but are never scheduled, so they do not make
+    ``has_unfinished`` true (the engine loop must not spin on them).
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
@@ -93,7 +101,9 @@ class Scheduler:
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[RequestId, Sequence] = {}
-        self._seqs: dict[RequestId, Sequence] = {}  # every unfinished sequence
+        self.reserved: dict[RequestId, Sequence] = {}
+        self.held: dict[RequestId, Sequence] = {}
+        self._seqs: dict[RequestId, Sequence] = {}  # every waiting or running sequence
         self._num_waiting = 0
         self.num_preemptions = 0
 
@@ -107,17 +117,31 @@ class Scheduler:
         """Sequences holding blocks and decoding."""
         return len(self.running)
 
+    @property
+    def num_reserved(self) -> int:
+        """Sequences holding blocks while their prompt KV is transferred in."""
+        return len(self.reserved)
+
+    @property
+    def num_held(self) -> int:
+        """Finished sequences still holding their blocks for a transfer out."""
+        return len(self.held)
+
     def has_unfinished(self) -> bool:
-        """Whether any sequence is waiting or running."""
+        """Whether any sequence is waiting or running (reserved and held ones never step)."""
         return bool(self._seqs)
 
     def get(self, request_id: RequestId) -> Sequence | None:
-        """The unfinished sequence with this id, or None."""
-        return self._seqs.get(request_id)
+        """The sequence with this id that holds or may hold blocks (waiting, running, reserved
+        or held), or None."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            seq = self.reserved.get(request_id) or self.held.get(request_id)
+        return seq
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence at the back. The caller has validated it (see ``SimEngine``)."""
-        if seq.request_id in self._seqs:
+        """Queue a new sequence at the back; the caller (``ScheduledEngine``) validated it."""
+        if self.get(seq.request_id) is not None:
             raise ValueError(f"request {seq.request_id} is already scheduled")
         seq.status = SequenceStatus.WAITING
         self._seqs[seq.request_id] = seq
@@ -125,17 +149,77 @@ class Scheduler:
         self._num_waiting += 1
 
     def abort(self, request_id: RequestId) -> Sequence | None:
-        """Finish a sequence with ABORT and free its blocks now; None if it is unknown."""
-        seq = self._seqs.pop(request_id, None)
+        """Finish a sequence with ABORT and free its blocks now; None if it is unknown.
+
+        A held sequence is released instead (it already finished, so its reason stays).
+        """
+        seq = self._seqs.pop(request_id, None) or self.reserved.pop(request_id, None)
         if seq is None:
-            return None
-        if seq.status is SequenceStatus.RUNNING:
-            del self.running[request_id]
-            self.block_manager.deallocate(seq)
-        else:
+            return self.release(request_id)
+        if seq.status is SequenceStatus.WAITING:
             self._num_waiting -= 1
+        else:
+            self.running.pop(request_id, None)
+            self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = FinishReason.ABORT
+        return seq
+
+    # --- disaggregation ------------------------------------------------------------------------
+
+    def reserve(self, seq: Sequence) -> bool:
+        """Give a new sequence blocks for its whole prompt, outside the batch, while its KV is
+        pulled from a prefill worker. Returns False, changing nothing, when there is no room:
+        too few free blocks, or ``max_num_seqs`` sequences already running or reserved.
+
+        Every cached full block of the prompt is reused (``seq.num_cached_tokens`` says how
+        many tokens need no transfer): nothing is computed here, so even a last block that the
+        prompt fills exactly can be shared. The other blocks are private until ``commit``.
+        """
+        if self.get(seq.request_id) is not None:
+            raise ValueError(f"request {seq.request_id} is already scheduled")
+        if len(self.running) + len(self.reserved) >= self.config.max_num_seqs:
+            return False
+        bm = self.block_manager
+        cached_block_ids = bm.match_prefix(seq, num_tokens=seq.num_tokens)
+        if not bm.can_allocate(seq, cached_block_ids):
+            return False
+        bm.allocate(seq, cached_block_ids)
+        seq.status = SequenceStatus.RESERVED
+        self.reserved[seq.request_id] = seq
+        return True
+
+    def commit(self, request_id: RequestId, first_token_id: int) -> Sequence:
+        """The reserved sequence's prompt KV has arrived: cache its full prompt blocks, append
+        its first token and put it in the batch, or finish it at once if that token ends it
+        (check ``seq.is_finished``). Raises ``KeyError`` if it is not reserved."""
+        seq = self.reserved.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_full_blocks(seq)
+        seq.token_ids.append(first_token_id)
+        seq.status = SequenceStatus.RUNNING
+        self.running[request_id] = seq
+        self._seqs[request_id] = seq
+        reason = self._check_finish(seq, first_token_id)
+        if reason is not None:
+            self._finish(seq, reason)
+        return seq
+
+    def held_blocks(self, request_id: RequestId) -> list[int]:
+        """A held sequence's blocks covering its whole prompt (the last one maybe partial), in
+        order. Raises ``KeyError`` if it is not held."""
+        seq = self.held[request_id]
+        num_prompt_blocks = -(-seq.num_prompt_tokens // self.config.block_size)
+        return seq.block_table[:num_prompt_blocks]
+
+    def release(self, request_id: RequestId) -> Sequence | None:
+        """Free a held sequence's blocks (cached ones stay in the prefix cache, evictable);
+        None if it is not held."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return None
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
         return seq
 
     # --- scheduling ----------------------------------------------------------------------------
@@ -219,7 +303,8 @@ class Scheduler:
     def postprocess(self, plan: BatchPlan, token_ids: SequenceABC[int]) -> list[Sequence]:
         """Apply one step's sampled tokens (``token_ids[i]`` for ``plan.seqs[i]``): record the
         computed KV in the prefix cache, append each token, finish sequences that are done and
-        free their blocks. Returns the sequences finished by this step.
+        free their blocks (or hold them, for ``hold_kv``). Returns the sequences finished by this
+        step.
 
         Finish order, as vLLM's stop checker: no stop before ``min_tokens`` output tokens; then
         EOS (unless ``ignore_eos``) or a ``stop_token_ids`` token -> STOP; then ``max_tokens``
@@ -268,8 +353,12 @@ class Scheduler:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self.running[seq.request_id]
         del self._seqs[seq.request_id]
-        self.block_manager.deallocate(seq)
+        if seq.hold_kv:
+            seq.status = SequenceStatus.HELD
+            self.held[seq.request_id] = seq
+        else:
+            seq.status = SequenceStatus.FINISHED
+            self.block_manager.deallocate(seq)

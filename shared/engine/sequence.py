@@ -6,11 +6,19 @@ from proto.messages import BlockHash, FinishReason, RequestId, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    """Where a sequence is: queued (new or preempted), in the batch, or done."""
+    """Where a sequence is: queued (new or preempted), in the batch, or done; or, in
+    disaggregated serving, holding blocks outside the batch.
+
+    ``RESERVED`` (decode side): blocks are reserved and its prompt KV is being pulled from a
+    prefill worker; it joins the batch on commit. ``HELD`` (prefill side): it finished, but keeps
+    its blocks until a decode worker has read them and the engine releases it.
+    """
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
+    RESERVED = enum.auto()
+    HELD = enum.auto()
 
 
 class Sequence:
@@ -19,7 +27,9 @@ class Sequence:
     The scheduler owns ``status`` and ``finish_reason``; the block manager owns ``block_table``,
     ``block_hashes``, ``num_cached_tokens``, ``num_computed_tokens`` and
     ``num_committed_blocks``. ``block_hashes`` survives preemption (the tokens do not change), so
-    each full block is hashed once per sequence, however often it is re-admitted.
+    each full block is hashed once per sequence, however often it is re-admitted. ``hold_kv``
+    keeps the blocks after the sequence finishes (status ``HELD``) until the engine releases
+    them, so that a decode worker can read its prompt's KV.
     """
 
     __slots__ = (
@@ -27,6 +37,7 @@ class Sequence:
         "block_hashes",
         "block_table",
         "finish_reason",
+        "hold_kv",
         "num_cached_tokens",
         "num_committed_blocks",
         "num_computed_tokens",
@@ -43,12 +54,15 @@ class Sequence:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         arrival_time_s: float = 0.0,
+        *,
+        hold_kv: bool = False,
     ) -> None:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then output appended
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.arrival_time_s = arrival_time_s
+        self.hold_kv = hold_kv
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.block_table: list[int] = []
@@ -90,8 +104,9 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        """Whether the sequence is done (stopped, length-capped or aborted)."""
-        return self.status is SequenceStatus.FINISHED
+        """Whether the sequence is done generating (stopped, length-capped or aborted), whether
+        or not it still holds its blocks (``HELD``)."""
+        return self.status is SequenceStatus.FINISHED or self.status is SequenceStatus.HELD
 
     def num_blocks(self, block_size: int) -> int:
         """Blocks needed to hold the KV of every token so far."""

@@ -1,8 +1,9 @@
 """The simulated engine: real scheduling and KV-block accounting, modelled time, fake tokens.
 
-It runs thousands of streams on a CPU with the batching, preemption, prefix caching and KV
-events of a real engine, so services and the router can be tested without a GPU (as Dynamo's
-mocker does). Tokens are a pure function of the request, never of timing or batch makeup:
+``SimEngine`` is a ``ScheduledEngine`` over ``SimRunner``. It runs thousands of streams on a CPU
+with the batching, preemption, prefix caching and KV events of a real engine, so services and
+the router can be tested without a GPU (as Dynamo's mocker does). Tokens are a pure function of
+the request, never of timing or batch makeup:
 
 - greedy (``temperature < 1e-5``, as vLLM): the engine seed, the prompt and the position;
 - seeded (``sampling.seed`` set): the same plus that seed;
@@ -12,20 +13,29 @@ Each request also draws a natural length from a geometric distribution with mean
 ``mean_output_tokens`` (from the same key) and emits EOS as that token, but not before
 ``min_tokens`` and never under ``ignore_eos``. All mixing is splitmix64 and BLAKE2b on ints and
 bytes, so two processes and two runs agree (``hash()`` of a str is salted per process).
+
+The runner also keeps a small real KV cache (``kv_block_bytes`` per block, block-major) and
+writes each block it computes with bytes derived from the block's tokens and its prefix
+(``block_kv_bytes``), so a disaggregated cluster moves real bytes between workers and a test can
+check what arrived. The time a real transfer would take is modelled separately
+(``SimEngine.modelled_transfer_s``).
 """
 
+import ctypes
 import hashlib
 import logging
 import math
 from array import array
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
-from proto.messages import KVEvent, RequestId, SamplingParams
-from shared.engine.interface import EngineRequest, EngineStats, RequestOutput, StepResult
-from shared.engine.scheduler import Scheduler, SchedulerConfig
+from proto.messages import BlockHash, RequestId, SamplingParams
+from shared.engine.engine import ScheduledEngine
+from shared.engine.runner import KVRegion, RunResult
+from shared.engine.scheduler import BatchPlan, SchedulerConfig
 from shared.engine.sequence import Sequence
 from shared.engine.timing import TimingModel
-from shared.errors import InvalidRequest
+from shared.kv_hash import hash_block_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +60,18 @@ def _digest64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def block_kv_bytes(parent_hash: BlockHash | None, token_ids: SequenceABC[int], size: int) -> bytes:
+    """The simulated KV of one block: BLAKE2b-512 of its parent block's chained hash (as in
+    ``hash_block_tokens``; None for the first block) and the tokens it holds so far, repeated to
+    ``size`` bytes. Like real KV it depends on the whole prefix, so equal bytes in two engines
+    mean the same tokens at the same place."""
+    data = array("q", token_ids).tobytes()
+    if parent_hash is not None:
+        data = parent_hash.to_bytes(8, "little") + data
+    digest = hashlib.blake2b(data, digest_size=64).digest()
+    return digest if size == 64 else (digest * -(-size // 64))[:size]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimEngineConfig:
     """Shape of the simulated model and its cache.
@@ -57,6 +79,11 @@ class SimEngineConfig:
     ``output_token_ids`` lists the tokens the engine may emit (say, whole words of the
     tokenizer, so text reads as words); None means any id below ``vocab_size``. EOS is emitted
     only at a request's natural end. ``mean_output_tokens`` None turns natural ends off.
+
+    ``kv_block_bytes`` is the size of a block in the runner's real, small KV buffer (0: no
+    buffer, no ``kv_region``). ``kv_bytes_per_block_modelled`` is what a block of the modelled
+    model would hold, which sets the modelled transfer time; the default is 16 tokens x 28
+    layers x 2 (K and V) x 2 KV heads x 128 dims x 2 bytes (bf16).
     """
 
     num_kv_blocks: int = 8192
@@ -70,8 +97,13 @@ class SimEngineConfig:
     mean_output_tokens: float | None = 128.0
     seed: int = 0
     timing: TimingModel = field(default_factory=TimingModel)
+    kv_block_bytes: int = 64
+    kv_bytes_per_block_modelled: int = 16 * 28 * 2 * 2 * 128 * 2
 
     def __post_init__(self) -> None:
+        for name in ("kv_block_bytes", "kv_bytes_per_block_modelled"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
         if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
@@ -115,93 +147,81 @@ class _TokenStream:
         self.stop_token_ids = frozenset(sampling.stop_token_ids)
 
 
-class SimEngine:
-    """An ``Engine`` whose steps cost modelled time instead of GPU time (see the module doc)."""
+class SimRunner:
+    """A ``Runner`` that samples deterministic tokens (see the module doc), models each step's
+    time with ``config.timing`` and writes ``block_kv_bytes`` into its KV buffer.
 
-    def __init__(self, config: SimEngineConfig) -> None:
+    ``kv_buffer``, if given, is the KV memory (at least ``num_kv_blocks * kv_block_bytes``
+    writable, contiguous bytes, say a shared-memory segment a transfer agent registered); by
+    default the runner allocates its own. Its address stays fixed while the runner lives, which
+    also keeps the buffer exported (a ``SharedMemory`` cannot close before the runner goes).
+    """
+
+    def __init__(self, config: SimEngineConfig, *, kv_buffer: memoryview | None = None) -> None:
         self.config = config
-        self.scheduler = Scheduler(config.scheduler_config)
         eos = config.eos_token_id
         candidates = config.output_token_ids or range(config.vocab_size)
         self._allowed_token_ids: tuple[int, ...] = tuple(t for t in candidates if t != eos)
         self._seed_key = splitmix64(config.seed & _MASK64)
         self._streams: dict[RequestId, _TokenStream] = {}
+        self._kv_view, self._kv_region = _kv_memory(config, kv_buffer)
 
     @property
-    def block_size(self) -> int:
-        """Tokens per KV block (the router hashes prompts with the same size)."""
-        return self.config.block_size
+    def num_requests(self) -> int:
+        """Requests with per-request state (a token stream): added and not yet removed."""
+        return len(self._streams)
 
     @property
-    def max_model_len(self) -> int:
-        """Most tokens (prompt plus output) one request may reach."""
-        return self.config.max_model_len
+    def kv_region(self) -> KVRegion | None:
+        """The KV buffer, block-major; None when ``kv_block_bytes`` is 0."""
+        return self._kv_region
 
-    def add_request(self, request: EngineRequest) -> None:
-        """Queue a request; raises ``InvalidRequest`` if it could never run here."""
-        self._validate(request)
-        seq = Sequence(
-            request.request_id, request.token_ids, request.sampling, request.arrival_time_s
-        )
-        self._streams[request.request_id] = self._make_stream(request)
-        self.scheduler.add(seq)
+    def add(self, seq: Sequence) -> None:
+        """Set up the request's token stream (a pure function of the request)."""
+        self._streams[seq.request_id] = self._make_stream(seq)
 
-    def abort(self, request_id: RequestId) -> bool:
-        """Drop a request and free its blocks now; False if it is unknown or already finished."""
+    def remove(self, request_id: RequestId) -> None:
+        """Drop the request's token stream. Idempotent."""
         self._streams.pop(request_id, None)
-        return self.scheduler.abort(request_id) is not None
 
-    def has_unfinished(self) -> bool:
-        """Whether any request is waiting or running."""
-        return self.scheduler.has_unfinished()
-
-    def step(self) -> StepResult:
-        """Schedule a batch, sample one token per scheduled sequence, and model the step time
-        from its prefill tokens, decode batch size and KV usage during the step."""
-        scheduler = self.scheduler
-        plan = scheduler.schedule()
-        if plan.is_empty:
-            return StepResult()
-        kv_usage = scheduler.block_manager.usage
+    def execute(self, plan: BatchPlan, kv_usage: float) -> RunResult:
+        """Write the KV bytes of every block the step computes, sample one token per sequence
+        and model the step's time from its prefill tokens, decode batch and ``kv_usage``."""
+        if self._kv_region is not None:
+            for seq, num_new in zip(plan.seqs, plan.num_new_tokens, strict=True):
+                self._write_kv(seq, num_new)
         streams = self._streams
         sample = self._sample
         token_ids = [sample(seq, streams[seq.request_id]) for seq in plan.seqs]
-        finished = scheduler.postprocess(plan, token_ids)
-        outputs = [
-            RequestOutput(
-                seq.request_id,
-                [token_id],
-                seq.finish_reason,
-                seq.num_prompt_tokens,
-                seq.num_cached_tokens,
-            )
-            for seq, token_id in zip(plan.seqs, token_ids, strict=True)
-        ]
-        for seq in finished:
-            del streams[seq.request_id]
         step_ms = self.config.timing.step_ms(
             plan.num_new_tokens[: plan.num_prefill_seqs], plan.num_decode_seqs, kv_usage
         )
-        return StepResult(
-            outputs=outputs,
-            duration_s=step_ms / 1000.0,
-            num_prefill_tokens=plan.num_prefill_tokens,
-            num_decode_tokens=plan.num_decode_seqs,
-        )
+        return RunResult(token_ids=token_ids, duration_s=step_ms / 1000.0)
 
-    def stats(self) -> EngineStats:
-        """Queue lengths and free blocks now (evictable cached blocks count as free)."""
-        bm = self.scheduler.block_manager
-        return EngineStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            num_free_blocks=bm.num_free_blocks,
-            num_total_blocks=bm.num_blocks,
-        )
+    # --- KV ------------------------------------------------------------------------------------
 
-    def take_kv_events(self) -> list[KVEvent]:
-        """The block manager's KV events since the last call, oldest first."""
-        return self.scheduler.block_manager.take_events()
+    def _write_kv(self, seq: Sequence, num_new: int) -> None:
+        bs = self.config.block_size
+        size = self.config.kv_block_bytes
+        view = self._kv_view
+        tokens = seq.token_ids
+        start = seq.num_computed_tokens
+        first = start // bs
+        parent = _parent_hash(seq, first, bs)
+        if num_new == 1:  # a decode: rewrite the block its one new token lands in
+            offset = seq.block_table[first] * size
+            view[offset : offset + size] = block_kv_bytes(
+                parent, tokens[first * bs : start + 1], size
+            )
+            return
+        hashes = seq.block_hashes
+        end = start + num_new
+        for i in range(first, -(-end // bs)):
+            chunk = tokens[i * bs : min((i + 1) * bs, end)]
+            offset = seq.block_table[i] * size
+            view[offset : offset + size] = block_kv_bytes(parent, chunk, size)
+            if len(chunk) == bs:
+                parent = hashes[i] if i < len(hashes) else hash_block_tokens(parent, chunk)
 
     # --- tokens --------------------------------------------------------------------------------
 
@@ -221,14 +241,15 @@ class SimEngine:
                 token_id = allowed[x % len(allowed)]
         return token_id
 
-    def _make_stream(self, request: EngineRequest) -> _TokenStream:
-        sampling = request.sampling
-        key = splitmix64(_digest64(array("q", request.token_ids).tobytes()) ^ self._seed_key)
+    def _make_stream(self, seq: Sequence) -> _TokenStream:
+        sampling = seq.sampling
+        prompt = array("q", seq.token_ids[: seq.num_prompt_tokens])
+        key = splitmix64(_digest64(prompt.tobytes()) ^ self._seed_key)
         if sampling.temperature >= _GREEDY_EPS:
             if sampling.seed is not None:
                 key = splitmix64(key ^ splitmix64((sampling.seed & _MASK64) ^ _SEED_TAG))
             else:
-                key = splitmix64(key ^ _digest64(request.request_id.encode()))
+                key = splitmix64(key ^ _digest64(seq.request_id.encode()))
         return _TokenStream(key, self._eos_index(key, sampling), sampling)
 
     def _eos_index(self, key: int, sampling: SamplingParams) -> int:
@@ -241,39 +262,55 @@ class SimEngine:
             natural_len = 1 + int(math.log1p(-u) / math.log1p(-1.0 / mean))
         return max(natural_len, sampling.min_tokens) - 1
 
-    def _validate(self, request: EngineRequest) -> None:
-        config = self.config
-        prompt = request.token_ids
-        sampling = request.sampling
-        num_prompt = len(prompt)
-        if num_prompt == 0:
-            raise InvalidRequest("prompt is empty")
-        if sampling.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-        if not 0 <= sampling.min_tokens <= sampling.max_tokens:
-            raise InvalidRequest(
-                f"min_tokens must be in [0, max_tokens={sampling.max_tokens}], "
-                f"got {sampling.min_tokens}"
-            )
-        if sampling.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
-        if num_prompt + sampling.max_tokens > config.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {num_prompt} tokens and max_tokens is {sampling.max_tokens}; "
-                f"together they exceed max_model_len {config.max_model_len}"
-            )
-        # The last sampled token never needs KV, so the most a sequence holds is this:
-        num_blocks = -(-(num_prompt + sampling.max_tokens - 1) // config.block_size)
-        if num_blocks > config.num_kv_blocks:
-            raise InvalidRequest(
-                f"prompt plus max_tokens needs {num_blocks} KV blocks; "
-                f"the cache has {config.num_kv_blocks}"
-            )
-        low, high = min(prompt), max(prompt)
-        if low < 0 or high >= config.vocab_size:
-            bad = low if low < 0 else high
-            raise InvalidRequest(
-                f"token id {bad} is outside the vocabulary [0, {config.vocab_size})"
-            )
-        if self.scheduler.get(request.request_id) is not None:
-            raise InvalidRequest(f"request {request.request_id} is already running here")
+
+def _parent_hash(seq: Sequence, block_index: int, block_size: int) -> BlockHash | None:
+    """The chained hash of the block before ``block_index``: from ``seq.block_hashes`` when the
+    block manager has hashed that far (it always has, for blocks a step writes), else computed."""
+    if block_index == 0:
+        return None
+    hashes = seq.block_hashes
+    if block_index <= len(hashes):
+        return hashes[block_index - 1]
+    parent = hashes[-1] if hashes else None
+    for i in range(len(hashes), block_index):
+        parent = hash_block_tokens(parent, seq.token_ids[i * block_size : (i + 1) * block_size])
+    return parent
+
+
+def _kv_memory(
+    config: SimEngineConfig, kv_buffer: memoryview | None
+) -> tuple[memoryview, KVRegion | None]:
+    size = config.num_kv_blocks * config.kv_block_bytes
+    if kv_buffer is None:
+        kv_buffer = memoryview(bytearray(size))
+    if kv_buffer.readonly or not kv_buffer.c_contiguous:
+        raise ValueError("kv_buffer must be writable and contiguous")
+    if kv_buffer.nbytes < size:
+        raise ValueError(f"kv_buffer has {kv_buffer.nbytes} bytes; the KV cache needs {size}")
+    view = kv_buffer.cast("B")[:size]
+    if size == 0:
+        return view, None
+    address = ctypes.addressof((ctypes.c_char * size).from_buffer(view))
+    region = KVRegion(address, config.num_kv_blocks, config.kv_block_bytes)
+    return view, region
+
+
+class SimEngine(ScheduledEngine):
+    """A ``ScheduledEngine`` over a ``SimRunner``: steps and transfers cost modelled time
+    instead of GPU time (see the module doc). ``kv_buffer`` goes to the runner."""
+
+    runner: SimRunner
+
+    def __init__(self, config: SimEngineConfig, *, kv_buffer: memoryview | None = None) -> None:
+        self.config = config
+        super().__init__(
+            config.scheduler_config,
+            SimRunner(config, kv_buffer=kv_buffer),
+            vocab_size=config.vocab_size,
+        )
+
+    def modelled_transfer_s(self, num_blocks: int) -> float:
+        """Modelled time to pull ``num_blocks`` blocks of ``kv_bytes_per_block_modelled`` bytes
+        from another worker, by ``config.timing.transfer_ms``."""
+        num_bytes = num_blocks * self.config.kv_bytes_per_block_modelled
+        return self.config.timing.transfer_ms(num_bytes) / 1000.0

@@ -1,0 +1,210 @@
+"""An ``Engine`` made of a ``Scheduler`` (what runs, in which blocks) and a ``Runner`` (run it).
+
+``ScheduledEngine`` is the same for every model: it validates requests, asks the scheduler for a
+batch, hands the plan to the runner, and turns the sampled tokens into outputs. It also carries
+the disaggregation verbs (``reserve``/``commit`` on the decode side, ``hold_kv``/
+``held_blocks``/``release`` on the prefill side), which only move block ownership, so they work
+the same for the simulated and the torch runner.
+"""
+
+import logging
+
+from proto.messages import KVEvent, RequestId
+from shared.engine.interface import (
+    EngineRequest,
+    EngineStats,
+    RequestOutput,
+    Reservation,
+    StepResult,
+)
+from shared.engine.runner import KVRegion, Runner
+from shared.engine.scheduler import Scheduler, SchedulerConfig
+from shared.engine.sequence import Sequence
+from shared.errors import InvalidRequest, Overloaded
+
+logger = logging.getLogger(__name__)
+
+
+class ScheduledEngine:
+    """An ``Engine`` (see ``shared.engine.interface``) over any ``Runner``.
+
+    The runner learns of a request when it is added or reserved (``runner.add``) and forgets it
+    when it finishes or is aborted (``runner.remove``), held requests included: their blocks
+    belong to the scheduler, not to the runner.
+    """
+
+    def __init__(
+        self, scheduler_config: SchedulerConfig, runner: Runner, *, vocab_size: int
+    ) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.scheduler = Scheduler(scheduler_config)
+        self.runner = runner
+        self.vocab_size = vocab_size
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block (the router hashes prompts with the same size)."""
+        return self.scheduler.config.block_size
+
+    @property
+    def max_model_len(self) -> int:
+        """Most tokens (prompt plus output) one request may reach."""
+        return self.scheduler.config.max_model_len
+
+    @property
+    def kv_region(self) -> KVRegion | None:
+        """The runner's KV cache memory, for a transfer agent to register."""
+        return self.runner.kv_region
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; raises ``InvalidRequest`` if it could never run here."""
+        seq = self._new_sequence(request)
+        self.runner.add(seq)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: RequestId) -> bool:
+        """Drop a request (queued, running, reserved or held) and free its blocks now; False if
+        it is unknown or already finished and released."""
+        self.runner.remove(request_id)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is queued or running (reserved and held ones never step)."""
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepResult:
+        """Schedule a batch, run it, and apply one sampled token per scheduled sequence. The
+        runner sees the KV usage during the step (blocks allocated for it included)."""
+        scheduler = self.scheduler
+        plan = scheduler.schedule()
+        if plan.is_empty:
+            return StepResult()
+        result = self.runner.execute(plan, scheduler.block_manager.usage)
+        finished = scheduler.postprocess(plan, result.token_ids)
+        outputs = [
+            RequestOutput(
+                seq.request_id,
+                [token_id],
+                seq.finish_reason,
+                seq.num_prompt_tokens,
+                seq.num_cached_tokens,
+            )
+            for seq, token_id in zip(plan.seqs, result.token_ids, strict=True)
+        ]
+        for seq in finished:
+            self.runner.remove(seq.request_id)
+        return StepResult(
+            outputs=outputs,
+            duration_s=result.duration_s,
+            num_prefill_tokens=plan.num_prefill_tokens,
+            num_decode_tokens=plan.num_decode_seqs,
+        )
+
+    def stats(self) -> EngineStats:
+        """Queue lengths and free blocks now (evictable cached blocks count as free; blocks of
+        reserved and held requests do not)."""
+        scheduler = self.scheduler
+        bm = scheduler.block_manager
+        return EngineStats(
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            num_reserved=scheduler.num_reserved,
+            num_held=scheduler.num_held,
+        )
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """The block manager's KV events since the last call, oldest first."""
+        return self.scheduler.block_manager.take_events()
+
+    # --- disaggregation ------------------------------------------------------------------------
+
+    def held_blocks(self, request_id: RequestId) -> list[int]:
+        """Blocks holding a held request's prompt KV, in order; ``KeyError`` if not held."""
+        return self.scheduler.held_blocks(request_id)
+
+    def release(self, request_id: RequestId) -> bool:
+        """Free a held request's blocks (full ones stay cached); False if it is not held."""
+        return self.scheduler.release(request_id) is not None
+
+    def reserve(self, request: EngineRequest) -> Reservation:
+        """Reserve blocks for a request whose prompt KV will be transferred in; raises
+        ``InvalidRequest`` as ``add_request`` does and ``Overloaded`` when there is no room."""
+        seq = self._new_sequence(request)
+        if not self.scheduler.reserve(seq):
+            stats = self.stats()
+            raise Overloaded(
+                f"cannot reserve {seq.num_blocks(self.block_size)} KV blocks for "
+                f"{request.request_id}: {stats.num_free_blocks} free, "
+                f"{stats.num_running + stats.num_reserved} sequences running or reserved"
+            )
+        self.runner.add(seq)
+        return Reservation(block_ids=list(seq.block_table), num_cached_tokens=seq.num_cached_tokens)
+
+    def commit(self, request_id: RequestId, first_token_id: int) -> RequestOutput | None:
+        """Put a reserved request in the batch after its first token; returns its finishing
+        output (no tokens) if that token ends it, else None. ``KeyError`` if not reserved."""
+        if not 0 <= first_token_id < self.vocab_size:
+            raise InvalidRequest(
+                f"token id {first_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        seq = self.scheduler.commit(request_id, first_token_id)
+        if not seq.is_finished:
+            return None
+        self.runner.remove(request_id)
+        return RequestOutput(
+            request_id, [], seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens
+        )
+
+    def modelled_transfer_s(self, num_blocks: int) -> float:
+        """0.0: a real runner's transfer takes real time (``SimEngine`` models it instead)."""
+        return 0.0
+
+    # --- validation ----------------------------------------------------------------------------
+
+    def _new_sequence(self, request: EngineRequest) -> Sequence:
+        self._validate(request)
+        return Sequence(
+            request.request_id,
+            request.token_ids,
+            request.sampling,
+            request.arrival_time_s,
+            hold_kv=request.hold_kv,
+        )
+
+    def _validate(self, request: EngineRequest) -> None:
+        config = self.scheduler.config
+        prompt = request.token_ids
+        sampling = request.sampling
+        num_prompt = len(prompt)
+        if num_prompt == 0:
+            raise InvalidRequest("prompt is empty")
+        if sampling.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
+        if not 0 <= sampling.min_tokens <= sampling.max_tokens:
+            raise InvalidRequest(
+                f"min_tokens must be in [0, max_tokens={sampling.max_tokens}], "
+                f"got {sampling.min_tokens}"
+            )
+        if sampling.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
+        if num_prompt + sampling.max_tokens > config.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {num_prompt} tokens and max_tokens is {sampling.max_tokens}; "
+                f"together they exceed max_model_len {config.max_model_len}"
+            )
+        # The last sampled token never needs KV, so the most a sequence holds is this:
+        num_blocks = -(-(num_prompt + sampling.max_tokens - 1) // config.block_size)
+        if num_blocks > config.num_kv_blocks:
+            raise InvalidRequest(
+                f"prompt plus max_tokens needs {num_blocks} KV blocks; "
+                f"the cache has {config.num_kv_blocks}"
+            )
+        low, high = min(prompt), max(prompt)
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if self.scheduler.get(request.request_id) is not None:
+            raise InvalidRequest(f"request {request.request_id} is already running here")
