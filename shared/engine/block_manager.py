@@ -12,6 +12,7 @@ Block hashes chain: a full block's hash is ``blake2b-64(parent hash || its token
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Sequence as SequenceABC
 
 from proto.messages import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KVEvent
 from shared.engine.sequence import Sequence
@@ -97,6 +98,18 @@ class BlockManager:
                 break
             block_ids.append(block_id)
         return block_ids
+
+    def num_cached_prefix_blocks(self, block_hashes: SequenceABC[BlockHash]) -> int:
+        """How many leading blocks of a prompt (given by its chained hashes) are cached here."""
+        block_of_hash = self._block_of_hash
+        for i, block_hash in enumerate(block_hashes):
+            if block_hash not in block_of_hash:
+                return i
+        return len(block_hashes)
+
+    def cached_block_hashes(self) -> list[BlockHash]:
+        """Every block hash in the prefix cache now (what a router's index should hold)."""
+        return list(self._block_of_hash)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register ``seq``'s newly computed full blocks in the prefix cache.

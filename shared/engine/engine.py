@@ -8,8 +8,9 @@ the same for the simulated and the torch runner.
 """
 
 import logging
+from collections.abc import Sequence as SequenceABC
 
-from proto.messages import KVEvent, RequestId
+from proto.messages import BlockHash, KVEvent, RequestId
 from shared.engine.interface import (
     EngineRequest,
     EngineStats,
@@ -21,6 +22,7 @@ from shared.engine.runner import KVRegion, Runner
 from shared.engine.scheduler import Scheduler, SchedulerConfig
 from shared.engine.sequence import Sequence
 from shared.errors import InvalidRequest, Overloaded
+from shared.kv_hash import hash_prompt_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +159,16 @@ class ScheduledEngine:
         return RequestOutput(
             request_id, [], seq.finish_reason, seq.num_prompt_tokens, seq.num_cached_tokens
         )
+
+    def cached_prefix_tokens(self, token_ids: SequenceABC[int]) -> int:
+        """Tokens of this prompt's longest prefix of full blocks already in the prefix cache."""
+        size = self.block_size
+        hashes = hash_prompt_blocks(token_ids, size)
+        return self.scheduler.block_manager.num_cached_prefix_blocks(hashes) * size
+
+    def cached_block_hashes(self) -> list[BlockHash]:
+        """Every cached block's hash, for a router that must rebuild its view of this engine."""
+        return self.scheduler.block_manager.cached_block_hashes()
 
     def modelled_transfer_s(self, num_blocks: int) -> float:
         """0.0: a real runner's transfer takes real time (``SimEngine`` models it instead)."""

@@ -12,12 +12,13 @@ past ``Reservation.num_cached_tokens`` into them, then ``commit``s the first tok
 steps emit the rest, exactly the tokens one engine would have produced alone.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
-from proto.messages import FinishReason, KVEvent, RequestId, SamplingParams
+from proto.messages import BlockHash, FinishReason, KVEvent, RequestId, SamplingParams
 from shared.engine.runner import KVRegion
 
 
@@ -121,6 +122,12 @@ class Engine(Protocol):
         """Schedule one batch, run it, and return what it produced."""
 
     def stats(self) -> EngineStats: ...
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """Tokens of this prompt's longest block-aligned prefix already cached here."""
+
+    def cached_block_hashes(self) -> list[BlockHash]:
+        """Every block hash in the prefix cache now (a router resyncs its index from it)."""
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV events since the last call, in order (blocks stored, removed, cache cleared)."""

@@ -1,4 +1,5 @@
 import ctypes
+import math
 import random
 from typing import Any
 
@@ -17,6 +18,7 @@ from shared.engine.engine import ScheduledEngine
 from shared.engine.interface import Engine, EngineRequest, RequestOutput, prefill_sampling
 from shared.engine.runner import KVRegion
 from shared.engine.sim import SimEngine, SimEngineConfig, SimRunner, block_kv_bytes
+from shared.engine.timing import TimingModel
 from shared.errors import InvalidRequest, Overloaded
 from shared.kv_hash import hash_block_tokens, hash_prompt_blocks
 
@@ -593,3 +595,22 @@ def test_prefill_sampling_asks_for_one_token_sampled_as_the_first():
     assert prefill_sampling(SamplingParams(min_tokens=1)) == SamplingParams(
         max_tokens=1, min_tokens=1
     )
+
+
+def test_cached_prefix_and_hashes_reflect_the_prefix_cache():
+    engine = SimEngine(
+        SimEngineConfig(
+            num_kv_blocks=64,
+            block_size=4,
+            mean_output_tokens=None,
+            timing=TimingModel(speedup=math.inf),
+        )
+    )
+    prompt = list(range(1, 11))  # two full blocks and a partial one
+    assert engine.cached_prefix_tokens(prompt) == 0
+    engine.add_request(EngineRequest(RequestId("a"), prompt, SamplingParams(max_tokens=1)))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.cached_prefix_tokens(prompt) == 8
+    assert engine.cached_prefix_tokens([*prompt[:4], 99, 98, 97, 96]) == 4
+    assert set(engine.cached_block_hashes()) == set(hash_prompt_blocks(prompt, 4))
