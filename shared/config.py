@@ -61,6 +61,20 @@ def env_names(service: str, field_name: str) -> tuple[str, str]:
     return f"BATON_{service.upper()}_{upper}", f"BATON_{upper}"
 
 
+def _leaf_fields(cls: type[Any]) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """Every scalar field with its annotation, nested config dataclasses flattened in place:
+    a field whose type is itself a dataclass contributes its fields under their own names
+    (shared settings such as the engine's are declared once and reused by several services)."""
+    hints = typing.get_type_hints(cls)
+    leaves: list[tuple[dataclasses.Field[Any], Any]] = []
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            leaves.extend(_leaf_fields(hints[field.name]))
+        else:
+            leaves.append((field, hints[field.name]))
+    return leaves
+
+
 def build_parser(cls: type[ConfigT], service: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field; help text comes from field metadata."""
     parser = argparse.ArgumentParser(
@@ -68,9 +82,8 @@ def build_parser(cls: type[ConfigT], service: str, description: str) -> argparse
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        base, _ = _scalar_type(hints[field.name])
+    for field, annotation in _leaf_fields(cls):
+        base, _ = _scalar_type(annotation)
         flag = "--" + field.name.replace("_", "-")
         env_service, env_global = env_names(service, field.name)
         help_text = field.metadata.get("help", "")
@@ -84,6 +97,18 @@ def build_parser(cls: type[ConfigT], service: str, description: str) -> argparse
             metavar=base.__name__.upper(),
         )
     return parser
+
+
+def _build(cls: type[Any], values: Mapping[str, Any]) -> Any:
+    """Construct ``cls`` (and its nested config dataclasses) from the flat values given."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            kwargs[field.name] = _build(hints[field.name], values)
+        elif field.name in values:
+            kwargs[field.name] = values[field.name]
+    return cls(**kwargs)
 
 
 def load_config(
@@ -100,14 +125,13 @@ def load_config(
     env = os.environ if env is None else env
     parser = build_parser(cls, service, description)
     args = parser.parse_args(argv)
-    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
+    for field, annotation in _leaf_fields(cls):
         from_flag = getattr(args, field.name)
         if from_flag is not None:
             values[field.name] = from_flag
             continue
-        base, is_optional = _scalar_type(hints[field.name])
+        base, is_optional = _scalar_type(annotation)
         for name in env_names(service, field.name):
             if name in env:
                 raw = env[name]
@@ -119,9 +143,10 @@ def load_config(
                     parser.error(f"{name}={raw!r}: {exc}")
                 break
     try:
-        return cls(**values)
+        config: ConfigT = _build(cls, values)
     except ValueError as exc:
         parser.error(str(exc))
+    return config
 
 
 def describe(config: DataclassInstance) -> str:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.decode.config import DecodeConfig
+from shared.engine.config import EngineConfig, WorkerConfig
 from shared.config import load_config
 
 
@@ -57,8 +58,37 @@ def test_bad_values_exit_with_a_usage_error_naming_the_setting(argv, env, named,
     assert named in capsys.readouterr().err
 
 
-def test_decode_config_rejects_bad_namespace_and_engine():
+def test_worker_settings_reject_bad_namespace_and_engine():
     with pytest.raises(ValueError, match="namespace"):
-        DecodeConfig(namespace="a.b")
+        WorkerConfig(namespace="a.b")
     with pytest.raises(ValueError, match="engine"):
-        DecodeConfig(engine="gpu-magic")
+        EngineConfig(engine="gpu-magic")
+
+
+def test_decode_flags_reach_nested_worker_and_engine_settings():
+    config = load_config(
+        DecodeConfig,
+        "decode",
+        ["--engine", "torch", "--max-waiting", "7"],
+        env={"BATON_NAMESPACE": "ns1", "BATON_DECODE_BLOCK_SIZE": "32"},
+    )
+    assert config.engine.engine == "torch"
+    assert config.engine.block_size == 32
+    assert config.worker.max_waiting == 7
+    assert config.worker.namespace == "ns1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InnerConfig:
+    block_size: int = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OuterConfig:
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    name: str = "x"
+
+
+def test_nested_config_fields_are_flattened_into_flags_and_env():
+    config = load_config(OuterConfig, "svc", ["--block-size", "32"], env={"BATON_NAME": "y"})
+    assert config == OuterConfig(inner=InnerConfig(block_size=32), name="y")

@@ -1,0 +1,125 @@
+"""Engine settings shared by the prefill and decode workers (flattened into their flags)."""
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from proto.subjects import check_token
+
+ENGINE_KINDS = ("sim", "torch")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    engine: str = field(default="sim", metadata=_help("engine kind: sim or torch"))
+    model: str = field(default="baton-sim", metadata=_help("model name served"))
+    model_path: str = field(
+        default="random",
+        metadata=_help(
+            "torch engine: a Hugging Face model directory, or 'random' for a small "
+            "random model built from --seed"
+        ),
+    )
+    tokenizer: str = field(
+        default="builtin", metadata=_help("tokenizer directory, or 'builtin' for the shipped one")
+    )
+    num_kv_blocks: int = field(default=65536, metadata=_help("KV cache size in blocks"))
+    block_size: int = field(default=16, metadata=_help("tokens per KV block"))
+    max_num_seqs: int = field(default=1024, metadata=_help("most sequences in one batch"))
+    max_num_batched_tokens: int = field(
+        default=8192, metadata=_help("most prompt tokens prefilled in one step")
+    )
+    max_model_len: int = field(default=8192, metadata=_help("context length in tokens"))
+    speedup: float = field(
+        default=1.0, metadata=_help("sim engine: divide every modelled step time by this")
+    )
+    mean_output_tokens: int = field(
+        default=128, metadata=_help("sim engine: mean natural output length before EOS")
+    )
+    seed: int = field(
+        default=0, metadata=_help("engine seed: the sim's token stream, the random model's weights")
+    )
+    device: str = field(default="cpu", metadata=_help("torch engine: cpu, cuda or cuda:N"))
+    dtype: str = field(
+        default="float32", metadata=_help("torch engine: float32, bfloat16, float16")
+    )
+    torch_threads: int = field(
+        default=1, metadata=_help("torch engine on CPU: intra-op threads (0: torch's default)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_KINDS:
+            raise ValueError(f"engine must be one of {ENGINE_KINDS}, got {self.engine!r}")
+        for name in (
+            "num_kv_blocks",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "mean_output_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.speedup <= 0:
+            raise ValueError(f"speedup must be > 0, got {self.speedup}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+
+
+TRANSFER_KINDS = ("auto", "shm", "tcp", "nixl", "none")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """What every engine-serving worker (prefill or decode) needs besides its engine."""
+
+    namespace: str = field(default="default", metadata=_help("cluster namespace"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_help("NATS server URL"))
+    etcd_url: str = field(default="http://127.0.0.1:2379", metadata=_help("etcd URL"))
+    worker_id: str = field(
+        default="", metadata=_help("instance id (default: role-host-pid-random)")
+    )
+    max_waiting: int = field(
+        default=4096, metadata=_help("queued requests beyond which new ones are refused (503)")
+    )
+    kv_transfer: str = field(
+        default="auto",
+        metadata=_help(
+            "KV transfer transport: auto (shm on one host, else nixl, else tcp), "
+            "shm, tcp, nixl, or none"
+        ),
+    )
+    kv_transfer_host: str = field(
+        default="127.0.0.1", metadata=_help("address the tcp transport listens on")
+    )
+    lease_ttl_s: float = field(default=10.0, metadata=_help("etcd lease TTL"))
+    drain_timeout_s: float = field(
+        default=30.0, metadata=_help("on SIGTERM, how long in-flight requests may finish")
+    )
+    load_interval_s: float = field(default=0.25, metadata=_help("load metrics period"))
+    log_level: str = field(default="info", metadata=_help("logging level"))
+
+    def __post_init__(self) -> None:
+        check_token(self.namespace, "namespace")
+        if self.worker_id:
+            check_token(self.worker_id, "worker_id")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.kv_transfer not in TRANSFER_KINDS:
+            raise ValueError(
+                f"kv_transfer must be one of {TRANSFER_KINDS}, got {self.kv_transfer!r}"
+            )
+        if self.lease_ttl_s < 1:
+            raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
+
+
+def default_worker_id(role: str) -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"{role}-{host[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
