@@ -1,0 +1,6 @@
+"""The KV-aware router's pure core: which worker caches what, and where a request should go.
+
+``index.KVIndex`` replays workers' KV events into a bounded block -> workers map,
+``cost.choose_worker`` weighs cached prefix against load, and ``router.Router`` ties them
+together for the NATS service that wraps it. Nothing here does I/O or reads a clock.
+"""
