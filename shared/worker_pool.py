@@ -95,9 +95,15 @@ class WorkerPool:
         """Models that some worker taking GenerateRequests serves."""
         return {s.info.model for s in self._workers.values() if s.info.role in SERVING_ROLES}
 
-    def candidates(self, model: str) -> list[WorkerState]:
-        """Workers serving ``model``, best first; draining ones are left out."""
-        states = [s for s in self._workers.values() if s.info.model == model and not s.is_draining]
+    def candidates(
+        self, model: str, roles: tuple[WorkerRole, ...] = SERVING_ROLES
+    ) -> list[WorkerState]:
+        """Workers of ``roles`` serving ``model``, best first; draining ones are left out."""
+        states = [
+            s
+            for s in self._workers.values()
+            if s.info.model == model and s.info.role in roles and not s.is_draining
+        ]
         if len(states) > 1:
             offset = next(self._rotation) % len(states)
             states = states[offset:] + states[:offset]

@@ -102,22 +102,31 @@ async def local_cluster(config: UpConfig) -> AsyncIterator[Cluster]:
             BATON_ETCD_URL=etcd_url,
             BATON_LOG_LEVEL=config.log_level,
         )
-        for i in range(config.num_workers):
+        engine_args = [
+            "--model",
+            config.model,
+            "--engine",
+            config.engine,
+            "--speedup",
+            str(config.speedup),
+        ]
+        for i in range(config.num_routers):
             children.append(
                 await _spawn(
-                    f"decode-{i}",
-                    "services.decode",
-                    [
-                        "--model",
-                        config.model,
-                        "--engine",
-                        config.engine,
-                        "--speedup",
-                        str(config.speedup),
-                    ],
+                    f"router-{i}",
+                    "services.router",
+                    ["--mode", config.router_mode],
                     env,
                     config.log_dir,
                 )
+            )
+        for i in range(config.num_prefill_workers):
+            children.append(
+                await _spawn(f"prefill-{i}", "services.prefill", engine_args, env, config.log_dir)
+            )
+        for i in range(config.num_workers):
+            children.append(
+                await _spawn(f"decode-{i}", "services.decode", engine_args, env, config.log_dir)
             )
         port = config.port or free_port()
         children.append(
@@ -131,7 +140,9 @@ async def local_cluster(config: UpConfig) -> AsyncIterator[Cluster]:
         )
         url = f"http://{config.host}:{port}"
         async with asyncio.timeout(config.ready_timeout_s):
-            while not await asyncio.to_thread(_ready, url, config.num_workers):
+            while not await asyncio.to_thread(
+                _ready, url, config.num_workers + config.num_prefill_workers
+            ):
                 for child in children:
                     if child.proc.returncode is not None:
                         raise RuntimeError(

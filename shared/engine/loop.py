@@ -66,6 +66,8 @@ class EngineLoop:
                 else:
                     result = self.engine.step()
                 self.num_steps += 1
-                await self._on_step(result)
-            # Wait out the rest of the modelled step; always yield so handlers run between steps.
+            # The step's results exist once its (modelled) time has passed; always yield, so
+            # handlers run between steps even when the step costs no time.
             await asyncio.sleep(max(0.0, started + result.duration_s - loop.time()))
+            async with self._lock:
+                await self._on_step(result)
