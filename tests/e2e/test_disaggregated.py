@@ -163,3 +163,14 @@ async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
         assert 450 < outcomes["aborted"] < 750
         await until(idle)
         await until(lambda: {w: m.num_free_blocks for w, m in loads.items()} == free_before)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{cluster.url}/metrics") as resp:
+                metrics = await resp.text()
+        remote = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith("baton_frontend_remote_prefills_total")
+        )
+        # Both paths ran: long uncached prompts went to the prefill worker, short ones did not
+        # (aborted requests may end before their first token is counted).
+        assert 300 < float(remote.split()[-1]) < 1900

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.decode.config import DecodeConfig
-from shared.engine.config import EngineConfig, WorkerConfig
 from shared.config import load_config
+from shared.engine.config import EngineConfig, WorkerConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
