@@ -10,8 +10,10 @@ import argparse
 import dataclasses
 import logging
 import os
+import socket
 import types
 import typing
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -26,6 +28,18 @@ ConfigT = TypeVar("ConfigT", bound=DataclassInstance)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+def doc(text: str) -> dict[str, str]:
+    """Field metadata carrying a setting's ``--help`` text."""
+    return {"help": text}
+
+
+def instance_id(role: str) -> str:
+    """A fresh id for a process of ``role``: role, host, pid and a random suffix (a restarted
+    process on the same pid still gets a new id), all subject-safe characters."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return f"{role}-{host[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def _parse_bool(text: str) -> bool:

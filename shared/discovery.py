@@ -565,6 +565,13 @@ class WatchView(Generic[T]):
         await changed.wait()
         self._check_following()
 
+    async def follow(self, apply: Callable[[Mapping[str, T]], None]) -> None:
+        """Call ``apply(items)`` now and after every change, until cancelled (the way a
+        service mirrors a directory into its own state)."""
+        while True:
+            apply(self.items)
+            await self.wait_changed()
+
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         """Return once ``predicate()`` is true, checking it after every change.
 

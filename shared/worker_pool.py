@@ -8,7 +8,7 @@ rotate, so an idle cluster still spreads work.
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import msgspec
 from nats.aio.msg import Msg
@@ -58,7 +58,7 @@ class WorkerPool:
     async def start(self) -> None:
         await self._bus.subscribe(subjects.load_metrics_all(self._namespace), self._on_load)
 
-    def sync(self, items: dict[str, bytes]) -> None:
+    def sync(self, items: Mapping[str, bytes]) -> None:
         """Replace the directory with etcd's view (key -> encoded WorkerInfo)."""
         seen: set[InstanceId] = set()
         for key, value in items.items():

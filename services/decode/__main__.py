@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 from services.decode.config import DecodeConfig
 from services.decode.service import serve
-from shared.config import describe, load_config
-from shared.engine.config import default_worker_id
+from shared.config import describe, instance_id, load_config
 from shared.lifecycle import run_async, setup_logging
 
 
@@ -17,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         DecodeConfig, "decode", argv, description="Baton decode worker (serves an engine on NATS)"
     )
     if not config.worker.worker_id:
-        worker = dataclasses.replace(config.worker, worker_id=default_worker_id("decode"))
+        worker = dataclasses.replace(config.worker, worker_id=instance_id("decode"))
         config = dataclasses.replace(config, worker=worker)
     setup_logging(config.worker.log_level)
     logging.getLogger(__name__).info("config %s", describe(config))

@@ -3,11 +3,8 @@ workers, plus when to prefill remotely."""
 
 from dataclasses import dataclass, field
 
+from shared.config import doc
 from shared.engine.config import EngineConfig, WorkerConfig
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -16,20 +13,20 @@ class DecodeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     min_remote_prefill_tokens: int = field(
         default=2048,
-        metadata=_help(
+        metadata=doc(
             "prefill on a prefill worker only when at least this many prompt "
             "tokens are not cached here"
         ),
     )
     min_remote_prefill_fraction: float = field(
         default=0.3,
-        metadata=_help("... and at least this fraction of the prompt is not cached here"),
+        metadata=doc("... and at least this fraction of the prompt is not cached here"),
     )
     prefill_timeout_s: float = field(
-        default=60.0, metadata=_help("longest wait for a prefill worker before prefilling here")
+        default=60.0, metadata=doc("longest wait for a prefill worker before prefilling here")
     )
     transfer_timeout_s: float = field(
-        default=30.0, metadata=_help("longest KV transfer before prefilling here instead")
+        default=30.0, metadata=doc("longest KV transfer before prefilling here instead")
     )
 
     def __post_init__(self) -> None:

@@ -9,18 +9,11 @@ from services.decode.config import DecodeConfig
 from services.decode.disagg import DisaggPolicy
 from services.decode.remote_prefill import RemotePrefill
 from services.decode.worker import DecodeWorker
-from shared.discovery import WatchView
 from shared.lifecycle import shutdown_event
 from shared.worker_pool import WorkerPool
 from shared.worker_runtime import model_card, serve_worker, worker_info, worker_runtime
 
 logger = logging.getLogger(__name__)
-
-
-async def _follow(view: WatchView[bytes], pool: WorkerPool) -> None:
-    while True:
-        pool.sync(dict(view.items))
-        await view.wait_changed()
 
 
 async def serve(config: DecodeConfig, stopping: asyncio.Event | None = None) -> None:
@@ -58,7 +51,7 @@ async def serve(config: DecodeConfig, stopping: asyncio.Event | None = None) -> 
             remote_prefill=remote,
         )
         await worker.start()
-        follow = asyncio.create_task(_follow(workers_view, pool), name="follow-workers")
+        follow = asyncio.create_task(workers_view.follow(pool.sync), name="follow-workers")
         try:
             info = worker_info(runtime, w, e, worker_id, WorkerRole.DECODE)
             await serve_worker(runtime, worker, info, model_card(runtime, e), w, stopping)

@@ -5,9 +5,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from services.frontend.config import FrontendConfig, default_frontend_id
+from services.frontend.config import FrontendConfig
 from services.frontend.service import serve
-from shared.config import describe, load_config
+from shared.config import describe, instance_id, load_config
 from shared.lifecycle import run_async, setup_logging
 
 
@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         FrontendConfig, "frontend", argv, description="Baton frontend (OpenAI-compatible HTTP)"
     )
     if not config.frontend_id:
-        config = dataclasses.replace(config, frontend_id=default_frontend_id())
+        config = dataclasses.replace(config, frontend_id=instance_id("frontend"))
     setup_logging(config.log_level)
     logging.getLogger(__name__).info("config %s", describe(config))
     run_async(serve(config))

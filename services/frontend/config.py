@@ -1,54 +1,43 @@
 """The frontend's configuration."""
 
-import os
-import socket
-import uuid
 from dataclasses import dataclass, field
 
 from proto.subjects import check_token
-
-
-def default_frontend_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
-    return f"frontend-{host[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from shared.config import doc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FrontendConfig:
-    namespace: str = field(default="default", metadata=_help("cluster namespace"))
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_help("NATS server URL"))
-    etcd_url: str = field(default="http://127.0.0.1:2379", metadata=_help("etcd URL"))
-    host: str = field(default="127.0.0.1", metadata=_help("HTTP listen address"))
-    port: int = field(default=8000, metadata=_help("HTTP port (0 picks a free one)"))
-    frontend_id: str = field(default="", metadata=_help("instance id (default: host-pid-random)"))
+    namespace: str = field(default="default", metadata=doc("cluster namespace"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=doc("NATS server URL"))
+    etcd_url: str = field(default="http://127.0.0.1:2379", metadata=doc("etcd URL"))
+    host: str = field(default="127.0.0.1", metadata=doc("HTTP listen address"))
+    port: int = field(default=8000, metadata=doc("HTTP port (0 picks a free one)"))
+    frontend_id: str = field(default="", metadata=doc("instance id (default: host-pid-random)"))
     max_in_flight: int = field(
-        default=50000, metadata=_help("requests served at once before new ones get 503")
+        default=50000, metadata=doc("requests served at once before new ones get 503")
     )
     admission_timeout_s: float = field(
-        default=5.0, metadata=_help("how long a worker may take to accept a request")
+        default=5.0, metadata=doc("how long a worker may take to accept a request")
     )
     route_timeout_s: float = field(
         default=0.05,
-        metadata=_help(
+        metadata=doc(
             "how long to wait for a router's answer before placing a request "
             "by load alone (0: never ask a router)"
         ),
     )
     stream_idle_timeout_s: float = field(
-        default=120.0, metadata=_help("longest silence from a worker before a stream fails")
+        default=120.0, metadata=doc("longest silence from a worker before a stream fails")
     )
     tokenize_in_thread_chars: int = field(
-        default=4096, metadata=_help("prompts at least this long are tokenized in a thread")
+        default=4096, metadata=doc("prompts at least this long are tokenized in a thread")
     )
     drain_timeout_s: float = field(
-        default=30.0, metadata=_help("on SIGTERM, how long open streams may finish")
+        default=30.0, metadata=doc("on SIGTERM, how long open streams may finish")
     )
-    lease_ttl_s: float = field(default=10.0, metadata=_help("etcd lease TTL"))
-    log_level: str = field(default="info", metadata=_help("logging level"))
+    lease_ttl_s: float = field(default=10.0, metadata=doc("etcd lease TTL"))
+    log_level: str = field(default="info", metadata=doc("logging level"))
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 import msgspec
 
@@ -21,7 +22,7 @@ class ModelRegistry:
         self._tokenizers: dict[str, Tokenizer] = {}
         self._load_lock = asyncio.Lock()
 
-    def sync(self, items: dict[str, bytes]) -> None:
+    def sync(self, items: Mapping[str, bytes]) -> None:
         """Replace the cards with etcd's view (key -> encoded ModelCard)."""
         cards = {}
         for key, value in items.items():

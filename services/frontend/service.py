@@ -15,20 +15,13 @@ from services.frontend.metrics import FrontendMetrics
 from services.frontend.models import ModelRegistry
 from shared.bus import Bus
 from shared.codec import encode
-from shared.discovery import Discovery, WatchView
+from shared.discovery import Discovery
 from shared.errors import Unavailable
 from shared.lifecycle import shutdown_event
 from shared.streams import StreamDemux
 from shared.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
-
-
-async def _follow(view: WatchView[bytes], apply: "WorkerPool | ModelRegistry") -> None:
-    """Apply every change of an etcd view until cancelled."""
-    while True:
-        apply.sync(dict(view.items))
-        await view.wait_changed()
 
 
 async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -> None:
@@ -74,8 +67,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         await runner.setup()
         async with asyncio.TaskGroup() as tg:
             followers = [
-                tg.create_task(_follow(worker_view, pool), name="follow-workers"),
-                tg.create_task(_follow(model_view, models), name="follow-models"),
+                tg.create_task(worker_view.follow(pool.sync), name="follow-workers"),
+                tg.create_task(model_view.follow(models.sync), name="follow-models"),
             ]
             try:
                 site = web.TCPSite(runner, config.host, config.port, backlog=4096)

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 from services.prefill.config import PrefillConfig
 from services.prefill.service import serve
-from shared.config import describe, load_config
-from shared.engine.config import default_worker_id
+from shared.config import describe, instance_id, load_config
 from shared.lifecycle import run_async, setup_logging
 
 
@@ -17,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         PrefillConfig, "prefill", argv, description="Baton prefill worker (disaggregated prefill)"
     )
     if not config.worker.worker_id:
-        worker = dataclasses.replace(config.worker, worker_id=default_worker_id("prefill"))
+        worker = dataclasses.replace(config.worker, worker_id=instance_id("prefill"))
         config = dataclasses.replace(config, worker=worker)
     setup_logging(config.worker.log_level)
     logging.getLogger(__name__).info("config %s", describe(config))

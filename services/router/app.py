@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 
 import msgspec
 from nats.aio.msg import Msg
@@ -116,7 +117,7 @@ class RouterService:
             subjects.router_requests(ns), self._on_route, queue=subjects.ROUTER_QUEUE
         )
 
-    def sync_workers(self, items: dict[str, bytes]) -> None:
+    def sync_workers(self, items: Mapping[str, bytes]) -> None:
         """Take etcd's view of the workers; a worker whose lease is gone loses its blocks."""
         workers = {}
         for key, value in items.items():
@@ -134,7 +135,7 @@ class RouterService:
             logger.info("worker left; its blocks dropped worker_id=%s", gone)
         self.workers = workers
 
-    def sync_models(self, items: dict[str, bytes]) -> None:
+    def sync_models(self, items: Mapping[str, bytes]) -> None:
         cards = {}
         for value in items.values():
             try:

@@ -3,7 +3,6 @@
 import asyncio
 import gc
 import logging
-from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,7 +11,7 @@ from proto import subjects
 from services.router.app import RouterService
 from services.router.config import RouterConfig
 from shared.bus import Bus
-from shared.discovery import Discovery, WatchView
+from shared.discovery import Discovery
 from shared.lifecycle import shutdown_event
 from shared.routing.cost import RoutingMode, RoutingPolicy
 from shared.routing.router import Router
@@ -20,12 +19,6 @@ from shared.routing.router import Router
 logger = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", RouterService)
-
-
-async def _follow(view: WatchView[bytes], apply: Callable[[dict[str, bytes]], None]) -> None:
-    while True:
-        apply(dict(view.items))
-        await view.wait_changed()
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -87,8 +80,8 @@ async def serve(config: RouterConfig, stopping: asyncio.Event | None = None) -> 
         await runner.setup()
         async with asyncio.TaskGroup() as tg:
             followers = [
-                tg.create_task(_follow(workers_view, service.sync_workers)),
-                tg.create_task(_follow(models_view, service.sync_models)),
+                tg.create_task(workers_view.follow(service.sync_workers)),
+                tg.create_task(models_view.follow(service.sync_models)),
             ]
             try:
                 await service.start()

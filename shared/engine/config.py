@@ -1,55 +1,47 @@
 """Engine settings shared by the prefill and decode workers (flattened into their flags)."""
 
-import os
-import socket
-import uuid
 from dataclasses import dataclass, field
 
 from proto.subjects import check_token
+from shared.config import doc
 
 ENGINE_KINDS = ("sim", "torch")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
-    engine: str = field(default="sim", metadata=_help("engine kind: sim or torch"))
-    model: str = field(default="baton-sim", metadata=_help("model name served"))
+    engine: str = field(default="sim", metadata=doc("engine kind: sim or torch"))
+    model: str = field(default="baton-sim", metadata=doc("model name served"))
     model_path: str = field(
         default="random",
-        metadata=_help(
+        metadata=doc(
             "torch engine: a Hugging Face model directory, or 'random' for a small "
             "random model built from --seed"
         ),
     )
     tokenizer: str = field(
-        default="builtin", metadata=_help("tokenizer directory, or 'builtin' for the shipped one")
+        default="builtin", metadata=doc("tokenizer directory, or 'builtin' for the shipped one")
     )
-    num_kv_blocks: int = field(default=65536, metadata=_help("KV cache size in blocks"))
-    block_size: int = field(default=16, metadata=_help("tokens per KV block"))
-    max_num_seqs: int = field(default=1024, metadata=_help("most sequences in one batch"))
+    num_kv_blocks: int = field(default=65536, metadata=doc("KV cache size in blocks"))
+    block_size: int = field(default=16, metadata=doc("tokens per KV block"))
+    max_num_seqs: int = field(default=1024, metadata=doc("most sequences in one batch"))
     max_num_batched_tokens: int = field(
-        default=8192, metadata=_help("most prompt tokens prefilled in one step")
+        default=8192, metadata=doc("most prompt tokens prefilled in one step")
     )
-    max_model_len: int = field(default=8192, metadata=_help("context length in tokens"))
+    max_model_len: int = field(default=8192, metadata=doc("context length in tokens"))
     speedup: float = field(
-        default=1.0, metadata=_help("sim engine: divide every modelled step time by this")
+        default=1.0, metadata=doc("sim engine: divide every modelled step time by this")
     )
     mean_output_tokens: int = field(
-        default=128, metadata=_help("sim engine: mean natural output length before EOS")
+        default=128, metadata=doc("sim engine: mean natural output length before EOS")
     )
     seed: int = field(
-        default=0, metadata=_help("engine seed: the sim's token stream, the random model's weights")
+        default=0, metadata=doc("engine seed: the sim's token stream, the random model's weights")
     )
-    device: str = field(default="cpu", metadata=_help("torch engine: cpu, cuda or cuda:N"))
-    dtype: str = field(
-        default="float32", metadata=_help("torch engine: float32, bfloat16, float16")
-    )
+    device: str = field(default="cpu", metadata=doc("torch engine: cpu, cuda or cuda:N"))
+    dtype: str = field(default="float32", metadata=doc("torch engine: float32, bfloat16, float16"))
     torch_threads: int = field(
-        default=1, metadata=_help("torch engine on CPU: intra-op threads (0: torch's default)")
+        default=1, metadata=doc("torch engine on CPU: intra-op threads (0: torch's default)")
     )
 
     def __post_init__(self) -> None:
@@ -80,31 +72,29 @@ TRANSFER_KINDS = ("auto", "shm", "tcp", "nixl", "none")
 class WorkerConfig:
     """What every engine-serving worker (prefill or decode) needs besides its engine."""
 
-    namespace: str = field(default="default", metadata=_help("cluster namespace"))
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=_help("NATS server URL"))
-    etcd_url: str = field(default="http://127.0.0.1:2379", metadata=_help("etcd URL"))
-    worker_id: str = field(
-        default="", metadata=_help("instance id (default: role-host-pid-random)")
-    )
+    namespace: str = field(default="default", metadata=doc("cluster namespace"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=doc("NATS server URL"))
+    etcd_url: str = field(default="http://127.0.0.1:2379", metadata=doc("etcd URL"))
+    worker_id: str = field(default="", metadata=doc("instance id (default: role-host-pid-random)"))
     max_waiting: int = field(
-        default=4096, metadata=_help("queued requests beyond which new ones are refused (503)")
+        default=4096, metadata=doc("queued requests beyond which new ones are refused (503)")
     )
     kv_transfer: str = field(
         default="auto",
-        metadata=_help(
+        metadata=doc(
             "KV transfer transport: auto (shm on one host, else nixl, else tcp), "
             "shm, tcp, nixl, or none"
         ),
     )
     kv_transfer_host: str = field(
-        default="127.0.0.1", metadata=_help("address the tcp transport listens on")
+        default="127.0.0.1", metadata=doc("address the tcp transport listens on")
     )
-    lease_ttl_s: float = field(default=10.0, metadata=_help("etcd lease TTL"))
+    lease_ttl_s: float = field(default=10.0, metadata=doc("etcd lease TTL"))
     drain_timeout_s: float = field(
-        default=30.0, metadata=_help("on SIGTERM, how long in-flight requests may finish")
+        default=30.0, metadata=doc("on SIGTERM, how long in-flight requests may finish")
     )
-    load_interval_s: float = field(default=0.25, metadata=_help("load metrics period"))
-    log_level: str = field(default="info", metadata=_help("logging level"))
+    load_interval_s: float = field(default=0.25, metadata=doc("load metrics period"))
+    log_level: str = field(default="info", metadata=doc("logging level"))
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -118,8 +108,3 @@ class WorkerConfig:
             )
         if self.lease_ttl_s < 1:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
-
-
-def default_worker_id(role: str) -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
-    return f"{role}-{host[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
