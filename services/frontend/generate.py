@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from proto import subjects
 from proto.messages import (
@@ -54,6 +54,7 @@ class Generator:
         admission_timeout_s: float,
         stream_idle_timeout_s: float,
         route_timeout_s: float = 0.0,
+        on_route_fallback: Callable[[], None] = lambda: None,
         max_attempts: int = 3,
     ) -> None:
         self._bus = bus
@@ -65,7 +66,7 @@ class Generator:
         self._max_attempts = max_attempts
         self._route_timeout_s = route_timeout_s
         self._router_subject = subjects.router_requests(namespace)
-        self.num_route_fallbacks = 0
+        self._on_route_fallback = on_route_fallback
 
     async def generate(
         self,
@@ -179,11 +180,11 @@ class Generator:
             )
             reply = route_reply_decoder.decode(data)
         except (Unavailable, DeadlineExceeded) as exc:
-            self.num_route_fallbacks += 1
+            self._on_route_fallback()
             logger.debug("no route; placing locally request_id=%s error=%s", request_id, exc)
             return None
         if isinstance(reply, ErrorReply):
-            self.num_route_fallbacks += 1
+            self._on_route_fallback()
             logger.debug("router refused request_id=%s error=%s", request_id, reply.message)
             return None
         return reply

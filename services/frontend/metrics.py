@@ -53,6 +53,11 @@ class FrontendMetrics:
             "requests whose prompt a prefill worker computed",
             registry=self.registry,
         )
+        self.route_fallbacks = Counter(
+            "baton_frontend_route_fallbacks",
+            "requests placed by load because no router answered in time",
+            registry=self.registry,
+        )
         self.itl = Histogram(
             "baton_frontend_inter_token_latency_seconds",
             "mean time between tokens of one arriving chunk",

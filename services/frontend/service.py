@@ -41,6 +41,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         models = ModelRegistry()
         await demux.start()
         await pool.start()
+        metrics = FrontendMetrics()
         state = FrontendState(
             models=models,
             pool=pool,
@@ -53,8 +54,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 admission_timeout_s=config.admission_timeout_s,
                 stream_idle_timeout_s=config.stream_idle_timeout_s,
                 route_timeout_s=config.route_timeout_s,
+                on_route_fallback=metrics.route_fallbacks.inc,
             ),
-            metrics=FrontendMetrics(),
+            metrics=metrics,
             max_in_flight=config.max_in_flight,
             tokenize_in_thread_chars=config.tokenize_in_thread_chars,
         )
