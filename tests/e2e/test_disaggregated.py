@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 
 from proto import subjects
-from proto.messages import LoadMetrics
+from proto.messages import LoadMetrics, PrefillDone, PrefillRequest, RequestId, SamplingParams
 from shared.bus import Bus
-from shared.codec import load_metrics_decoder
+from shared.codec import load_metrics_decoder, prefill_reply_decoder
 from shared.kv_transfer import available_kinds
 
 MODEL = "baton-sim"
@@ -174,3 +174,68 @@ async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
         # Both paths ran: long uncached prompts went to the prefill worker, short ones did not
         # (aborted requests may end before their first token is counted).
         assert 300 < float(remote.split()[-1]) < 1900
+
+
+async def test_requests_fall_back_to_local_prefill_when_the_prefill_worker_dies(start_cluster):
+    sim = ("--speedup", "20")
+    cluster = start_cluster(
+        num_workers=1, worker_args=(*sim, *ALWAYS_REMOTE), num_prefill=1, prefill_args=sim
+    )
+    batch = prompts()[:20]
+    before = await complete_all(cluster.api, batch)
+    # Killed without a goodbye: its etcd entry lives on for the lease TTL, so the decode worker
+    # still picks it, gets no answer, and must prefill locally instead of hanging.
+    cluster.prefills[0].kill()
+    cluster.prefills[0].wait(10)
+    after = await complete_all(cluster.api, batch)
+    assert after == before
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{cluster.url}/metrics") as resp:
+            metrics = await resp.text()
+    remote = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("baton_frontend_remote_prefills_total")
+    )
+    assert float(remote.split()[-1]) == len(batch)  # the first round only
+
+
+async def test_prefill_worker_frees_blocks_no_decode_worker_reads(start_cluster):
+    cluster = start_cluster(
+        num_workers=1,
+        worker_args=("--speedup", "20"),
+        num_prefill=1,
+        prefill_args=("--speedup", "20", "--max-hold-s", "1", "--num-kv-blocks", "512"),
+    )
+    loads: dict[str, LoadMetrics] = {}
+    arrived: asyncio.Queue[None] = asyncio.Queue()
+    async with Bus.connect(cluster.nats_url) as bus:
+
+        async def on_load(msg):
+            load = load_metrics_decoder.decode(msg.data)
+            loads[load.worker_id] = load
+            arrived.put_nowait(None)
+
+        await bus.subscribe(subjects.load_metrics_all(cluster.namespace), on_load)
+        async with asyncio.timeout(10):
+            while not any(m.num_total_blocks == 512 for m in loads.values()):
+                await arrived.get()
+        prefill_id = next(w for w, m in loads.items() if m.num_total_blocks == 512)
+        # A decode worker that asks for a prefill and then dies before reading it.
+        request = PrefillRequest(
+            request_id=RequestId("orphan"),
+            token_ids=list(range(10, 330)),
+            sampling=SamplingParams(max_tokens=1),
+        )
+        reply = prefill_reply_decoder.decode(
+            await bus.request(
+                subjects.worker_inbox(cluster.namespace, prefill_id), request, timeout_s=10
+            )
+        )
+        assert isinstance(reply, PrefillDone)
+        assert len(reply.block_descriptors) == 20  # 320 tokens in blocks of 16
+        async with asyncio.timeout(10):
+            while loads[prefill_id].num_free_blocks != 512 - 20:
+                await arrived.get()  # held: the blocks are in use
+            while loads[prefill_id].num_free_blocks != 512:
+                await arrived.get()  # freed after --max-hold-s
