@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def available_kinds() -> list[str]:
     """The transports this process can use, in the order ``auto`` prefers them."""
-    return ["shm", "nixl", "tcp"] if nixl_status()[0] is not None else ["shm", "tcp"]
+    return ["shm", "nixl", "tcp"] if nixl_status()[0] else ["shm", "tcp"]
 
 
 class AutoAgent(TransferAgent):
@@ -52,8 +52,13 @@ class AutoAgent(TransferAgent):
         try:
             self._shm = ShmAgent(name)
             self._transports.append(self._shm)
-            if use_nixl or (use_nixl is None and nixl_status()[0] is not None):
-                self._transports.append(NixlAgent(name))
+            if use_nixl or (use_nixl is None and nixl_status()[0]):
+                try:
+                    self._transports.append(NixlAgent(name))
+                except TransportUnavailable:
+                    if use_nixl:
+                        raise
+                    logger.warning("kv nixl installed but unusable; serving shm and tcp only")
             self._transports.append(TcpAgent(name, host=tcp_host, port=tcp_port))
         except BaseException:
             self.close()

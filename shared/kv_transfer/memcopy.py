@@ -2,6 +2,8 @@
 on a worker thread, in chunks that stop early when the read is cancelled or the agent closes.
 
 ``ctypes.memmove`` releases the GIL, so a copy thread runs beside the loop on another core.
+A cancelled copy blocks the loop until the thread finishes its current chunk (< ~1 ms), the
+price of promising that nothing lands in local memory after ``read`` has ended.
 """
 
 import asyncio

@@ -1,7 +1,8 @@
 """Transport over NIXL (UCX): one-sided READ of registered memory, where NIXL is installed.
 
-NIXL is imported lazily (``nixl``, or the ``nixl_cu12``/``nixl_cu13`` wheels' modules): without
-it, ``NixlAgent`` raises ``TransportUnavailable`` and ``nixl_status`` says why.
+NIXL is imported lazily (``nixl``, or the ``nixl_cu12``/``nixl_cu13`` wheels' modules), when
+the first ``NixlAgent`` is made: without it that raises ``TransportUnavailable``, and
+``nixl_status`` says why.
 
 Tuning (measured on 2 CPU cores, same host, UCX picks CMA): with NIXL's defaults (a progress
 thread, UCX peer error handling) a 64 KiB read took ~12 ms; with no progress thread and
@@ -17,6 +18,7 @@ a worker thread would not free the event loop; instead reads are posted in batch
 
 import asyncio
 import importlib
+import importlib.util
 import logging
 from functools import cache
 from typing import Any, Final
@@ -41,19 +43,39 @@ BATCH_BYTES: Final = 4 * 1024 * 1024
 NUM_BUSY_POLLS: Final = 200
 """Polls with ``sleep(0)`` between them before backing off to 1 ms sleeps."""
 
-_MODULES: Final = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
+_PACKAGES: Final = ("nixl", "nixl_cu12", "nixl_cu13")
 
 
 @cache
-def nixl_status() -> tuple[Any, str]:
-    """``(nixl._api module, "")`` when NIXL imports, else ``(None, why not)``."""
+def nixl_status() -> tuple[bool, str]:
+    """``(True, "")`` when a NIXL package is installed, else ``(False, why not)``.
+
+    Looks without importing: importing NIXL configures logging process-wide (a stdout handler
+    on the ``nixl`` logger, ``logging.raiseExceptions = False``), which shm/tcp users need not
+    pay for.
+    """
+    if any(importlib.util.find_spec(package) is not None for package in _PACKAGES):
+        return True, ""
+    return False, (
+        "NIXL is not installed (none of " + ", ".join(_PACKAGES) + "); "
+        "pip install --no-deps nixl-cu12 numpy"
+    )
+
+
+@cache
+def _load_api() -> Any:
+    """NIXL's ``_api`` module; ``TransportUnavailable`` if none imports."""
     reasons = []
-    for module in _MODULES:
+    for package in _PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            continue
         try:
-            return importlib.import_module(module), ""
+            return importlib.import_module(f"{package}._api")
         except ImportError as exc:
-            reasons.append(f"{module}: {exc}")
-    return None, "NIXL is not installed (" + "; ".join(reasons) + ")"
+            reasons.append(f"{package}: {exc}")
+    raise TransportUnavailable(
+        "NIXL cannot be imported: " + ("; ".join(reasons) or nixl_status()[1])
+    )
 
 
 def _wrap(exc: Exception, what: str, remote_name: str = "") -> TransferError:
@@ -74,9 +96,7 @@ class NixlAgent(SingleTransportAgent):
 
     def __init__(self, name: str, *, progress_thread: bool = False) -> None:
         super().__init__(name)
-        api, reason = nixl_status()
-        if api is None:
-            raise TransportUnavailable(reason)
+        api = _load_api()
         config = api.nixl_agent_config(
             enable_prog_thread=progress_thread, enable_listen_thread=False, backends=[]
         )
@@ -124,7 +144,9 @@ class NixlAgent(SingleTransportAgent):
             logger.debug("nixl remove_remote_agent failed remote=%s error=%r", name, exc)
 
     async def _read(self, remote: AgentMetadata, transfers: list[Transfer]) -> None:
-        for batch in split(transfers, BATCH_BYTES):
+        for i, batch in enumerate(split(transfers, BATCH_BYTES)):
+            if i:
+                await asyncio.sleep(0)  # a posted batch often completes without yielding
             await self._read_batch(remote.name, batch)
 
     async def _read_batch(self, remote_name: str, batch: list[Transfer]) -> None:

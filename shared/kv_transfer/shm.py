@@ -81,6 +81,13 @@ class _RemoteSegments:
     num_reads: int = 0  # reads in flight; unmapping waits for zero
     is_retired: bool = False
     starts: list[int] = field(default_factory=list)
+    # Quoted: select.poll is a function at run time, a class only to type checkers.
+    exit_watch: "select.poll | None" = None  # the pidfd turns readable when the owner exits
+
+    def __post_init__(self) -> None:
+        if self.pidfd is not None:
+            self.exit_watch = select.poll()
+            self.exit_watch.register(self.pidfd, select.POLLIN)
 
     def translate(self, address: int, length: int) -> int:
         """The local address of the owner's ``address``; the range must fit one segment."""
@@ -98,7 +105,7 @@ class _RemoteSegments:
 
     def check_alive(self) -> None:
         """Raise ``RemoteUnavailable`` if the owner exited or unlinked a segment (closed)."""
-        if self.pidfd is not None and select.select([self.pidfd], [], [], 0)[0]:
+        if self.exit_watch is not None and self.exit_watch.poll(0):
             raise RemoteUnavailable(
                 f"{self.name!r} (pid {self.pid}) has exited", remote_name=self.name
             )
@@ -118,6 +125,7 @@ class _RemoteSegments:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+            self.exit_watch = None
 
 
 def _open_pidfd(endpoint: ShmEndpoint, name: str) -> int | None:
@@ -128,6 +136,9 @@ def _open_pidfd(endpoint: ShmEndpoint, name: str) -> int | None:
         pidfd = os.pidfd_open(endpoint.pid)
     except ProcessLookupError as exc:
         raise RemoteUnavailable(f"{name!r} (pid {endpoint.pid}) has exited") from exc
+    except OSError as exc:  # seccomp may forbid pidfd_open: fall back to the unlink check
+        logger.warning("kv shm cannot watch owner pid=%d error=%r", endpoint.pid, exc)
+        return None
     try:
         start_time = process_start_time(endpoint.pid)  # checked after pinning the pid
     except OSError:

@@ -2,9 +2,10 @@
 
 Requests go out in order; responses come back in the same order and each is received by the
 read that asked for it, when its turn comes (no background task). A read cancelled midway
-leaves a debt instead of a broken stream: the rest of its response (or the whole of it, if it
-had not started) is skipped by whichever read comes next. Bytes land in a read's destination
-only inside its own ``sock_recv_into`` calls, so nothing is written there after it returns.
+leaves a debt instead of a broken stream: the rest of its request is sent, and the rest of its
+response (or all of it) skipped, by whichever read comes next. Bytes land in a read's
+destination only inside its own ``recv_into`` calls, so nothing is written there after it
+returns.
 """
 
 import asyncio
@@ -21,6 +22,8 @@ RESPONSE_HEADER: Final = struct.Struct("!BQ")
 STATUS_OK: Final = 0
 RECV_CHUNK_BYTES: Final = 1024 * 1024
 """At most this much is received per loop turn (~0.2 ms of copying)."""
+MAX_IOVECS: Final = 512
+"""Destinations per ``recvmsg_into``/``sendmsg`` call (Linux allows 1,024)."""
 
 SOCKET_BUFFER_BYTES: Final = 4 * 1024 * 1024
 
@@ -58,6 +61,9 @@ class Connection:
         self._owed_bytes = 0  # the unread rest of the response being received
         self._scratch = bytearray(64 * 1024)
         self._num_active = 0  # reads between sending and their end; the last closes the socket
+        self._outgoing = bytearray()  # request bytes not yet sent
+        self._num_queued_bytes = 0
+        self._num_sent_bytes = 0
         self.error: TransferError | None = None
 
     @classmethod
@@ -103,33 +109,28 @@ class Connection:
 
     async def request(self, frame: bytes, destinations: list[tuple[int, int]]) -> None:
         """Send ``frame`` and receive its response into ``destinations`` (address, length)."""
-        loop = asyncio.get_running_loop()
-        pending = _Pending(loop)
-        async with self._send_lock:
-            self._raise_if_broken()
-            self._queue.append(pending)
-            if len(self._queue) == 1:
-                pending.turn.set_result(None)
-            self._num_active += 1
-            try:
-                await loop.sock_sendall(self._sock, frame)
-            except BaseException as exc:
-                self.close(f"sending to {self._remote_name!r} failed: {exc!r}")  # half a frame
-                self._num_active -= 1
-                self._close_socket_if_idle()
-                if isinstance(exc, OSError):
-                    self._raise_if_broken(exc)
-                raise
+        self._raise_if_broken()
+        pending = _Pending(asyncio.get_running_loop())
+        # Queue the request and its bytes in one step, so wire order is queue order.
+        self._queue.append(pending)
+        self._outgoing += frame
+        self._num_queued_bytes += len(frame)
+        frame_end = self._num_queued_bytes
+        self._num_active += 1
+        if len(self._queue) == 1:
+            pending.turn.set_result(None)
         has_header = False
         try:
+            if self._num_sent_bytes < frame_end:
+                await self._flush(frame_end)
             await pending.turn
             self._raise_if_broken()
-            await self._skip_owed(loop)
-            status, length = await self._next_header(loop)
+            await self._skip_owed()
+            status, length = await self._next_header()
             has_header = True
             self._owed_bytes = length  # ours now; whatever is left if we stop is skipped later
             if status != STATUS_OK:
-                message = await self._receive_message(loop, length)
+                message = await self._receive_message(length)
                 raise RangeNotRegistered(
                     f"{self._remote_name!r} refused the read: {message}",
                     remote_name=self._remote_name,
@@ -138,11 +139,10 @@ class Connection:
             if length != expected:
                 self.close(f"{self._remote_name!r} answered {length} bytes; asked {expected}")
                 self._raise_if_broken()
-            for address, n in destinations:
-                await self._receive_into(loop, memory_view(address, n))
+            await self._receive_into([memory_view(address, n) for address, n in destinations])
         except BaseException as exc:
             if isinstance(exc, OSError):
-                self.close(f"receiving from {self._remote_name!r} failed: {exc!r}")
+                self.close(f"connection to {self._remote_name!r} failed: {exc!r}")
                 self._raise_if_broken(exc)
             if self.error is None and not has_header:
                 if self._queue and self._queue[0] is pending:
@@ -173,42 +173,122 @@ class Connection:
         if self._queue and not self._queue[0].turn.done():
             self._queue[0].turn.set_result(None)
 
-    async def _recv_into(self, loop: asyncio.AbstractEventLoop, view: memoryview) -> int:
-        count = await loop.sock_recv_into(self._sock, view)
-        if count == 0:
-            self.close(f"{self._remote_name!r} closed the connection")
-            self._raise_if_broken()
-        return count
+    async def _ready(self, *, is_write: bool) -> None:
+        """Wait until the socket is readable (or writable) without consuming anything.
 
-    async def _next_header(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
+        Not ``loop.sock_recv_into``: if a read is cancelled just after that call received
+        bytes, the count is lost with the exception and the stream falls out of step. Here
+        bytes are only consumed by synchronous ``recv_into`` calls whose counts are recorded
+        before the next await.
+        """
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = self._sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        if is_write:
+            loop.add_writer(fd, wake)
+        else:
+            loop.add_reader(fd, wake)
+        try:
+            await ready
+        finally:
+            if is_write:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+    async def _flush(self, frame_end: int) -> None:
+        """Send queued request bytes until ``frame_end`` bytes in all have gone out. Progress
+        lives in the connection, so a flush cut short by cancellation is finished by the next."""
+        async with self._send_lock:
+            while self._num_sent_bytes < frame_end:
+                try:
+                    count = self._sock.send(self._outgoing)
+                except (BlockingIOError, InterruptedError):
+                    await self._ready(is_write=True)
+                    continue
+                del self._outgoing[:count]
+                self._num_sent_bytes += count
+
+    async def _recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                count = self._sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                await self._ready(is_write=False)
+                continue
+            if count == 0:
+                self.close(f"{self._remote_name!r} closed the connection")
+                self._raise_if_broken()
+            return count
+
+    async def _next_header(self) -> tuple[int, int]:
         view = memoryview(self._header)
         while self._header_filled < RESPONSE_HEADER.size:
-            self._header_filled += await self._recv_into(loop, view[self._header_filled :])
+            count = await self._recv_into(view[self._header_filled :])
+            self._header_filled += count
         self._header_filled = 0
         status, length = RESPONSE_HEADER.unpack(self._header)
         return status, length
 
-    async def _skip_owed(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _skip_owed(self) -> None:
         scratch = memoryview(self._scratch)
         while self._owed_bytes or self._owed_responses:
             if self._owed_bytes:
-                self._owed_bytes -= await self._recv_into(loop, scratch[: self._owed_bytes])
+                count = await self._recv_into(scratch[: self._owed_bytes])
+                self._owed_bytes -= count
             else:
-                _, length = await self._next_header(loop)
+                _, length = await self._next_header()
                 self._owed_responses -= 1
                 self._owed_bytes = length
 
-    async def _receive_message(self, loop: asyncio.AbstractEventLoop, length: int) -> str:
+    async def _receive_message(self, length: int) -> str:
         message = bytearray(length)
         view = memoryview(message)
         while self._owed_bytes:
-            start = length - self._owed_bytes
-            self._owed_bytes -= await self._recv_into(loop, view[start:])
+            count = await self._recv_into(view[length - self._owed_bytes :])
+            self._owed_bytes -= count
         return message.decode(errors="replace")
 
-    async def _receive_into(self, loop: asyncio.AbstractEventLoop, view: memoryview) -> None:
-        position = 0
-        while position < len(view):
-            count = await self._recv_into(loop, view[position : position + RECV_CHUNK_BYTES])
-            position += count
+    async def _receive_into(self, views: list[memoryview]) -> None:
+        """Fill ``views`` in order, scattering each ``recvmsg_into`` over up to ``MAX_IOVECS``
+        destinations and ``RECV_CHUNK_BYTES`` (one syscall for many small KV blocks)."""
+        index, offset = 0, 0
+        num_unyielded = 0
+        while index < len(views):
+            buffers: list[memoryview] = []
+            room = RECV_CHUNK_BYTES
+            j, start = index, offset
+            while j < len(views) and room > 0 and len(buffers) < MAX_IOVECS:
+                piece = views[j][start : start + room]
+                buffers.append(piece)
+                room -= len(piece)
+                j, start = j + 1, 0
+            count = await self._recv_into_many(buffers)
             self._owed_bytes -= count
+            num_unyielded += count
+            while count:  # advance (index, offset) past what arrived
+                step = min(count, len(views[index]) - offset)
+                count -= step
+                offset += step
+                if offset == len(views[index]):
+                    index, offset = index + 1, 0
+            if num_unyielded >= RECV_CHUNK_BYTES and index < len(views):
+                num_unyielded = 0
+                await asyncio.sleep(0)  # data keeps coming without a wait: let the loop run
+
+    async def _recv_into_many(self, buffers: list[memoryview]) -> int:
+        while True:
+            try:
+                count = self._sock.recvmsg_into(buffers)[0]
+            except (BlockingIOError, InterruptedError):
+                await self._ready(is_write=False)
+                continue
+            if count == 0:
+                self.close(f"{self._remote_name!r} closed the connection")
+                self._raise_if_broken()
+            return count
