@@ -71,7 +71,7 @@ from prefix_replay import TRACE, Outcome, TraceRequest, load_trace, replay
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_BLOCK_SIZE = 16
-_DECISIONS = re.compile(r'^baton_router_worker_decisions\{worker="([^"]+)"\} (\S+)$', re.M)
+_DECISIONS = re.compile(r'^baton_router_worker_decisions_total\{worker="([^"]+)"\} (\S+)$', re.M)
 _ROUTER_HIT = re.compile(r"^baton_router_overlap_hit_rate (\S+)$", re.M)
 
 

@@ -78,7 +78,7 @@ class RouterMetrics:
             ["worker"],
             registry=self.registry,
         )
-        self.worker_decisions = Gauge(
+        self.worker_decisions = Counter(
             "baton_router_worker_decisions",
             "decisions that chose each worker",
             ["worker"],

@@ -279,6 +279,12 @@ class ShmAgent(SingleTransportAgent):
             try:
                 segment.close()
             except BufferError:
-                logger.warning("kv shm segment still viewed at close name=%s", segment.name)
+                # The engine's KV view of this memory outlives the agent (a worker closes the
+                # agent before its engine is gone). Unlinking frees the name now; the mapping
+                # goes when the last view does. Detach it so that SharedMemory.__del__ does not
+                # retry the close at exit and print a BufferError.
+                logger.debug("kv shm segment still viewed at close name=%s", segment.name)
+                segment._buf = None  # type: ignore[attr-defined]  # see above
+                segment._mmap = None  # type: ignore[attr-defined]  # see above
             segment.unlink()
         self._segments.clear()
