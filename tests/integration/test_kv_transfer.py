@@ -28,7 +28,6 @@ from shared.kv_transfer import (
     nixl_status,
 )
 from shared.kv_transfer.metadata import AgentMetadata, RegionDesc, metadata_decoder
-from shared.kv_transfer.regions import RegionSet, coalesce, split
 from tests.integration.kv_transfer_peer import expected_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -373,21 +372,3 @@ def test_create_nixl_agent_without_nixl_is_unavailable():
 
 
 # --- pure helpers -----------------------------------------------------------------------------
-
-
-def test_coalesce_merges_runs_contiguous_on_both_sides():
-    transfers = [(300, 30, 100), (100, 10, 100), (200, 110, 100), (400, 500, 100)]
-    assert coalesce(transfers) == [(100, 10, 200), (300, 30, 100), (400, 500, 100)]
-
-
-def test_region_set_covers_across_touching_registrations():
-    regions = RegionSet([RegionDesc(0, 100), RegionDesc(200, 50), RegionDesc(100, 100)])
-    assert regions.covers(50, 200)
-    assert not regions.covers(240, 20)
-    assert not regions.covers(-1, 1)
-
-
-def test_split_bounds_each_batch():
-    batches = split([(0, 0, 10), (100, 100, 3)], 4)
-    assert [sum(n for *_, n in batch) for batch in batches] == [4, 4, 4, 1]
-    assert batches[2] == [(8, 8, 2), (100, 100, 2)]
