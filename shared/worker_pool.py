@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from proto import subjects
 from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from shared.bus import Bus
-from shared.codec import load_metrics_decoder, worker_info_decoder
+from shared.codec import load_metrics_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,10 @@ class WorkerPool:
     async def start(self) -> None:
         await self._bus.subscribe(subjects.load_metrics_all(self._namespace), self._on_load)
 
-    def sync(self, items: Mapping[str, bytes]) -> None:
-        """Replace the directory with etcd's view (key -> encoded WorkerInfo)."""
+    def sync(self, items: Mapping[str, WorkerInfo]) -> None:
+        """Replace the directory with etcd's view (``Discovery.watch_workers``)."""
         seen: set[InstanceId] = set()
-        for key, value in items.items():
-            try:
-                info = worker_info_decoder.decode(value)
-            except msgspec.DecodeError as exc:
-                logger.warning("bad worker entry key=%s error=%s", key, exc)
-                continue
+        for info in items.values():
             seen.add(info.worker_id)
             state = self._workers.get(info.worker_id)
             if state is None:

@@ -3,7 +3,6 @@
 import asyncio
 import logging
 
-from proto import subjects
 from proto.messages import InstanceId, WorkerRole
 from services.decode.config import DecodeConfig
 from services.decode.disagg import DisaggPolicy
@@ -23,7 +22,7 @@ async def serve(config: DecodeConfig, stopping: asyncio.Event | None = None) -> 
     worker_id = InstanceId(w.worker_id)
     async with (
         worker_runtime(w, e, worker_id) as runtime,
-        runtime.discovery.watch_prefix(subjects.etcd_workers(w.namespace)) as workers_view,
+        runtime.discovery.watch_workers(w.namespace) as workers_view,
     ):
         remote = None
         pool = WorkerPool(runtime.bus, w.namespace)

@@ -4,10 +4,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-import msgspec
-
 from proto.messages import ModelCard
-from shared.codec import model_card_decoder
 from shared.errors import Unavailable
 from shared.tokenizer import Tokenizer
 
@@ -22,17 +19,9 @@ class ModelRegistry:
         self._tokenizers: dict[str, Tokenizer] = {}
         self._load_lock = asyncio.Lock()
 
-    def sync(self, items: Mapping[str, bytes]) -> None:
-        """Replace the cards with etcd's view (key -> encoded ModelCard)."""
-        cards = {}
-        for key, value in items.items():
-            try:
-                card = model_card_decoder.decode(value)
-            except msgspec.DecodeError as exc:
-                logger.warning("bad model card key=%s error=%s", key, exc)
-                continue
-            cards[card.name] = card
-        self._cards = cards
+    def sync(self, items: Mapping[str, ModelCard]) -> None:
+        """Replace the cards with etcd's view (``Discovery.watch_models``)."""
+        self._cards = {card.name: card for card in items.values()}
 
     def card(self, model: str) -> ModelCard | None:
         return self._cards.get(model)

@@ -32,8 +32,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
     async with (
         Bus.connect(config.nats_url, name=frontend_id) as bus,
         Discovery.connect(config.etcd_url) as discovery,
-        discovery.watch_prefix(subjects.etcd_workers(config.namespace)) as worker_view,
-        discovery.watch_prefix(subjects.etcd_models(config.namespace)) as model_view,
+        discovery.watch_workers(config.namespace) as worker_view,
+        discovery.watch_models(config.namespace) as model_view,
     ):
         demux = StreamDemux(bus, inbox)
         pool = WorkerPool(bus, config.namespace)

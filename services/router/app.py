@@ -27,9 +27,7 @@ from shared.codec import (
     kv_event_batch_decoder,
     kv_state_decoder,
     load_metrics_decoder,
-    model_card_decoder,
     route_request_decoder,
-    worker_info_decoder,
 )
 from shared.errors import InvalidRequest, NotFound, ServingError, Unavailable, from_reply
 from shared.kv_hash import hash_prompt_blocks
@@ -117,16 +115,9 @@ class RouterService:
             subjects.router_requests(ns), self._on_route, queue=subjects.ROUTER_QUEUE
         )
 
-    def sync_workers(self, items: Mapping[str, bytes]) -> None:
+    def sync_workers(self, items: Mapping[str, WorkerInfo]) -> None:
         """Take etcd's view of the workers; a worker whose lease is gone loses its blocks."""
-        workers = {}
-        for key, value in items.items():
-            try:
-                info = worker_info_decoder.decode(value)
-            except msgspec.DecodeError as exc:
-                logger.warning("bad worker entry key=%s error=%s", key, exc)
-                continue
-            workers[info.worker_id] = info
+        workers = {info.worker_id: info for info in items.values()}
         for gone in set(self.workers) - set(workers):
             self.router.remove_worker(gone)
             task = self._resyncing.pop(gone, None)
@@ -135,15 +126,8 @@ class RouterService:
             logger.info("worker left; its blocks dropped worker_id=%s", gone)
         self.workers = workers
 
-    def sync_models(self, items: Mapping[str, bytes]) -> None:
-        cards = {}
-        for value in items.values():
-            try:
-                card = model_card_decoder.decode(value)
-            except msgspec.DecodeError:
-                continue
-            cards[card.name] = card
-        self.cards = cards
+    def sync_models(self, items: Mapping[str, ModelCard]) -> None:
+        self.cards = {card.name: card for card in items.values()}
 
     async def _on_kv_events(self, msg: Msg) -> None:
         try:

@@ -7,7 +7,6 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proto import subjects
 from services.router.app import RouterService
 from services.router.config import RouterConfig
 from shared.bus import Bus
@@ -59,8 +58,8 @@ async def serve(config: RouterConfig, stopping: asyncio.Event | None = None) -> 
     async with (
         Bus.connect(config.nats_url, name=config.router_id) as bus,
         Discovery.connect(config.etcd_url) as discovery,
-        discovery.watch_prefix(subjects.etcd_workers(ns)) as workers_view,
-        discovery.watch_prefix(subjects.etcd_models(ns)) as models_view,
+        discovery.watch_workers(ns) as workers_view,
+        discovery.watch_models(ns) as models_view,
     ):
         service = RouterService(
             bus,

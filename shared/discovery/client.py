@@ -186,6 +186,10 @@ class Discovery:
         """A live ``WorkerDirectory`` of the workers registered in ``namespace``."""
         return WorkerDirectory(self, namespace)
 
+    def watch_models(self, namespace: str) -> "WatchView[ModelCard]":
+        """A live view of the model cards registered in ``namespace`` (key -> card)."""
+        return WatchView(self, etcd_models(namespace), model_card_decoder.decode)
+
     # --- model registry ----------------------------------------------------------------------
 
     async def put_model(self, namespace: str, card: ModelCard) -> None:
