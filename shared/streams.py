@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from proto.messages import InstanceId, RequestId, TokenBatch, TokenChunk
 from shared.bus import Bus
 from shared.codec import encode, token_batch_decoder
-from shared.errors import PayloadTooLarge, ServingError
+from shared.errors import DeadlineExceeded, PayloadTooLarge, ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +65,19 @@ async def publish_chunks(
 class TokenStream:
     """The chunks of one request, in order, waiting for the handler that streams them out."""
 
-    __slots__ = ("_chunks", "_error", "_waiter", "request_id", "worker_id")
+    __slots__ = ("_chunks", "_error", "_waiter", "last_active_s", "request_id", "worker_id")
 
-    def __init__(self, request_id: RequestId) -> None:
+    def __init__(self, request_id: RequestId, now_s: float) -> None:
         self.request_id = request_id
         self.worker_id: InstanceId | None = None
+        self.last_active_s = now_s  # when the last chunk arrived (event-loop clock)
         self._chunks: deque[TokenChunk] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: ServingError | None = None
 
-    def put(self, chunk: TokenChunk) -> None:
+    def put(self, chunk: TokenChunk, now_s: float) -> None:
         self._chunks.append(chunk)
+        self.last_active_s = now_s
         self._wake()
 
     def fail(self, error: ServingError) -> None:
@@ -89,8 +91,9 @@ class TokenStream:
             waiter.set_result(None)
 
     async def get(self) -> list[TokenChunk]:
-        """Every chunk that has arrived, waiting for at least one. The caller bounds the wait
-        (``asyncio.timeout``); a failed stream raises its error once its chunks are taken."""
+        """Every chunk that has arrived, waiting for at least one. The wait is bounded by the
+        demux's ``expire_idle`` (one sweep for all streams, rather than a timer per wait on the
+        token path); a failed stream raises its error once its chunks are taken."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -124,7 +127,7 @@ class StreamDemux:
         """Register a stream before its request is sent, so no early chunk is lost."""
         if request_id in self._streams:
             raise ValueError(f"stream {request_id} is already open")
-        stream = TokenStream(request_id)
+        stream = TokenStream(request_id, asyncio.get_running_loop().time())
         self._streams[request_id] = stream
         return stream
 
@@ -138,6 +141,29 @@ class StreamDemux:
             stream.fail(error)
         return len(failed)
 
+    def fail_idle(self, idle_timeout_s: float, now_s: float) -> int:
+        """Fail every placed stream that has had no chunk for ``idle_timeout_s``."""
+        idle = [
+            s
+            for s in self._streams.values()
+            if s.worker_id is not None and now_s - s.last_active_s > idle_timeout_s
+        ]
+        for stream in idle:
+            stream.fail(
+                DeadlineExceeded(f"no tokens from worker {stream.worker_id} for {idle_timeout_s} s")
+            )
+        return len(idle)
+
+    async def expire_idle(self, idle_timeout_s: float) -> None:
+        """Sweep for silent streams until cancelled (a stream's silence is caught within
+        1.25 x ``idle_timeout_s``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(idle_timeout_s / 4)
+            failed = self.fail_idle(idle_timeout_s, loop.time())
+            if failed:
+                logger.warning("silent streams failed num_streams=%d", failed)
+
     async def _on_message(self, msg: Msg) -> None:
         try:
             batch = token_batch_decoder.decode(msg.data)
@@ -146,9 +172,10 @@ class StreamDemux:
             logger.warning("bad token batch subject=%s error=%s", msg.subject, exc)
             return
         streams = self._streams
+        now_s = asyncio.get_running_loop().time()
         for chunk in batch.chunks:
             stream = streams.get(chunk.request_id)
             if stream is None:
                 self.num_orphan_chunks += 1  # its client left; the abort is on its way
             else:
-                stream.put(chunk)
+                stream.put(chunk, now_s)

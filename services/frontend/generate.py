@@ -52,7 +52,6 @@ class Generator:
         namespace: str,
         *,
         admission_timeout_s: float,
-        stream_idle_timeout_s: float,
         route_timeout_s: float = 0.0,
         on_route_fallback: Callable[[], None] = lambda: None,
         max_attempts: int = 3,
@@ -62,7 +61,6 @@ class Generator:
         self._pool = pool
         self._frontend_id = frontend_id
         self._admission_timeout_s = admission_timeout_s
-        self._stream_idle_timeout_s = stream_idle_timeout_s
         self._max_attempts = max_attempts
         self._route_timeout_s = route_timeout_s
         self._router_subject = subjects.router_requests(namespace)
@@ -78,7 +76,7 @@ class Generator:
         """Yield the request's chunks as they arrive until one carries a finish reason.
 
         Closing the iterator early (client gone, stop string matched) aborts the request on
-        its worker. A worker that vanishes or goes silent for ``stream_idle_timeout_s`` ends
+        its worker. A worker that vanishes, or goes silent past the demux's idle sweep, ends
         the stream with ``Unavailable`` / ``DeadlineExceeded``, never a hang.
         """
         stream = self._demux.open(request_id)
@@ -87,15 +85,9 @@ class Generator:
         try:
             worker = await self._place(request_id, model, token_ids, sampling)
             stream.worker_id = worker.info.worker_id
+            stream.last_active_s = asyncio.get_running_loop().time()  # the idle clock starts
             while True:
-                try:
-                    async with asyncio.timeout(self._stream_idle_timeout_s):
-                        chunks = await stream.get()
-                except TimeoutError as exc:
-                    raise DeadlineExceeded(
-                        f"no tokens from worker {worker.info.worker_id} for "
-                        f"{self._stream_idle_timeout_s} s"
-                    ) from exc
+                chunks = await stream.get()  # bounded by StreamDemux.expire_idle
                 last = chunks[-1]
                 if last.finish_reason is not None:
                     finished = True

@@ -52,7 +52,6 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 frontend_id,
                 config.namespace,
                 admission_timeout_s=config.admission_timeout_s,
-                stream_idle_timeout_s=config.stream_idle_timeout_s,
                 route_timeout_s=config.route_timeout_s,
                 on_route_fallback=metrics.route_fallbacks.inc,
             ),
@@ -71,6 +70,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             followers = [
                 tg.create_task(worker_view.follow(pool.sync), name="follow-workers"),
                 tg.create_task(model_view.follow(models.sync), name="follow-models"),
+                tg.create_task(demux.expire_idle(config.stream_idle_timeout_s), name="idle"),
             ]
             try:
                 site = web.TCPSite(runner, config.host, config.port, backlog=4096)

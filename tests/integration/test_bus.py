@@ -164,3 +164,17 @@ async def test_stream_fails_when_its_worker_goes_away(nats_server, namespace):
         with pytest.raises(Unavailable, match="w1"):
             async with asyncio.timeout(1):
                 await stream.get()
+
+
+async def test_idle_sweep_fails_only_placed_silent_streams(nats_server, namespace):
+    async with Bus.connect(nats_server.url) as bus:
+        demux = StreamDemux(bus, subjects.stream_inbox(namespace, "f1"))
+        silent = demux.open(RequestId("silent"))
+        silent.worker_id = InstanceId("w1")
+        unplaced = demux.open(RequestId("unplaced"))  # still being placed: not the sweep's
+        now = asyncio.get_running_loop().time()
+        assert demux.fail_idle(10.0, now + 5) == 0
+        assert demux.fail_idle(10.0, now + 11) == 1
+        with pytest.raises(DeadlineExceeded, match="no tokens from worker w1"):
+            await silent.get()
+        assert unplaced.worker_id is None
