@@ -147,7 +147,7 @@ def listen_overflows() -> int:
 
 def _label(proc: psutil.Process) -> str:
     cmdline = " ".join(proc.cmdline())
-    for label in ("services.frontend", "services.decode", "nats-server", "etcd"):
+    for label in ("services.frontend", "services.worker", "nats-server", "etcd"):
         if label in cmdline:
             return label.removeprefix("services.")
     return str(proc.name())

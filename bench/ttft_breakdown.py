@@ -42,8 +42,8 @@ def free_port() -> int:
 def start_cluster(args: argparse.Namespace, port: int, log_dir: str) -> subprocess.Popen[str]:
     env = dict(
         os.environ,
-        BATON_DECODE_MIN_REMOTE_PREFILL_TOKENS="1",
-        BATON_DECODE_MIN_REMOTE_PREFILL_FRACTION="0",
+        BATON_ROUTER_MIN_REMOTE_PREFILL_TOKENS="1",
+        BATON_ROUTER_MIN_REMOTE_PREFILL_FRACTION="0",
         BATON_KV_TRANSFER=args.kv_transfer,
         BATON_MAX_MODEL_LEN=str(max(4096, args.prompt_tokens + 64)),
         BATON_NUM_KV_BLOCKS=str(args.num_kv_blocks),

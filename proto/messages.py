@@ -71,17 +71,19 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 class GenerateRequest(Message, frozen=True, tag="generate"):
     """Ask a worker to run a request. Sent by request-reply; the worker answers with
     ``GenerateAccepted`` or ``ErrorReply`` at once and then streams ``TokenChunk``s to
-    ``stream_subject`` (the requesting process's token inbox). ``prefill_worker_id`` and
-    ``cached_tokens`` are the router's advice for a disaggregated cluster."""
+    ``stream_subject`` (the requesting process's token inbox). ``prefill_worker_id`` is the
+    router's decision in a disaggregated cluster: set, prefill there and pull the KV; None,
+    prefill here. ``frontend_id`` and ``cached_tokens`` are retired (never read; no longer
+    sent, still decoded)."""
 
     request_id: RequestId
     model: str
     token_ids: list[int]
     sampling: SamplingParams = SamplingParams()
     stream_subject: str = ""
-    frontend_id: InstanceId = InstanceId("")
+    frontend_id: InstanceId = InstanceId("")  # retired
     prefill_worker_id: InstanceId | None = None
-    cached_tokens: int | None = None
+    cached_tokens: int | None = None  # retired
 
 
 class AbortRequest(Message, frozen=True, tag="abort"):
@@ -108,14 +110,14 @@ class ErrorReply(Message, frozen=True, tag="error"):
 
 
 class PrefillRequest(Message, frozen=True, tag="prefill"):
-    """Compute a prompt's KV and its first token, then hold the blocks for ``decode_worker_id``
-    to read until a ``KVRelease`` (or ``hold_timeout_s``). Sent by request-reply; the reply is
-    ``PrefillDone`` or ``ErrorReply``."""
+    """Compute a prompt's KV and its first token, then hold the blocks for the requester to
+    read until a ``KVRelease`` (or ``hold_timeout_s``). Sent by request-reply; the reply is
+    ``PrefillDone`` or ``ErrorReply``. ``decode_worker_id`` is retired."""
 
     request_id: RequestId
     token_ids: list[int]
     sampling: SamplingParams = SamplingParams()
-    decode_worker_id: InstanceId = InstanceId("")
+    decode_worker_id: InstanceId = InstanceId("")  # retired
     hold_timeout_s: float = 30.0
 
 
@@ -153,15 +155,16 @@ class RouteRequest(Message, frozen=True, tag="route"):
 
 
 class RouteDecision(Message, frozen=True, tag="route_decision"):
-    """The chosen decode (or aggregated) worker and, in a disaggregated cluster, a prefill
-    worker; ``decode_cached_tokens`` is the decode worker's cached prefix as the router sees
-    it, which feeds the local-or-remote prefill decision."""
+    """The router's placement: the decode (or aggregated) worker and, when the prompt should
+    be prefilled remotely, the prefill worker (None: prefill on the decode worker).
+    ``decode_cached_tokens`` is the decode worker's cached prefix as the router sees it.
+    ``prefill_cached_tokens`` is retired."""
 
     request_id: RequestId
     worker_id: InstanceId
     decode_cached_tokens: int = 0
     prefill_worker_id: InstanceId | None = None
-    prefill_cached_tokens: int = 0
+    prefill_cached_tokens: int = 0  # retired
 
 
 # --- token streams: worker -> frontend ----------------------------------------------------------
@@ -224,12 +227,6 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kv_agent: str = ""  # the KV transfer agent's name ("" when it cannot transfer)
     kv_agent_metadata: bytes = b""  # what a peer's agent needs to read our blocks
     kv_block_size: int = 0
-
-
-class FrontendInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    frontend_id: InstanceId
-    http_url: str
-    stream_subject: str
 
 
 class LoadMetrics(Message, frozen=True, tag="load"):

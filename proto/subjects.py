@@ -80,10 +80,3 @@ def etcd_model(namespace: str, model: str) -> str:
         raise ValueError(f"model name must be non-empty without spaces, got {model!r}")
     return f"{etcd_models(namespace)}{model}"
 
-
-def etcd_frontends(namespace: str) -> str:
-    return f"{etcd_prefix(namespace)}frontends/"
-
-
-def etcd_frontend(namespace: str, frontend_id: str) -> str:
-    return f"{etcd_frontends(namespace)}{check_token(frontend_id, 'id')}"

@@ -28,20 +28,18 @@ from proto.messages import (
     WorkerInfo,
 )
 
-WorkerInbound = GenerateRequest | AbortRequest | KVStateRequest
-PrefillInbound = PrefillRequest | KVRelease | AbortRequest | KVStateRequest
+# Every worker decodes the same union whatever its role, so that a message of the other role
+# gets a typed refusal rather than a decode error (and a worker can change roles).
+WorkerInbound = GenerateRequest | PrefillRequest | AbortRequest | KVRelease | KVStateRequest
 GenerateReply = GenerateAccepted | ErrorReply
 PrefillReply = PrefillDone | ErrorReply
 RouteReply = RouteDecision | ErrorReply
 
 encoder: Final = msgspec.msgpack.Encoder()
 
-worker_inbound_decoder: Final[Decoder[GenerateRequest | AbortRequest | KVStateRequest]] = Decoder(
-    WorkerInbound
-)
-prefill_inbound_decoder: Final[
-    Decoder[PrefillRequest | KVRelease | AbortRequest | KVStateRequest]
-] = Decoder(PrefillInbound)
+worker_inbound_decoder: Final[
+    Decoder[GenerateRequest | PrefillRequest | AbortRequest | KVRelease | KVStateRequest]
+] = Decoder(WorkerInbound)
 generate_reply_decoder: Final[Decoder[GenerateAccepted | ErrorReply]] = Decoder(GenerateReply)
 prefill_reply_decoder: Final[Decoder[PrefillDone | ErrorReply]] = Decoder(PrefillReply)
 route_request_decoder: Final[Decoder[RouteRequest]] = Decoder(RouteRequest)

@@ -36,7 +36,6 @@ class FrontendConfig:
     drain_timeout_s: float = field(
         default=30.0, metadata=doc("on SIGTERM, how long open streams may finish")
     )
-    lease_ttl_s: float = field(default=10.0, metadata=doc("etcd lease TTL"))
     log_level: str = field(default="info", metadata=doc("logging level"))
 
     def __post_init__(self) -> None:
@@ -50,6 +49,6 @@ class FrontendConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.route_timeout_s < 0:
             raise ValueError(f"route_timeout_s must be >= 0, got {self.route_timeout_s}")
-        for name in ("admission_timeout_s", "stream_idle_timeout_s", "lease_ttl_s"):
+        for name in ("admission_timeout_s", "stream_idle_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

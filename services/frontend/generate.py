@@ -48,7 +48,6 @@ class Generator:
         bus: Bus,
         demux: StreamDemux,
         pool: WorkerPool,
-        frontend_id: InstanceId,
         namespace: str,
         *,
         admission_timeout_s: float,
@@ -59,7 +58,6 @@ class Generator:
         self._bus = bus
         self._demux = demux
         self._pool = pool
-        self._frontend_id = frontend_id
         self._admission_timeout_s = admission_timeout_s
         self._max_attempts = max_attempts
         self._route_timeout_s = route_timeout_s
@@ -110,27 +108,26 @@ class Generator:
         if not candidates:
             raise Overloaded(f"no live worker serves model {model!r}", retry_after_s=1.0)
         decision = await self._route(request_id, model, token_ids)
-        prefill_worker_id: InstanceId | None = None
-        cached_tokens: int | None = None
+        routed: WorkerState | None = None  # the router's decode worker, tried first
+        routed_prefill_id: InstanceId | None = None
         if decision is not None:
             chosen = self._pool.get(decision.worker_id)
             if chosen is not None and chosen in candidates:
                 candidates.remove(chosen)
                 candidates.insert(0, chosen)
-                prefill_worker_id = decision.prefill_worker_id
-                cached_tokens = decision.decode_cached_tokens
-        message = GenerateRequest(
-            request_id=request_id,
-            model=model,
-            token_ids=token_ids,
-            sampling=sampling,
-            stream_subject=self._demux.subject,
-            frontend_id=self._frontend_id,
-            prefill_worker_id=prefill_worker_id,
-            cached_tokens=cached_tokens,
-        )
+                routed, routed_prefill_id = chosen, decision.prefill_worker_id
         last_error: ServingError = Overloaded("no worker accepted the request", retry_after_s=1.0)
         for worker in candidates[: self._max_attempts]:
+            # The router's prefill worker was chosen for its decode worker only; any other
+            # worker (a fallback after a refusal) prefills locally.
+            message = GenerateRequest(
+                request_id=request_id,
+                model=model,
+                token_ids=token_ids,
+                sampling=sampling,
+                stream_subject=self._demux.subject,
+                prefill_worker_id=routed_prefill_id if worker is routed else None,
+            )
             worker.in_flight += 1
             worker.sent_since_report += 1
             try:

@@ -7,14 +7,13 @@ import logging
 from aiohttp import web
 
 from proto import subjects
-from proto.messages import FrontendInfo, InstanceId
+from proto.messages import InstanceId
 from services.frontend.app import FrontendState, build_app
 from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.models import ModelRegistry
 from shared.bus import Bus
-from shared.codec import encode
 from shared.discovery import Discovery
 from shared.errors import Unavailable
 from shared.lifecycle import shutdown_event
@@ -49,7 +48,6 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 bus,
                 demux,
                 pool,
-                frontend_id,
                 config.namespace,
                 admission_timeout_s=config.admission_timeout_s,
                 route_timeout_s=config.route_timeout_s,
@@ -75,22 +73,13 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             try:
                 site = web.TCPSite(runner, config.host, config.port, backlog=4096)
                 await site.start()
-                port = runner.addresses[0][1]
-                url = f"http://{config.host}:{port}"
-                registration = await discovery.register(
-                    subjects.etcd_frontend(config.namespace, frontend_id),
-                    encode(
-                        FrontendInfo(frontend_id=frontend_id, http_url=url, stream_subject=inbox)
-                    ),
-                    ttl_s=config.lease_ttl_s,
-                )
+                url = f"http://{config.host}:{runner.addresses[0][1]}"
                 gc.freeze()  # start-up objects live forever: keep them out of every collection
                 state.is_ready = True
                 logger.info("frontend ready url=%s frontend_id=%s", url, frontend_id)
                 await stopping.wait()
                 logger.info("[shutdown] frontend draining open=%d", len(demux))
                 state.is_draining = True
-                await registration.revoke()
             finally:
                 # Stops accepting, waits up to drain_timeout_s for open requests, cancels the rest.
                 await runner.cleanup()

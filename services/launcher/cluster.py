@@ -122,11 +122,23 @@ async def local_cluster(config: UpConfig) -> AsyncIterator[Cluster]:
             )
         for i in range(config.num_prefill_workers):
             children.append(
-                await _spawn(f"prefill-{i}", "services.prefill", engine_args, env, config.log_dir)
+                await _spawn(
+                    f"prefill-{i}",
+                    "services.worker",
+                    ["--role", "prefill", *engine_args],
+                    env,
+                    config.log_dir,
+                )
             )
         for i in range(config.num_workers):
             children.append(
-                await _spawn(f"decode-{i}", "services.decode", engine_args, env, config.log_dir)
+                await _spawn(
+                    f"decode-{i}",
+                    "services.worker",
+                    ["--role", "decode", *engine_args],
+                    env,
+                    config.log_dir,
+                )
             )
         port = config.port or free_port()
         children.append(

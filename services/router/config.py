@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from proto.subjects import check_token
 from shared.config import doc
 from shared.routing.cost import RoutingMode
+from shared.routing.disagg import DisaggPolicy
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +33,17 @@ class RouterConfig:
     max_index_entries: int = field(
         default=4_000_000, metadata=doc("bound on (block, worker) entries in the index")
     )
+    min_remote_prefill_tokens: int = field(
+        default=2048,
+        metadata=doc(
+            "prefill on a prefill worker only when at least this many prompt tokens are not "
+            "cached on the chosen decode worker"
+        ),
+    )
+    min_remote_prefill_fraction: float = field(
+        default=0.3,
+        metadata=doc("... and at least this fraction of the prompt is not cached there"),
+    )
     resync_timeout_s: float = field(
         default=5.0, metadata=doc("how long a worker may take to send its cached blocks")
     )
@@ -48,3 +60,14 @@ class RouterConfig:
             raise ValueError(f"mode must be one of {modes}, got {self.mode!r}")
         if self.max_index_entries < 1:
             raise ValueError(f"max_index_entries must be >= 1, got {self.max_index_entries}")
+        try:
+            self.disagg_policy()
+        except ValueError as exc:
+            raise ValueError(f"bad remote prefill thresholds: {exc}") from exc
+
+    def disagg_policy(self) -> DisaggPolicy:
+        """When a prefill is worth moving to a prefill worker (the ``min_remote_prefill_*``)."""
+        return DisaggPolicy(
+            min_remote_tokens=self.min_remote_prefill_tokens,
+            min_remote_fraction=self.min_remote_prefill_fraction,
+        )

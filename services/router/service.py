@@ -5,10 +5,10 @@ import gc
 import logging
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.router.app import RouterService
+from services.router.app import build_app
 from services.router.config import RouterConfig
+from services.router.placement import PlacementService
 from shared.bus import Bus
 from shared.discovery import Discovery
 from shared.lifecycle import shutdown_event
@@ -16,18 +16,6 @@ from shared.routing.cost import RoutingMode, RoutingPolicy
 from shared.routing.router import Router
 
 logger = logging.getLogger(__name__)
-
-SERVICE = web.AppKey("service", RouterService)
-
-
-async def _health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVICE].metrics.registry
-    body = await asyncio.to_thread(generate_latest, registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def policy(config: RouterConfig) -> RoutingPolicy:
@@ -61,21 +49,17 @@ async def serve(config: RouterConfig, stopping: asyncio.Event | None = None) -> 
         discovery.watch_workers(ns) as workers_view,
         discovery.watch_models(ns) as models_view,
     ):
-        service = RouterService(
+        service = PlacementService(
             bus,
             ns,
             Router(routing, max_entries=config.max_index_entries),
             prefill_policy=prefill_policy,
+            disagg=config.disagg_policy(),
             resync_timeout_s=config.resync_timeout_s,
         )
         service.sync_workers(dict(workers_view.items))
         service.sync_models(dict(models_view.items))
-        app = web.Application()
-        app[SERVICE] = service
-        app.router.add_get("/health", _health)
-        app.router.add_get("/ready", _health)
-        app.router.add_get("/metrics", _metrics)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(build_app(service), access_log=None)
         await runner.setup()
         async with asyncio.TaskGroup() as tg:
             followers = [

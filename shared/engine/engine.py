@@ -20,11 +20,13 @@ from shared.engine.interface import (
 )
 from shared.engine.runner import KVRegion, Runner
 from shared.engine.scheduler import Scheduler, SchedulerConfig
-from shared.engine.sequence import Sequence
+from shared.engine.sequence import Sequence, SequenceStatus
 from shared.errors import InvalidRequest, Overloaded
 from shared.kv_hash import hash_prompt_blocks
 
 logger = logging.getLogger(__name__)
+
+HELD = SequenceStatus.HELD
 
 
 class ScheduledEngine:
@@ -91,6 +93,7 @@ class ScheduledEngine:
                 seq.finish_reason,
                 seq.num_prompt_tokens,
                 seq.num_cached_tokens,
+                scheduler.held_blocks(seq.request_id) if seq.status is HELD else None,
             )
             for seq, token_id in zip(plan.seqs, result.token_ids, strict=True)
         ]
@@ -169,10 +172,6 @@ class ScheduledEngine:
     def cached_block_hashes(self) -> list[BlockHash]:
         """Every cached block's hash, for a router that must rebuild its view of this engine."""
         return self.scheduler.block_manager.cached_block_hashes()
-
-    def modelled_transfer_s(self, num_blocks: int) -> float:
-        """0.0: a real runner's transfer takes real time (``SimEngine`` models it instead)."""
-        return 0.0
 
     # --- validation ----------------------------------------------------------------------------
 

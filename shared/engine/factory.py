@@ -20,6 +20,9 @@ Allocate = Callable[[int], memoryview]
 class BuiltEngine:
     engine: ScheduledEngine
     step_in_thread: bool  # a real model's step blocks for milliseconds: run it off the loop
+    # A simulated engine's KV moves few real bytes: the time a transfer of ``n`` of them would
+    # take on the modelled hardware (the worker pads its transfer agent's reads to it).
+    transfer_time_s: Callable[[int], float] | None = None
 
 
 def scheduler_config(config: EngineConfig, eos_token_id: int | None) -> SchedulerConfig:
@@ -53,7 +56,8 @@ def build_engine(
             timing=TimingModel(speedup=config.speedup),
         )
         buffer = allocate(config.num_kv_blocks * sim_config.kv_block_bytes) if allocate else None
-        return BuiltEngine(SimEngine(sim_config, kv_buffer=buffer), step_in_thread=False)
+        engine = SimEngine(sim_config, kv_buffer=buffer)
+        return BuiltEngine(engine, step_in_thread=False, transfer_time_s=engine.transfer_time_s)
     return _build_torch(config, tokenizer, eos_token_id, allocate)
 
 

@@ -51,13 +51,16 @@ class Reservation:
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request. ``finish_reason`` set means it is done and its
-    blocks are already freed (or returned to the prefix cache)."""
+    blocks are already freed (or returned to the prefix cache), unless it was added with
+    ``hold_kv``: then ``held_block_ids`` lists the blocks holding its prompt KV, in order, kept
+    until ``Engine.release`` (the caller never has to ask the engine for them mid-step)."""
 
     request_id: RequestId
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    held_block_ids: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -163,11 +166,6 @@ class Engine(Protocol):
         Raises ``KeyError`` if the request is not reserved (aborted meanwhile, say) and
         ``InvalidRequest`` for a token outside the vocabulary.
         """
-
-    def modelled_transfer_s(self, num_blocks: int) -> float:
-        """Modelled time to pull ``num_blocks`` blocks of KV from another worker. A simulated
-        engine moves only a few bytes per block, so a caller waits this long to model a real
-        transfer; an engine whose transfer is real returns 0.0."""
 
 
 def prefill_sampling(sampling: SamplingParams) -> SamplingParams:

@@ -1,10 +1,15 @@
 """The asyncio shell around a synchronous engine: step it, pace it, hand the results on.
 
 ``EngineLoop`` is the engine's only owner. Everything that touches the engine (adding,
-aborting, reserving blocks) runs under ``exclusive()``, which the loop also holds for each
-step, so the engine never sees two callers at once even when its steps run in a thread (a
-real model) rather than inline on the event loop (the simulator). The loop sleeps while the
-engine is idle and, for a simulated engine, waits out each step's modelled duration.
+aborting, reserving and committing blocks, reading its cache) runs under ``exclusive()``,
+which the loop also holds for each step, so the engine never sees two callers at once even
+when its steps run in a thread (a real model) rather than inline on the event loop (the
+simulator). The loop sleeps while the engine is idle and, for a simulated engine, waits out
+each step's modelled duration.
+
+``on_step`` runs after the lock is released: what a step produced is plain data
+(``StepResult``), so the callback may publish, and may itself take ``exclusive()`` (to abort
+a request it could not deliver, say) without deadlocking. The next step waits for it.
 """
 
 import asyncio
@@ -23,9 +28,8 @@ StepCallback = Callable[[StepResult], Awaitable[None]]
 class EngineLoop:
     """Runs ``engine.step()`` while there is work and passes each result to ``on_step``."""
 
-    def __init__(self, engine: Engine, on_step: StepCallback, *, step_in_thread: bool) -> None:
-        self.engine = engine
-        self._on_step = on_step
+    def __init__(self, engine: Engine, *, step_in_thread: bool) -> None:
+        self._engine = engine
         self._step_in_thread = step_in_thread
         self._lock = asyncio.Lock()
         self._has_work = asyncio.Event()
@@ -35,7 +39,7 @@ class EngineLoop:
     async def exclusive(self) -> AsyncIterator[Engine]:
         """The engine, between two steps; wake the loop afterwards (there may be work)."""
         async with self._lock:
-            yield self.engine
+            yield self._engine
         self._has_work.set()
 
     async def add(self, request: EngineRequest) -> None:
@@ -49,25 +53,25 @@ class EngineLoop:
 
     def stats(self) -> EngineStats:
         """A snapshot; safe between steps and good enough during one (plain int reads)."""
-        return self.engine.stats()
+        return self._engine.stats()
 
-    async def run(self) -> None:
-        """Step until cancelled. An idle engine costs nothing: the loop waits for work."""
+    async def run(self, on_step: StepCallback) -> None:
+        """Step until cancelled, awaiting ``on_step`` with each result before the next step.
+        An idle engine costs nothing: the loop waits for work."""
         loop = asyncio.get_running_loop()
         while True:
-            if not self.engine.has_unfinished():
+            if not self._engine.has_unfinished():
                 self._has_work.clear()
                 await self._has_work.wait()
                 continue
             started = loop.time()
             async with self._lock:
                 if self._step_in_thread:
-                    result = await asyncio.to_thread(self.engine.step)
+                    result = await asyncio.to_thread(self._engine.step)
                 else:
-                    result = self.engine.step()
+                    result = self._engine.step()
                 self.num_steps += 1
             # The step's results exist once its (modelled) time has passed; always yield, so
             # handlers run between steps even when the step costs no time.
             await asyncio.sleep(max(0.0, started + result.duration_s - loop.time()))
-            async with self._lock:
-                await self._on_step(result)
+            await on_step(result)

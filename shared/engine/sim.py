@@ -17,8 +17,9 @@ bytes, so two processes and two runs agree (``hash()`` of a str is salted per pr
 The runner also keeps a small real KV cache (``kv_block_bytes`` per block, block-major) and
 writes each block it computes with bytes derived from the block's tokens and its prefix
 (``block_kv_bytes``), so a disaggregated cluster moves real bytes between workers and a test can
-check what arrived. The time a real transfer would take is modelled separately
-(``SimEngine.modelled_transfer_s``).
+check what arrived. The time a real transfer of those blocks would take is modelled by the
+transfer layer, not here: ``SimEngine.transfer_time_s`` is the function a worker hands to
+``shared.kv_transfer.simulated.SimulatedTimeAgent``, which pads each read to it.
 """
 
 import ctypes
@@ -309,8 +310,12 @@ class SimEngine(ScheduledEngine):
             vocab_size=config.vocab_size,
         )
 
-    def modelled_transfer_s(self, num_blocks: int) -> float:
-        """Modelled time to pull ``num_blocks`` blocks of ``kv_bytes_per_block_modelled`` bytes
-        from another worker, by ``config.timing.transfer_ms``."""
-        num_bytes = num_blocks * self.config.kv_bytes_per_block_modelled
-        return self.config.timing.transfer_ms(num_bytes) / 1000.0
+    def transfer_time_s(self, num_bytes: int) -> float:
+        """Modelled time to move ``num_bytes`` of this engine's small real KV buffer: each of
+        its ``kv_block_bytes`` stands for ``kv_bytes_per_block_modelled`` bytes of the modelled
+        model, priced by ``config.timing.transfer_ms``."""
+        config = self.config
+        if num_bytes <= 0 or config.kv_block_bytes == 0:
+            return 0.0
+        modelled = num_bytes * config.kv_bytes_per_block_modelled / config.kv_block_bytes
+        return config.timing.transfer_ms(round(modelled)) / 1000.0

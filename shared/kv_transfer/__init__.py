@@ -18,6 +18,7 @@ from shared.kv_transfer.metadata import AgentMetadata, RegionDesc
 from shared.kv_transfer.nixl import NixlAgent, nixl_status
 from shared.kv_transfer.regions import Transfer
 from shared.kv_transfer.shm import ShmAgent
+from shared.kv_transfer.simulated import SimulatedTimeAgent
 from shared.kv_transfer.tcp import TcpAgent
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "RegionDesc",
     "RemoteUnavailable",
     "ShmAgent",
+    "SimulatedTimeAgent",
     "TcpAgent",
     "Transfer",
     "TransferAgent",

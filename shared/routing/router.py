@@ -19,7 +19,8 @@ Disaggregation: one ``Router`` serves both pools. The index is keyed by worker, 
 with the prefill pool's ids as candidates and then with the decode pool's ids gives two
 independent answers from one copy of the events; ``policy=`` lets each pool weigh cache
 against load differently. The decode decision's ``overlap_blocks`` is the decode worker's
-cached prefix: if it covers most of the prompt, prefill there and skip the remote prefill.
+cached prefix: if it covers most of the prompt, prefill there and skip the remote prefill
+(``placement.place`` makes that call).
 
 Replicas that applied the same events (each worker's batches in order, interleaved across
 workers in any way) hold the same content, and replicas in the same state given the same

@@ -99,8 +99,14 @@ def start_cluster(
             service("services.router", "--port", str(p), *router_args, env=env)
             for p in router_ports
         ]
-        prefills = [service("services.prefill", *prefill_args, env=env) for _ in range(num_prefill)]
-        workers = [service("services.decode", *worker_args, env=env) for _ in range(num_workers)]
+        prefills = [
+            service("services.worker", "--role", "prefill", *prefill_args, env=env)
+            for _ in range(num_prefill)
+        ]
+        workers = [
+            service("services.worker", "--role", "decode", *worker_args, env=env)
+            for _ in range(num_workers)
+        ]
         started.extend([*routers, *prefills, *workers])
         port = free_port()
         frontend = service("services.frontend", "--port", str(port), *frontend_args, env=env)

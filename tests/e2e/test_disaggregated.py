@@ -17,6 +17,9 @@ from shared.kv_transfer import available_kinds
 MODEL = "baton-sim"
 TORCH = ("--engine", "torch", "--num-kv-blocks", "1024", "--max-model-len", "4096")
 ALWAYS_REMOTE = ("--min-remote-prefill-tokens", "1", "--min-remote-prefill-fraction", "0")
+# The router decides local or remote prefill; a frontend that waits for its answer (rather
+# than placing by itself after 50 ms on a busy machine) makes that decision the router's.
+WAIT_FOR_ROUTER = ("--route-timeout-s", "10")
 TRANSPORTS = [
     pytest.param(
         kind,
@@ -70,9 +73,12 @@ async def test_disaggregated_output_equals_aggregated(start_cluster, torch_avail
     kv = ("--kv-transfer", transport)
     disagg = start_cluster(
         num_workers=1,
-        worker_args=(*TORCH, *ALWAYS_REMOTE, *kv),
+        worker_args=(*TORCH, *kv),
         num_prefill=1,
         prefill_args=(*TORCH, *kv),
+        num_routers=1,
+        router_args=ALWAYS_REMOTE,
+        frontend_args=WAIT_FOR_ROUTER,
         namespace=f"dis{transport}",
     )
     got = await complete_all(disagg.api, batch)
@@ -94,15 +100,11 @@ async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
     sim = ("--speedup", "20", "--num-kv-blocks", "4096")
     cluster = start_cluster(
         num_workers=2,
-        worker_args=(
-            *sim,
-            "--min-remote-prefill-tokens",
-            "64",
-            "--min-remote-prefill-fraction",
-            "0.3",
-        ),
+        worker_args=sim,
         num_prefill=1,
         prefill_args=sim,
+        num_routers=1,
+        router_args=("--min-remote-prefill-tokens", "64", "--min-remote-prefill-fraction", "0.3"),
     )
     loads: dict[str, LoadMetrics] = {}
     arrived: asyncio.Queue[None] = asyncio.Queue()
@@ -179,12 +181,18 @@ async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
 async def test_requests_fall_back_to_local_prefill_when_the_prefill_worker_dies(start_cluster):
     sim = ("--speedup", "20")
     cluster = start_cluster(
-        num_workers=1, worker_args=(*sim, *ALWAYS_REMOTE), num_prefill=1, prefill_args=sim
+        num_workers=1,
+        worker_args=sim,
+        num_prefill=1,
+        prefill_args=sim,
+        num_routers=1,
+        router_args=ALWAYS_REMOTE,
+        frontend_args=WAIT_FOR_ROUTER,
     )
     batch = prompts()[:20]
     before = await complete_all(cluster.api, batch)
-    # Killed without a goodbye: its etcd entry lives on for the lease TTL, so the decode worker
-    # still picks it, gets no answer, and must prefill locally instead of hanging.
+    # Killed without a goodbye: its etcd entry lives on for the lease TTL, so the router still
+    # picks it, the decode worker gets no answer, and must prefill locally instead of hanging.
     cluster.prefills[0].kill()
     cluster.prefills[0].wait(10)
     after = await complete_all(cluster.api, batch)

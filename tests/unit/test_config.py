@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.decode.config import DecodeConfig
+from services.worker.config import WorkerServiceConfig
 from shared.config import load_config
 from shared.engine.config import EngineConfig, WorkerConfig
 
@@ -67,7 +67,7 @@ def test_worker_settings_reject_bad_namespace_and_engine():
 
 def test_decode_flags_reach_nested_worker_and_engine_settings():
     config = load_config(
-        DecodeConfig,
+        WorkerServiceConfig,
         "decode",
         ["--engine", "torch", "--max-waiting", "7"],
         env={"BATON_NAMESPACE": "ns1", "BATON_DECODE_BLOCK_SIZE": "32"},

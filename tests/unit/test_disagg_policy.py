@@ -1,8 +1,8 @@
-"""Which prompts a decode worker prefills itself and which it sends to a prefill worker."""
+"""Which prompts the router sends to a prefill worker and which the decode worker prefills."""
 
 import pytest
 
-from services.decode.disagg import DisaggPolicy
+from shared.routing.disagg import DisaggPolicy
 
 
 @pytest.mark.parametrize(

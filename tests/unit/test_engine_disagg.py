@@ -14,10 +14,9 @@ from proto.messages import (
     RequestId,
     SamplingParams,
 )
-from shared.engine.engine import ScheduledEngine
 from shared.engine.interface import Engine, EngineRequest, RequestOutput, prefill_sampling
 from shared.engine.runner import KVRegion
-from shared.engine.sim import SimEngine, SimEngineConfig, SimRunner, block_kv_bytes
+from shared.engine.sim import SimEngine, SimEngineConfig, block_kv_bytes
 from shared.engine.timing import TimingModel
 from shared.errors import InvalidRequest, Overloaded
 from shared.kv_hash import hash_block_tokens, hash_prompt_blocks
@@ -571,19 +570,28 @@ def test_kv_block_bytes_zero_means_no_kv_region():
     assert run_alone(engine, request("a", [5, 6, 7], max_tokens=3))[1] is not None
 
 
-def test_modelled_transfer_time_follows_the_timing_model():
+def test_transfer_time_prices_real_bytes_as_modelled_blocks():
     config = make_config()
     engine = SimEngine(config)
 
     assert config.kv_bytes_per_block_modelled == 458_752
-    assert engine.modelled_transfer_s(10) == pytest.approx(
+    # Ten of the runner's real blocks stand for ten blocks of the modelled model.
+    assert engine.transfer_time_s(10 * config.kv_block_bytes) == pytest.approx(
         config.timing.transfer_ms(10 * 458_752) / 1000
     )
-    assert engine.modelled_transfer_s(0) == 0.0
-    real: Engine = ScheduledEngine(
-        config.scheduler_config, SimRunner(config), vocab_size=config.vocab_size
-    )
-    assert real.modelled_transfer_s(10) == 0.0
+    assert engine.transfer_time_s(0) == 0.0
+
+
+def test_held_request_output_lists_its_prompt_blocks():
+    engine = make_engine()
+    engine.add_request(prefill_request(request("a", list(range(1, 11)), max_tokens=5)))
+    outputs = []
+    while engine.has_unfinished():
+        outputs.extend(engine.step().outputs)
+
+    (out,) = outputs
+    assert out.finish_reason is not None
+    assert out.held_block_ids == engine.held_blocks(RequestId("a"))
 
 
 def test_prefill_sampling_asks_for_one_token_sampled_as_the_first():

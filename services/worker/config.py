@@ -1,0 +1,41 @@
+"""The worker's configuration: its role, the settings every worker shares, its engine, and
+the few settings of one role."""
+
+from dataclasses import dataclass, field
+
+from proto.messages import WorkerRole
+from shared.config import doc
+from shared.engine.config import EngineConfig, WorkerConfig
+
+ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerServiceConfig:
+    role: str = field(default="decode", metadata=doc("prefill or decode"))
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prefill_timeout_s: float = field(
+        default=60.0,
+        metadata=doc("decode: longest wait for a prefill worker before prefilling here"),
+    )
+    transfer_timeout_s: float = field(
+        default=30.0, metadata=doc("decode: longest KV transfer before prefilling here instead")
+    )
+    max_hold_s: float = field(
+        default=30.0,
+        metadata=doc(
+            "prefill: free a prompt's KV this long after prefill if no decode worker read it"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+        for name in ("prefill_timeout_s", "transfer_timeout_s", "max_hold_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def worker_role(self) -> WorkerRole:
+        return ROLES[self.role]

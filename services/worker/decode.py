@@ -1,0 +1,166 @@
+"""The decode role: generate requests in from the bus, tokens out per engine step.
+
+A request the router placed with a ``prefill_worker_id`` is prefilled there and its KV pulled
+here (``handoff.RemotePrefill``); any other is prefilled here. The router alone decides which;
+this role only falls back to a local prefill when the handoff fails.
+"""
+
+import logging
+import time
+from typing import ClassVar
+
+import msgspec
+
+from proto.messages import (
+    FinishReason,
+    GenerateAccepted,
+    GenerateRequest,
+    RequestId,
+    TokenChunk,
+    WorkerRole,
+)
+from services.worker.handoff import RemotePrefill
+from services.worker.inflight import InFlight
+from services.worker.role import Role, WorkerContext
+from shared.codec import encode
+from shared.engine.interface import EngineRequest, StepResult
+from shared.errors import InvalidRequest, ServingError
+from shared.streams import encode_batches, group_chunks
+
+logger = logging.getLogger(__name__)
+
+# Errors a handoff is expected to meet (a peer refused, died, timed out; a transfer or a
+# reply failed); anything else is a bug, logged with its traceback before the fallback.
+_EXPECTED = (ServingError, TimeoutError, KeyError, msgspec.DecodeError)
+
+
+class DecodeRole(Role):
+    """Streams each request's tokens to its frontend (``GenerateRequest.stream_subject``)."""
+
+    kind: ClassVar[WorkerRole] = WorkerRole.DECODE
+    request_type: ClassVar[type[GenerateRequest]] = GenerateRequest
+
+    def __init__(self, context: WorkerContext) -> None:
+        self.context = context
+        self.in_flight: InFlight[str] = InFlight()  # request id -> stream subject
+        self.remote: RemotePrefill | None = None  # set when this worker can receive KV
+        self.num_fallbacks = 0
+
+    @property
+    def num_handoffs(self) -> int:
+        return len(self.remote) if self.remote is not None else 0
+
+    async def admit(self, request: GenerateRequest, reply_subject: str) -> None:
+        rid = request.request_id
+        if not request.stream_subject:
+            raise InvalidRequest("stream_subject is required")
+        engine_request = EngineRequest(
+            request_id=rid,
+            token_ids=request.token_ids,
+            sampling=request.sampling,
+            arrival_time_s=time.monotonic(),
+        )
+        remote = self.remote if request.prefill_worker_id is not None else None
+        if remote is None:
+            await self.context.loop.add(engine_request)  # raises InvalidRequest at once
+        self.in_flight.add(rid, request.stream_subject)
+        if remote is not None:
+            assert request.prefill_worker_id is not None
+            remote.start(engine_request, request.prefill_worker_id)
+        if reply_subject:
+            accepted = GenerateAccepted(
+                request_id=rid,
+                worker_id=self.context.worker_id,
+                num_prompt_tokens=len(request.token_ids),
+            )
+            await self.context.bus.publish_bytes(reply_subject, encode(accepted))
+
+    async def deliver(self, result: StepResult) -> None:
+        await self.publish(
+            [
+                TokenChunk(
+                    out.request_id,
+                    out.new_token_ids,
+                    out.finish_reason,
+                    out.num_prompt_tokens,
+                    out.num_cached_tokens,
+                )
+                for out in result.outputs
+            ]
+        )
+
+    async def publish(self, chunks: list[TokenChunk]) -> None:
+        """Send chunks to their frontends, one message per destination; a finished request
+        leaves ``in_flight``. A destination that cannot be reached (a chunk over the bus's
+        payload limit, a closed connection) ends only its own requests."""
+        pairs = []
+        in_flight = self.in_flight
+        for chunk in chunks:
+            subject = in_flight.get(chunk.request_id)
+            if subject is None:
+                continue  # ended while the step ran
+            if chunk.finish_reason is not None:
+                in_flight.pop(chunk.request_id)
+            pairs.append((subject, chunk))
+        bus = self.context.bus
+        for subject, group in group_chunks(pairs).items():
+            try:
+                for payload in encode_batches(self.context.worker_id, group, bus.max_payload):
+                    await bus.publish_bytes(subject, payload)
+            except ServingError as exc:
+                logger.warning("chunks not delivered subject=%s error=%s", subject, exc)
+                for chunk in group:
+                    await self._abort(chunk.request_id)
+
+    async def end(
+        self, request_id: RequestId, reason: FinishReason, error: str | None = None
+    ) -> None:
+        subject = self.in_flight.pop(request_id)
+        if subject is None:
+            return
+        await self._abort(request_id)
+        if error is None:
+            return
+        chunk = TokenChunk(request_id, [], reason, error=error)
+        try:
+            payloads = encode_batches(self.context.worker_id, [chunk], self.context.bus.max_payload)
+            for payload in payloads:
+                await self.context.bus.publish_bytes(subject, payload)
+        except ServingError as exc:
+            logger.warning("end not delivered request_id=%s error=%s", request_id, exc)
+
+    async def _abort(self, request_id: RequestId) -> None:
+        self.in_flight.pop(request_id)
+        if self.remote is not None:
+            self.remote.cancel(request_id)
+        await self.context.loop.abort(request_id)
+
+    # --- handoff outcomes ----------------------------------------------------------------------
+
+    async def on_handoff_ready(self, chunk: TokenChunk) -> None:
+        await self.publish([chunk])
+
+    async def on_handoff_failed(self, request: EngineRequest, error: BaseException) -> None:
+        """Prefill here instead; if even that fails, end the request with the error."""
+        rid = request.request_id
+        if rid not in self.in_flight:
+            return  # ended meanwhile
+        self.num_fallbacks += 1
+        if isinstance(error, _EXPECTED):
+            logger.warning(
+                "remote prefill failed; prefilling here request_id=%s error=%r", rid, error
+            )
+        else:
+            logger.error(
+                "remote prefill broke; prefilling here request_id=%s",
+                rid,
+                exc_info=(type(error), error, error.__traceback__),
+            )
+        try:
+            await self.context.loop.add(request)
+        except ServingError as exc:
+            await self.end(rid, FinishReason.ERROR, str(exc))
+
+    async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()

@@ -1,0 +1,234 @@
+"""The worker shell: everything a prefill and a decode worker do alike.
+
+- **Inbox**: decode every message on the worker's subject against one typed union, answer a
+  malformed one with a typed ``ErrorReply``, refuse a request while draining, a duplicate id,
+  a request of the other role's type, or one past the waiting cap; hand the rest to the role.
+- **In flight**: the role's ``InFlight`` registry says when nothing is owed any more, which is
+  what the drain waits for.
+- **Engine steps**: the engine loop calls back here after each step, outside its lock; the
+  shell publishes the step's KV events and passes the outputs to the role. A failure to hand
+  them on ends only the requests of that step, never the loop.
+- **Router feeds**: numbered ``KVEventBatch``es, ``LoadMetrics`` every ``load_interval_s``,
+  and the whole cached set on a ``KVStateRequest`` (a router's resync).
+- **Lifecycle**: register in etcd, serve until told to stop, then drain: mark the entry
+  draining, wait for in-flight work up to the deadline, end the rest with a reason, revoke.
+"""
+
+import asyncio
+import gc
+import logging
+
+import msgspec
+from nats.aio.msg import Msg
+
+from proto import subjects
+from proto.messages import (
+    AbortRequest,
+    FinishReason,
+    GenerateRequest,
+    KVEventBatch,
+    KVRelease,
+    KVState,
+    KVStateRequest,
+    LoadMetrics,
+    ModelCard,
+    PrefillRequest,
+    WorkerInfo,
+)
+from services.worker.role import Role, WorkerContext
+from shared.codec import encode, worker_inbound_decoder
+from shared.discovery import Discovery
+from shared.engine.config import WorkerConfig
+from shared.engine.interface import Engine, StepResult
+from shared.errors import InvalidRequest, Overloaded, ServingError, Unavailable
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerShell:
+    """Serves one role's engine on the bus under ``context.worker_id``."""
+
+    def __init__(self, context: WorkerContext, role: Role, config: WorkerConfig) -> None:
+        self.context = context
+        self.role = role
+        self.config = config
+        self.bus = context.bus
+        self.loop = context.loop
+        self.inbox = subjects.worker_inbox(context.namespace, context.worker_id)
+        self.is_draining = False
+        self.num_bad_messages = 0
+        self.num_delivery_failures = 0
+        self._kv_event_seq = 0
+
+    # --- inbox ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe to the inbox (the engine loop calls ``on_step`` once it runs)."""
+        await self.bus.subscribe(self.inbox, self._on_message)
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            message = worker_inbound_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self.num_bad_messages += 1
+            logger.warning("bad worker message subject=%s error=%s", msg.subject, exc)
+            if msg.reply:
+                error = InvalidRequest(f"malformed message: {exc}")
+                await self.bus.publish_bytes(msg.reply, encode(error.to_reply()))
+            return
+        match message:
+            case GenerateRequest() | PrefillRequest():
+                await self._admit(message, msg.reply)
+            case AbortRequest(request_id=request_id):
+                await self.role.end(request_id, FinishReason.ABORT)
+            case KVRelease(request_id=request_id):
+                await self.role.release(request_id)
+            case KVStateRequest():
+                if msg.reply:
+                    await self.bus.publish(msg.reply, await self.kv_state())
+
+    async def _admit(self, request: GenerateRequest | PrefillRequest, reply_subject: str) -> None:
+        role = self.role
+        try:
+            if self.is_draining:
+                raise Unavailable(f"worker {self.context.worker_id} is draining", retry_after_s=1.0)
+            if not isinstance(request, role.request_type):
+                raise InvalidRequest(
+                    f"a {type(request).__name__} was sent to a {role.kind.name.lower()} worker"
+                )
+            if request.request_id in role.in_flight:
+                raise InvalidRequest(f"request {request.request_id} is already running here")
+            max_waiting = self.config.max_waiting
+            if self.loop.stats().num_waiting >= max_waiting:
+                raise Overloaded(
+                    f"worker {self.context.worker_id} has {max_waiting} requests waiting",
+                    retry_after_s=1.0,
+                )
+            await role.admit(request, reply_subject)
+        except ServingError as exc:
+            if reply_subject:
+                await self.bus.publish_bytes(reply_subject, encode(exc.to_reply()))
+
+    # --- engine steps --------------------------------------------------------------------------
+
+    async def on_step(self, result: StepResult) -> None:
+        """The engine loop's callback, outside its lock: KV events first (a router learns of
+        the prompt's blocks no later than the client of its first token), then the outputs."""
+        try:
+            await self.publish_kv_events()
+        except ServingError as exc:  # routers notice the gap and resync
+            logger.warning("KV events not published error=%s", exc)
+        try:
+            await self.role.deliver(result)
+        except Exception as exc:
+            # A bug or a lost bus: these requests cannot be served, the others still can.
+            self.num_delivery_failures += 1
+            logger.exception("step outputs not delivered num_outputs=%d", len(result.outputs))
+            for out in result.outputs:
+                await self.role.end(out.request_id, FinishReason.ERROR, f"delivery failed: {exc}")
+
+    async def publish_kv_events(self) -> None:
+        """Publish the blocks stored and removed since the last call, numbered for gap checks."""
+        async with self.loop.exclusive() as engine:
+            await self._publish_kv_events(engine)
+
+    async def kv_state(self) -> KVState:
+        """Every cached block and the seq it reflects, consistent with the event stream:
+        events not yet published are published first."""
+        async with self.loop.exclusive() as engine:
+            await self._publish_kv_events(engine)
+            return KVState(
+                worker_id=self.context.worker_id,
+                seq=self._kv_event_seq,
+                block_hashes=engine.cached_block_hashes(),
+            )
+
+    async def _publish_kv_events(self, engine: Engine) -> None:
+        # Under the engine lock, so that events go out in the order the engine made them and
+        # a KVState cannot overtake a batch taken before it.
+        events = engine.take_kv_events()
+        if not events:
+            return
+        self._kv_event_seq += 1
+        await self.bus.publish(
+            subjects.kv_events(self.context.namespace, self.context.worker_id),
+            KVEventBatch(worker_id=self.context.worker_id, seq=self._kv_event_seq, events=events),
+        )
+
+    # --- load ----------------------------------------------------------------------------------
+
+    def load_metrics(self) -> LoadMetrics:
+        stats = self.loop.stats()
+        return LoadMetrics(
+            worker_id=self.context.worker_id,
+            num_running=stats.num_running + stats.num_reserved + self.role.num_handoffs,
+            num_waiting=stats.num_waiting,
+            num_free_blocks=stats.num_free_blocks,
+            num_total_blocks=stats.num_total_blocks,
+            kv_usage=stats.kv_usage,
+            is_draining=self.is_draining,
+        )
+
+    async def publish_load(self) -> None:
+        """Publish load metrics every ``load_interval_s`` until cancelled."""
+        subject = subjects.load_metrics(self.context.namespace, self.context.worker_id)
+        while True:
+            try:
+                await self.bus.publish(subject, self.load_metrics())
+            except ServingError as exc:
+                logger.warning("load not published error=%s", exc)
+            await asyncio.sleep(self.config.load_interval_s)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        discovery: Discovery,
+        info: WorkerInfo,
+        card: ModelCard,
+        stopping: asyncio.Event,
+    ) -> None:
+        """Run until ``stopping`` is set, then drain (see the module docstring)."""
+        config = self.config
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self.loop.run(self.on_step), name="engine-loop"),
+                tg.create_task(self.publish_load(), name="load"),
+                tg.create_task(self.role.run(), name="role"),
+            ]
+            await self.start()
+            await discovery.put_model(config.namespace, card)
+            registration = await discovery.register_worker(
+                config.namespace, info, ttl_s=config.lease_ttl_s
+            )
+            gc.freeze()  # start-up objects live forever: keep them out of every collection
+            logger.info("worker ready worker_id=%s role=%s", info.worker_id, info.role.name)
+            await stopping.wait()
+            logger.info("[shutdown] draining worker_id=%s", info.worker_id)
+            await registration.update(encode(msgspec.structs.replace(info, is_draining=True)))
+            await self.drain(config.drain_timeout_s)
+            await registration.revoke()
+            await self.role.close()
+            for task in tasks:
+                task.cancel()
+            await self.bus.flush()
+        logger.info("[shutdown] worker stopped worker_id=%s", info.worker_id)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new work, let in-flight requests finish for up to ``timeout_s``, then end
+        the rest with a reason (so no client stream hangs)."""
+        self.is_draining = True
+        await self.bus.publish(
+            subjects.load_metrics(self.context.namespace, self.context.worker_id),
+            self.load_metrics(),
+        )
+        in_flight = self.role.in_flight
+        try:
+            async with asyncio.timeout(timeout_s):
+                await in_flight.idle.wait()
+        except TimeoutError:
+            logger.warning(
+                "[shutdown] drain deadline passed; ending num_requests=%d", len(in_flight)
+            )
+            for request_id in in_flight:
+                await self.role.end(request_id, FinishReason.ABORT, "worker shut down")

@@ -1,0 +1,492 @@
+"""The worker shell and the KV handoff in one process, on a real nats-server: prefill and
+decode roles over simulated engines whose KV moves through a real (tcp) transfer agent.
+
+Each failure path of the handoff must end (or fall back) at once, well inside the minute
+that a prefill or a transfer may take, and leave no block reserved or held.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+from nats.aio.msg import Msg
+
+from proto import subjects
+from proto.messages import (
+    AbortRequest,
+    ErrorCode,
+    ErrorReply,
+    FinishReason,
+    GenerateAccepted,
+    GenerateRequest,
+    InstanceId,
+    PrefillDone,
+    PrefillRequest,
+    RequestId,
+    SamplingParams,
+    TokenChunk,
+    WorkerInfo,
+    WorkerRole,
+)
+from services.worker.decode import DecodeRole
+from services.worker.handoff import RemotePrefill
+from services.worker.prefill import PrefillRole
+from services.worker.role import Role, WorkerContext
+from services.worker.shell import WorkerShell
+from shared.bus import Bus
+from shared.codec import encode, generate_reply_decoder, token_batch_decoder
+from shared.engine.config import WorkerConfig
+from shared.engine.kv_connector import RegionConnector
+from shared.engine.loop import EngineLoop
+from shared.engine.sim import SimEngine, SimEngineConfig
+from shared.engine.timing import TimingModel
+from shared.kv_transfer import TransferAgent, create_agent
+from shared.servers import ServerProcess
+
+NUM_BLOCKS = 256
+PROMPT = list(range(100, 400))  # 300 tokens: 19 blocks of 16
+SAMPLING = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+FAST = 5.0  # seconds: every path here must end long before a prefill or transfer timeout
+
+
+def sim_engine(agent: TransferAgent, speedup: float) -> SimEngine:
+    config = SimEngineConfig(
+        num_kv_blocks=NUM_BLOCKS, vocab_size=1000, timing=TimingModel(speedup=speedup)
+    )
+    engine = SimEngine(config, kv_buffer=agent.allocate(NUM_BLOCKS * config.kv_block_bytes))
+    region = engine.kv_region
+    assert region is not None
+    agent.register(region.address, region.size_bytes)
+    return engine
+
+
+@dataclass
+class Worker:
+    worker_id: InstanceId
+    shell: WorkerShell
+    engine: SimEngine
+    agent: TransferAgent
+    connector: RegionConnector
+    info: WorkerInfo
+
+    @property
+    def inbox(self) -> str:
+        return self.shell.inbox
+
+
+@dataclass
+class Peers:
+    """The directory decode workers look prefill workers up in (etcd's, in a real worker):
+    every worker this test started, plus what a test adds."""
+
+    infos: dict[InstanceId, WorkerInfo] = field(default_factory=dict)
+
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+def peers() -> Peers:
+    return Peers()
+
+
+@pytest.fixture
+async def bus(nats_server: ServerProcess) -> AsyncIterator[Bus]:
+    async with Bus.connect(nats_server.url) as connected:
+        yield connected
+
+
+@pytest.fixture
+async def start_worker(bus: Bus, namespace: str, peers: Peers) -> AsyncIterator[StartWorker]:
+    """A factory of running workers (shell, role and engine loop), stopped at the end."""
+    stack = contextlib.AsyncExitStack()
+
+    async def start(
+        role: WorkerRole, *, max_waiting: int = 64, max_hold_s: float = 30.0, speedup: float = 50.0
+    ) -> Worker:
+        worker_id = InstanceId(f"{role.name.lower()}-{len(peers.infos)}")
+        agent = stack.enter_context(create_agent("tcp", worker_id))
+        engine = sim_engine(agent, speedup)
+        region = engine.kv_region
+        assert region is not None
+        connector = RegionConnector(agent, region, engine.block_size)
+        loop = EngineLoop(engine, step_in_thread=False)
+        context = WorkerContext(bus, namespace, worker_id, loop)
+        worker_role: Role
+        if role is WorkerRole.PREFILL:
+            worker_role = PrefillRole(context, connector, agent.name, max_hold_s=max_hold_s)
+        else:
+            decode = DecodeRole(context)
+            decode.remote = RemotePrefill(
+                bus,
+                namespace,
+                worker_id,
+                loop,
+                connector,
+                lambda: peers.infos,
+                prefill_timeout_s=60.0,
+                transfer_timeout_s=60.0,
+                on_ready=decode.on_handoff_ready,
+                on_failed=decode.on_handoff_failed,
+            )
+            worker_role = decode
+        shell = WorkerShell(
+            context, worker_role, WorkerConfig(namespace=namespace, max_waiting=max_waiting)
+        )
+        await shell.start()
+        info = WorkerInfo(
+            worker_id=worker_id,
+            model="baton-sim",
+            role=role,
+            subject=shell.inbox,
+            max_num_seqs=256,
+            num_kv_blocks=NUM_BLOCKS,
+            kv_agent=agent.name,
+            kv_agent_metadata=agent.metadata(),
+        )
+        peers.infos[worker_id] = info
+        task = asyncio.create_task(loop.run(shell.on_step))
+
+        async def stop() -> None:
+            await worker_role.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        stack.push_async_callback(stop)
+        return Worker(worker_id, shell, engine, agent, connector, info)
+
+    async with stack:
+        yield start
+
+
+@dataclass
+class Stream:
+    subject: str
+    chunks: dict[RequestId, list[TokenChunk]] = field(default_factory=dict)
+    finished: dict[RequestId, asyncio.Event] = field(default_factory=dict)
+
+    def done(self, request_id: str) -> asyncio.Event:
+        return self.finished.setdefault(RequestId(request_id), asyncio.Event())
+
+    def tokens(self, request_id: str) -> list[int]:
+        return [t for c in self.chunks.get(RequestId(request_id), []) for t in c.token_ids]
+
+    def last(self, request_id: str) -> TokenChunk:
+        return self.chunks[RequestId(request_id)][-1]
+
+
+@pytest.fixture
+async def stream(bus: Bus, namespace: str) -> Stream:
+    result = Stream(subjects.stream_inbox(namespace, "fe"))
+
+    async def on_batch(msg: Msg) -> None:
+        for chunk in token_batch_decoder.decode(msg.data).chunks:
+            result.chunks.setdefault(chunk.request_id, []).append(chunk)
+            if chunk.finish_reason is not None:
+                result.done(chunk.request_id).set()
+
+    await bus.subscribe(result.subject, on_batch)
+    return result
+
+
+async def generate(
+    bus: Bus,
+    worker: Worker,
+    stream: Stream,
+    request_id: str,
+    *,
+    prefill_worker_id: InstanceId | None = None,
+    prompt: list[int] = PROMPT,
+) -> GenerateAccepted | ErrorReply:
+    request = GenerateRequest(
+        request_id=RequestId(request_id),
+        model="baton-sim",
+        token_ids=prompt,
+        sampling=SAMPLING,
+        stream_subject=stream.subject,
+        prefill_worker_id=prefill_worker_id,
+    )
+    return generate_reply_decoder.decode(await bus.request(worker.inbox, request, timeout_s=FAST))
+
+
+async def eventually(predicate: Callable[[], bool]) -> None:
+    """Wait, bounded by FAST, for what another task or process is about to make true."""
+    async with asyncio.timeout(FAST):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def finish(stream: Stream, request_id: str) -> TokenChunk:
+    async with asyncio.timeout(FAST):
+        await stream.done(request_id).wait()
+    return stream.last(request_id)
+
+
+def assert_no_blocks_in_use(*workers: Worker) -> None:
+    for worker in workers:
+        stats = worker.engine.stats()
+        assert (stats.num_running, stats.num_reserved, stats.num_held) == (0, 0, 0)
+        assert stats.num_free_blocks == NUM_BLOCKS
+        assert len(worker.shell.role.in_flight) == 0
+
+
+@contextlib.asynccontextmanager
+async def fake_prefill(
+    bus: Bus, subject: str, answer: Callable[[PrefillRequest], bytes | None]
+) -> AsyncIterator[list[bytes]]:
+    """A peer on the prefill worker's subject that answers with ``answer`` (None: never) and
+    records every message it gets (aborts and releases included)."""
+    seen: list[bytes] = []
+
+    async def on_message(msg: Msg) -> None:
+        seen.append(msg.data)
+        message = msgspec.msgpack.decode(msg.data)
+        if message.get("type") == "prefill" and msg.reply:
+            payload = answer(msgspec.msgpack.decode(msg.data, type=PrefillRequest))
+            if payload is not None:
+                await bus.publish_bytes(msg.reply, payload)
+
+    sub = await bus.subscribe(subject, on_message)
+    try:
+        yield seen
+    finally:
+        await sub.unsubscribe()
+
+
+# --- the shell -------------------------------------------------------------------------------
+
+
+async def test_shell_answers_a_malformed_message_with_a_typed_error_and_keeps_serving(
+    bus, start_worker, stream
+):
+    decode = await start_worker(WorkerRole.DECODE)
+    reply = generate_reply_decoder.decode(
+        await bus_request_bytes(bus, decode.inbox, b"\x93\x01\x02")
+    )
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == ErrorCode.INVALID_REQUEST
+    assert decode.shell.num_bad_messages == 1
+
+    assert isinstance(await generate(bus, decode, stream, "after"), GenerateAccepted)
+    assert (await finish(stream, "after")).finish_reason == FinishReason.LENGTH
+    assert len(stream.tokens("after")) == SAMPLING.max_tokens
+
+
+async def bus_request_bytes(bus: Bus, subject: str, payload: bytes) -> bytes:
+    """A request with a raw payload (``Bus.request`` only sends typed messages)."""
+    inbox = f"_INBOX.test.{id(payload)}"
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def on_reply(msg: Msg) -> None:
+        if not got.done():
+            got.set_result(msg.data)
+
+    sub = await bus.subscribe(inbox, on_reply)
+    try:
+        await bus.publish_bytes(subject, payload, reply=inbox)
+        async with asyncio.timeout(FAST):
+            return await got
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_shell_refuses_duplicates_wrong_role_and_past_the_waiting_cap(
+    bus, start_worker, stream
+):
+    decode = await start_worker(WorkerRole.DECODE, max_waiting=0)
+    # max_waiting=0: every new request is past the cap while none has been scheduled.
+    refused = await generate(bus, decode, stream, "a")
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == ErrorCode.OVERLOADED
+
+    decode = await start_worker(WorkerRole.DECODE)
+    assert isinstance(await generate(bus, decode, stream, "b"), GenerateAccepted)
+    duplicate = await generate(bus, decode, stream, "b")
+    assert isinstance(duplicate, ErrorReply)
+    assert duplicate.code == ErrorCode.INVALID_REQUEST
+    assert "already running" in duplicate.message
+    # The first one is untouched by the refused duplicate.
+    assert (await finish(stream, "b")).finish_reason == FinishReason.LENGTH
+    assert len(stream.tokens("b")) == SAMPLING.max_tokens
+
+    wrong = PrefillRequest(request_id=RequestId("c"), token_ids=PROMPT)
+    reply = generate_reply_decoder.decode(await bus.request(decode.inbox, wrong, timeout_s=FAST))
+    assert isinstance(reply, ErrorReply)
+    assert "decode worker" in reply.message
+    assert_no_blocks_in_use(decode)
+
+
+async def test_shell_drain_ends_what_is_left_with_a_reason(bus, start_worker, stream):
+    decode = await start_worker(WorkerRole.DECODE, speedup=1.0)  # 3,000 tokens take seconds
+    long = msgspec.structs.replace(SAMPLING, max_tokens=3000)
+    request = GenerateRequest(
+        request_id=RequestId("slow"),
+        model="baton-sim",
+        token_ids=PROMPT,
+        sampling=long,
+        stream_subject=stream.subject,
+    )
+    await bus.request(decode.inbox, request, timeout_s=FAST)
+    await decode.shell.drain(timeout_s=0.2)
+    last = await finish(stream, "slow")
+    assert last.finish_reason == FinishReason.ABORT
+    assert last.error == "worker shut down"
+    refused = await generate(bus, decode, stream, "late")
+    assert isinstance(refused, ErrorReply)
+    assert refused.code == ErrorCode.UNAVAILABLE
+    assert_no_blocks_in_use(decode)
+
+
+# --- the handoff -----------------------------------------------------------------------------
+
+
+async def local_tokens(bus: Bus, start_worker: StartWorker, stream: Stream) -> list[int]:
+    alone = await start_worker(WorkerRole.DECODE)
+    await generate(bus, alone, stream, "local")
+    await finish(stream, "local")
+    return stream.tokens("local")
+
+
+async def test_handoff_pulls_the_prompt_kv_and_decodes_the_same_tokens(bus, start_worker, stream):
+    expected = await local_tokens(bus, start_worker, stream)
+    prefill = await start_worker(WorkerRole.PREFILL)
+    decode = await start_worker(WorkerRole.DECODE)
+
+    await generate(bus, decode, stream, "r", prefill_worker_id=prefill.worker_id)
+    await finish(stream, "r")
+
+    assert stream.tokens("r") == expected
+    first = stream.chunks[RequestId("r")][0]
+    assert first.ttft is not None
+    assert first.ttft.is_remote_prefill
+    role = decode.shell.role
+    assert isinstance(role, DecodeRole)
+    assert role.remote is not None
+    assert (role.remote.num_remote, role.num_fallbacks) == (1, 0)
+    # The prompt's blocks arrived byte for byte: the decode worker now caches the prefix.
+    assert decode.engine.cached_prefix_tokens(PROMPT) == len(PROMPT) // 16 * 16
+    await eventually(lambda: prefill.engine.stats().num_held == 0)  # KVRelease on its way
+    assert_no_blocks_in_use(prefill, decode)
+
+
+def impostor(peers: Peers, real: Worker, name: str) -> InstanceId:
+    """Register a prefill worker ``name`` that lives at its own subject, with the agent
+    metadata of ``real``; returns its id."""
+    worker_id = InstanceId(name)
+    peers.infos[worker_id] = msgspec.structs.replace(
+        real.info, worker_id=worker_id, subject=f"{real.inbox}-{name}"
+    )
+    return worker_id
+
+
+async def test_handoff_falls_back_at_once_when_the_prefill_worker_is_gone(
+    bus, start_worker, stream, peers
+):
+    expected = await local_tokens(bus, start_worker, stream)
+    decode = await start_worker(WorkerRole.DECODE)
+    prefill = await start_worker(WorkerRole.PREFILL)
+    # Still in the directory (its lease has not expired), but nobody listens any more.
+    gone = impostor(peers, prefill, "gone")
+
+    await generate(bus, decode, stream, "x", prefill_worker_id=gone)
+    last = await finish(stream, "x")
+
+    assert last.finish_reason == FinishReason.LENGTH
+    assert stream.tokens("x") == expected
+    role = decode.shell.role
+    assert isinstance(role, DecodeRole)
+    assert role.num_fallbacks == 1
+    assert_no_blocks_in_use(decode)
+
+
+def prefill_done(request: PrefillRequest, descriptors: list[tuple[int, int]]) -> bytes:
+    return encode(
+        PrefillDone(
+            request_id=request.request_id,
+            worker_id=InstanceId("fake"),
+            first_token_id=5,
+            num_prompt_tokens=len(request.token_ids),
+            num_cached_tokens=0,
+            kv_agent="prefill-0",
+            block_descriptors=descriptors,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda req: b"\xc1 not msgpack", id="malformed-reply"),
+        pytest.param(
+            lambda req: encode(
+                PrefillDone(
+                    request_id=req.request_id,
+                    worker_id="x",
+                    first_token_id=-1,
+                    num_prompt_tokens=0,
+                    num_cached_tokens=0,
+                    kv_agent="",
+                    block_descriptors=[],
+                )
+            ).replace(b"block_descriptors", b"block_descriptorz"),
+            id="reply-missing-a-field",
+        ),
+        pytest.param(
+            lambda req: encode(ErrorReply(code=ErrorCode.OVERLOADED, message="full")),
+            id="refused",
+        ),
+        pytest.param(
+            lambda req: prefill_done(req, [(1 << 40, 64)] * 19),  # memory nobody registered
+            id="transfer-fails",
+        ),
+        pytest.param(
+            lambda req: prefill_done(req, [(0, 64)] * 3),  # not one per prompt block
+            id="wrong-block-count",
+        ),
+    ],
+)
+async def test_handoff_failure_falls_back_to_a_local_prefill_at_once(
+    bus, start_worker, stream, peers, answer
+):
+    expected = await local_tokens(bus, start_worker, stream)
+    decode = await start_worker(WorkerRole.DECODE)
+    real = await start_worker(WorkerRole.PREFILL)
+    fake = impostor(peers, real, "fake")
+    async with fake_prefill(bus, peers.infos[fake].subject, answer) as seen:
+        await generate(bus, decode, stream, "f", prefill_worker_id=fake)
+        last = await finish(stream, "f")
+        await eventually(lambda: len(seen) >= 2)  # the cleanup after the PrefillRequest
+    assert last.finish_reason == FinishReason.LENGTH
+    assert stream.tokens("f") == expected
+    role = decode.shell.role
+    assert isinstance(role, DecodeRole)
+    assert role.num_fallbacks == 1
+    cleanup = msgspec.msgpack.decode(seen[1])
+    assert cleanup["type"] in ("abort", "kv_release")
+    assert cleanup["request_id"] == "f"
+    assert_no_blocks_in_use(decode)
+
+
+async def test_client_abort_during_the_prefill_ends_both_sides(bus, start_worker, stream, peers):
+    decode = await start_worker(WorkerRole.DECODE)
+    real = await start_worker(WorkerRole.PREFILL)
+    silent = impostor(peers, real, "silent")
+    async with fake_prefill(bus, peers.infos[silent].subject, lambda req: None) as seen:
+        await generate(bus, decode, stream, "c", prefill_worker_id=silent)
+        await eventually(lambda: bool(seen))
+        await bus.publish(decode.inbox, AbortRequest(request_id=RequestId("c")))
+        await eventually(lambda: len(seen) >= 2)
+    assert msgspec.msgpack.decode(seen[1]) == {"type": "abort", "request_id": "c"}
+    role = decode.shell.role
+    assert isinstance(role, DecodeRole)
+    assert role.remote is not None
+    await eventually(lambda: len(role.remote) == 0)
+    assert RequestId("c") not in stream.chunks  # an abort sends nothing back
+    assert role.num_fallbacks == 0
+    assert_no_blocks_in_use(decode)

@@ -1,0 +1,175 @@
+"""The router's whole placement of a request: decode worker, then local or remote prefill."""
+
+import pytest
+
+from proto.messages import BlockStored, InstanceId, KVEventBatch, WorkerInfo, WorkerRole
+from shared.errors import Unavailable
+from shared.kv_hash import hash_prompt_blocks
+from shared.routing.disagg import DisaggPolicy
+from shared.routing.placement import Placement, place
+from shared.routing.router import Router
+
+BS = 16
+MODEL = "m"
+DECODE = InstanceId("d0")
+PREFILLS = [InstanceId("p0"), InstanceId("p1")]
+
+
+def worker(
+    worker_id: InstanceId,
+    role: WorkerRole,
+    *,
+    kv_agent: str = "shm",
+    model: str = MODEL,
+    is_draining: bool = False,
+) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=worker_id,
+        model=model,
+        role=role,
+        subject=f"w.{worker_id}",
+        max_num_seqs=8,
+        num_kv_blocks=10_000,
+        is_draining=is_draining,
+        kv_agent=kv_agent,
+        kv_block_size=BS,
+    )
+
+
+def cluster(**decode_fields) -> list[WorkerInfo]:
+    return [
+        worker(DECODE, WorkerRole.DECODE, **decode_fields),
+        *(worker(p, WorkerRole.PREFILL) for p in PREFILLS),
+    ]
+
+
+def prompt(num_tokens: int, first: int = 0) -> list[int]:
+    return list(range(first, first + num_tokens))
+
+
+def run_place(router: Router, workers: list[WorkerInfo], token_ids: list[int]) -> Placement:
+    return place(
+        router,
+        workers,
+        MODEL,
+        hash_prompt_blocks(token_ids, BS),
+        len(token_ids),
+        block_size=BS,
+        disagg=DisaggPolicy(),
+    )
+
+
+def store(router: Router, worker_id: InstanceId, token_ids: list[int]) -> None:
+    hashes = hash_prompt_blocks(token_ids, BS)
+    batch = KVEventBatch(worker_id=worker_id, seq=1, events=[BlockStored(block_hashes=hashes)])
+    assert not router.apply(worker_id, batch).needs_resync
+
+
+def test_place_prefills_a_long_uncached_prompt_remotely_and_records_both_loads():
+    router = Router()
+    token_ids = prompt(4096)  # 256 blocks, none cached
+
+    placement = run_place(router, cluster(), token_ids)
+
+    assert placement.decode.worker_id == DECODE
+    assert placement.num_decode_cached_tokens == 0
+    assert placement.is_remote_prefill
+    assert placement.prefill is not None
+    prefill_load = router.load_of(placement.prefill.worker_id)
+    assert prefill_load is not None
+    assert (prefill_load.num_pending_requests, prefill_load.num_pending_prefill_blocks) == (1, 256)
+    decode_load = router.load_of(DECODE)
+    assert decode_load is not None
+    # The decode worker receives the prompt's KV but computes none of it.
+    assert (decode_load.num_pending_blocks, decode_load.num_pending_prefill_blocks) == (256, 0)
+
+
+def test_place_spreads_remote_prefills_by_their_recorded_load():
+    router = Router()
+
+    first = run_place(router, cluster(), prompt(4096))
+    second = run_place(router, cluster(), prompt(4096, first=10_000))
+
+    assert first.prefill is not None
+    assert second.prefill is not None
+    assert {first.prefill.worker_id, second.prefill.worker_id} == set(PREFILLS)
+
+
+def test_place_prefers_the_prefill_worker_that_caches_the_prompt():
+    router = Router()
+    token_ids = prompt(4096)
+    store(router, PREFILLS[1], token_ids[:2048])
+
+    placement = run_place(router, cluster(), token_ids)
+
+    assert placement.prefill is not None
+    assert (placement.prefill.worker_id, placement.prefill.overlap_blocks) == (PREFILLS[1], 128)
+
+
+def test_place_prefills_locally_when_the_decode_worker_caches_most_of_the_prompt():
+    router = Router()
+    token_ids = prompt(4096)
+    store(router, DECODE, token_ids[:3584])  # 512 uncached tokens: under 2,048
+
+    placement = run_place(router, cluster(), token_ids)
+
+    assert placement.prefill is None
+    assert placement.num_decode_cached_tokens == 3584
+    assert all(router.load_of(p) is None for p in PREFILLS)
+    decode_load = router.load_of(DECODE)
+    assert decode_load is not None
+    assert (decode_load.num_pending_blocks, decode_load.num_pending_prefill_blocks) == (256, 32)
+
+
+def test_place_prefills_a_short_prompt_locally():
+    router = Router()
+
+    placement = run_place(router, cluster(), prompt(100))
+
+    assert placement.prefill is None
+    assert not placement.is_remote_prefill
+    assert all(router.load_of(p) is None for p in PREFILLS)
+
+
+@pytest.mark.parametrize(
+    "prefill_fields",
+    [
+        {"is_draining": True},
+        {"model": "other"},
+        {"kv_agent": ""},  # cannot send KV
+    ],
+)
+def test_place_prefills_locally_without_a_usable_prefill_worker(prefill_fields):
+    router = Router()
+    workers = [
+        worker(DECODE, WorkerRole.DECODE),
+        *(worker(p, WorkerRole.PREFILL, **prefill_fields) for p in PREFILLS),
+    ]
+
+    assert run_place(router, workers, prompt(4096)).prefill is None
+    assert run_place(router, workers[:1], prompt(4096)).prefill is None  # no prefill pool
+
+
+def test_place_prefills_locally_when_the_decode_worker_cannot_receive_kv():
+    router = Router()
+
+    placement = run_place(router, cluster(kv_agent=""), prompt(4096))
+
+    assert placement.prefill is None
+    assert all(router.load_of(p) is None for p in PREFILLS)
+
+
+def test_place_never_sends_a_request_to_a_prefill_worker_to_decode():
+    router = Router()
+    workers = cluster()
+    workers.append(worker(InstanceId("d1"), WorkerRole.DECODE, is_draining=True))
+
+    decisions = {run_place(router, workers, prompt(64, first=i)).decode.worker_id for i in range(8)}
+
+    assert decisions == {DECODE}
+
+
+def test_place_without_a_serving_worker_is_unavailable():
+    prefill_only = [worker(p, WorkerRole.PREFILL) for p in PREFILLS]
+    with pytest.raises(Unavailable, match="no live worker serves model 'm'"):
+        run_place(Router(), prefill_only, prompt(4096))
