@@ -79,4 +79,3 @@ def etcd_model(namespace: str, model: str) -> str:
     if not model or any(c.isspace() for c in model):
         raise ValueError(f"model name must be non-empty without spaces, got {model!r}")
     return f"{etcd_models(namespace)}{model}"
-
