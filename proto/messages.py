@@ -53,6 +53,10 @@ class WorkerRole(IntEnum):
     DECODE = 3
 
 
+# Roles that take GenerateRequests (a prefill worker only ever takes PrefillRequests).
+SERVING_ROLES = (WorkerRole.AGGREGATED, WorkerRole.DECODE)
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What the engine needs to generate; stop strings stay in the frontend."""
 

@@ -27,9 +27,9 @@ from services.frontend.openai_types import (
     stop_strings,
 )
 from services.frontend.render import DONE, FINISH_REASONS, Kind, Renderer, error_body, usage
+from services.frontend.worker_pool import WorkerPool
 from shared.errors import Cancelled, InvalidRequest, NotFound, Overloaded, ServingError
 from shared.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from shared.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 

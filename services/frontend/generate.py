@@ -19,6 +19,7 @@ from proto.messages import (
     SamplingParams,
     TokenChunk,
 )
+from services.frontend.worker_pool import WorkerPool, WorkerState
 from shared.bus import Bus
 from shared.codec import generate_reply_decoder, route_reply_decoder
 from shared.errors import (
@@ -31,7 +32,6 @@ from shared.errors import (
     from_reply,
 )
 from shared.streams import StreamDemux
-from shared.worker_pool import WorkerPool, WorkerState
 
 logger = logging.getLogger(__name__)
 

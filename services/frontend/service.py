@@ -13,12 +13,12 @@ from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.models import ModelRegistry
+from services.frontend.worker_pool import WorkerPool
 from shared.bus import Bus
 from shared.discovery import Discovery
 from shared.errors import Unavailable
 from shared.lifecycle import shutdown_event
 from shared.streams import StreamDemux
-from shared.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ prefills remotely on ``Placement.prefill``'s worker when there is one, and itsel
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from proto.messages import BlockHash, InstanceId, WorkerInfo, WorkerRole
+from proto.messages import SERVING_ROLES, BlockHash, InstanceId, WorkerInfo, WorkerRole
 from shared.errors import Unavailable
 from shared.routing.cost import Decision, RoutingPolicy
 from shared.routing.disagg import DisaggPolicy
 from shared.routing.router import Router
-from shared.worker_pool import SERVING_ROLES
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Which workers exist (etcd) and how loaded they are (NATS), and which one gets a request.
 
-Used where no router decides (or none answers in time): the frontend picking a decode worker,
-a decode worker picking a prefill worker. The choice is the worker with the fewest requests,
+The frontend's own view, used where no router decides (or none answers in time) and to try
+the next worker when the chosen one refuses. The choice is the worker with the fewest requests,
 counting its last reported load plus what this process has sent it since that report. Ties
 rotate, so an idle cluster still spreads work.
 """
@@ -14,15 +14,11 @@ import msgspec
 from nats.aio.msg import Msg
 
 from proto import subjects
-from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
+from proto.messages import SERVING_ROLES, InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder
 
 logger = logging.getLogger(__name__)
-
-
-# Roles that take GenerateRequests: prefill workers only ever take PrefillRequests.
-SERVING_ROLES = (WorkerRole.AGGREGATED, WorkerRole.DECODE)
 
 
 class WorkerState:
