@@ -33,6 +33,7 @@ class FinishReason(IntEnum):
     LENGTH = 2  # max_tokens or the context limit
     ABORT = 3  # the client or an operator cancelled it
     ERROR = 4  # the worker failed it; TokenChunk.error says why
+    SHED = 5  # its time-to-first-token deadline passed before it started: answered, not served
 
 
 class ErrorCode(IntEnum):
@@ -45,6 +46,7 @@ class ErrorCode(IntEnum):
     CANCELLED = 5
     ENGINE_ERROR = 6
     NOT_FOUND = 7
+    SHED = 8  # no worker can meet the request's objectives; retry after ``retry_after_s``
 
 
 class WorkerRole(IntEnum):
@@ -88,6 +90,12 @@ class GenerateRequest(Message, frozen=True, tag="generate"):
     frontend_id: InstanceId = InstanceId("")  # retired
     prefill_worker_id: InstanceId | None = None
     cached_tokens: int | None = None  # retired
+    # Objectives (see docs/admission.md): lower ``priority`` is served first and shed last
+    # (vLLM's convention); ``ttft_budget_s`` is the time left, when sent, until the first
+    # token is due (None: no objective); ``tpot_s`` the time-per-output-token objective.
+    priority: int = 0
+    ttft_budget_s: float | None = None
+    tpot_s: float | None = None
 
 
 class AbortRequest(Message, frozen=True, tag="abort"):
@@ -123,6 +131,8 @@ class PrefillRequest(Message, frozen=True, tag="prefill"):
     sampling: SamplingParams = SamplingParams()
     decode_worker_id: InstanceId = InstanceId("")  # retired
     hold_timeout_s: float = 30.0
+    priority: int = 0
+    ttft_budget_s: float | None = None  # as GenerateRequest's, minus what is spent already
 
 
 class PrefillDone(Message, frozen=True, tag="prefill_done"):
@@ -243,6 +253,14 @@ class LoadMetrics(Message, frozen=True, tag="load"):
     num_total_blocks: int
     kv_usage: float
     is_draining: bool = False
+    # Measured speed: step time ~ step_base_s + step_per_seq_s * decode batch
+    # + step_per_token_s * prefill tokens (a regression over the worker's real steps).
+    step_base_s: float = 0.0
+    step_per_seq_s: float = 0.0
+    step_per_token_s: float = 0.0
+    num_waiting_tokens: int = 0  # prompt tokens queued for prefill
+    predicted_wait_s: float = 0.0  # time a new normal-priority request waits to be prefilled
+    max_num_running: int = 0  # the batch cap the TPOT objective sets now (0: none)
 
 
 # --- KV cache events (consumed by the KV-aware router) -------------------------------------------

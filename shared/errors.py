@@ -5,6 +5,7 @@ ServingError
  ├─ InvalidRequest     400  prompt too long, bad sampling params, malformed message
  ├─ NotFound           404  unknown model
  ├─ Overloaded         503  queue full / no KV capacity / no worker can take it
+ │   └─ Shed           429  no worker can meet the request's objectives (shed early)
  ├─ Unavailable        503  NATS, etcd or a peer unreachable
  ├─ DeadlineExceeded   504
  ├─ Cancelled          499  client went away
@@ -53,6 +54,15 @@ class Overloaded(ServingError):
     openai_type = "overloaded_error"
 
 
+class Shed(Overloaded):
+    """The request would miss its time-to-first-token objective everywhere, so it is answered
+    now rather than served late; ``retry_after_s`` says when capacity is likely back."""
+
+    code = ErrorCode.SHED
+    http_status = 429
+    openai_type = "rate_limit_error"
+
+
 class Unavailable(ServingError):
     code = ErrorCode.UNAVAILABLE
     http_status = 503
@@ -98,6 +108,7 @@ _BY_CODE: dict[ErrorCode, type[ServingError]] = {
         InvalidRequest,
         NotFound,
         Overloaded,
+        Shed,
         Unavailable,
         DeadlineExceeded,
         Cancelled,

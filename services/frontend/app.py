@@ -13,8 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.messages import FinishReason, ModelCard, RequestId, SamplingParams, TTFTBreakdown
 from services.frontend.generate import Generator, new_request_id
+from services.frontend.goodput import Outcome
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.models import ModelRegistry
+from services.frontend.objectives import RequestObjectives, request_objectives
 from services.frontend.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,7 +30,7 @@ from services.frontend.openai_types import (
 )
 from services.frontend.render import DONE, FINISH_REASONS, Kind, Renderer, error_body, usage
 from services.frontend.worker_pool import WorkerPool
-from shared.errors import Cancelled, InvalidRequest, NotFound, Overloaded, ServingError
+from shared.errors import Cancelled, InvalidRequest, NotFound, Overloaded, ServingError, Shed
 from shared.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class FrontendState:
     metrics: FrontendMetrics
     max_in_flight: int
     tokenize_in_thread_chars: int
+    ttft_s: float | None = None  # the server's objectives (None: none)
+    tpot_s: float | None = None
     is_ready: bool = False
     is_draining: bool = False
     num_in_flight: int = 0
@@ -161,6 +165,25 @@ async def _prompt_ids(
     return prompt
 
 
+def _approx_prompt_tokens(body: SamplingFields) -> int:
+    """A cheap guess of the prompt's length, for shedding before tokenizing: about four
+    characters a token for text, exact for token ids."""
+    if isinstance(body, CompletionRequest):
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            return len(prompt) // 4 + 1
+        return sum(1 if isinstance(p, int) else len(p) for p in prompt)
+    assert isinstance(body, ChatCompletionRequest)
+    size = 0
+    for message in body.messages:
+        content = message.content
+        if isinstance(content, str):
+            size += len(content)
+        elif content is not None:
+            size += sum(len(part.text or "") for part in content)
+    return size // 4 + 1
+
+
 async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> web.StreamResponse:
     state = request.app[STATE]
     endpoint = "chat" if kind == "chat" else "completions"
@@ -168,6 +191,7 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
     status = "error"
     state.num_in_flight += 1
     state.metrics.in_flight.inc()
+    card: ModelCard | None = None
     try:
         card = state.models.card(body.model)
         if card is None:
@@ -177,6 +201,20 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         if state.num_in_flight > state.max_in_flight:
             raise Overloaded(
                 f"frontend has {state.max_in_flight} requests in flight", retry_after_s=1.0
+            )
+        objectives = request_objectives(
+            server_ttft_s=state.ttft_s,
+            server_tpot_s=state.tpot_s,
+            body_ttft_ms=body.slo_ttft_ms,
+            body_tpot_ms=body.slo_tpot_ms,
+            body_priority=body.priority,
+            headers=request.headers,
+        )
+        deadline_s = None
+        if objectives.ttft_s is not None:
+            deadline_s = started + objectives.ttft_s
+            state.generator.check_capacity(
+                card.name, objectives, _approx_prompt_tokens(body), deadline_s - time.monotonic()
             )
         tokenizer = await state.models.tokenizer(card)
         prompt_ids = await _prompt_ids(state, kind, body, tokenizer)
@@ -189,11 +227,22 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         call = _Call(
             request, state, kind, body, card, tokenizer, prompt_ids, sampling, stops, started
         )
+        call.objectives, call.deadline_s = objectives, deadline_s
         response = await (call.stream() if body.stream else call.collect())
         status = "ok"
+        if call.error is not None:
+            state.metrics.record_outcome(card.name, Outcome.ERROR)
+        else:
+            state.metrics.record_outcome(card.name, call.outcome())
         return response
     except ServingError as exc:
         status = str(exc.http_status)
+        if card is not None:
+            if isinstance(exc, Shed):
+                state.metrics.record_outcome(card.name, Outcome.SHED)
+                state.metrics.shed_latency.observe(time.monotonic() - started)
+            elif not isinstance(exc, InvalidRequest | NotFound):
+                state.metrics.record_outcome(card.name, Outcome.ERROR)
         return error_response(exc)
     except asyncio.CancelledError:
         status = "cancelled"
@@ -234,7 +283,21 @@ class _Call:
         self.num_output_tokens = 0
         self.num_cached_tokens = 0
         self.finish_reason = "stop"
+        self.objectives = RequestObjectives()
+        self.deadline_s: float | None = None
+        self.error: ServingError | None = None  # a stream that ended with an error event
+        self._first_token_at = 0.0
         self._last_token_at = 0.0
+
+    def outcome(self) -> Outcome:
+        """Good if the first token and the pace met the objectives."""
+        if self.num_output_tokens == 0:
+            return Outcome.ERROR
+        ttft_s = self._first_token_at - self.started
+        tpot_s = None
+        if self.num_output_tokens > 1:
+            tpot_s = (self._last_token_at - self._first_token_at) / (self.num_output_tokens - 1)
+        return Outcome.GOOD if self.objectives.is_good(ttft_s, tpot_s) else Outcome.SLO_MISS
 
     def _text(self, token_ids: list[int]) -> tuple[str, bool]:
         """New text for these tokens, and whether a stop string ended the stream."""
@@ -254,6 +317,7 @@ class _Call:
         now = time.monotonic()
         metrics = self.state.metrics
         if self.num_output_tokens == 0:
+            self._first_token_at = now
             total = now - self.started
             metrics.ttft.observe(total)
             if ttft is not None:
@@ -274,7 +338,12 @@ class _Call:
     async def _chunks(self) -> AsyncGenerator[tuple[str, bool], None]:
         """(text, finish reason or None) per batch of arrived chunks."""
         generator = self.state.generator.generate(
-            self.request_id, self.card.name, self.prompt_ids, self.sampling
+            self.request_id,
+            self.card.name,
+            self.prompt_ids,
+            self.sampling,
+            self.objectives,
+            self.deadline_s,
         )
         try:
             async for chunks in generator:
@@ -344,6 +413,7 @@ class _Call:
             if isinstance(exc, Cancelled):
                 raise
             logger.warning("stream ended with error request_id=%s error=%s", self.request_id, exc)
+            self.error = exc
             out += renderer.error_event(exc) + DONE
             await response.write(bytes(out))
         finally:

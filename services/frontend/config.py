@@ -37,6 +37,19 @@ class FrontendConfig:
         default=30.0, metadata=doc("on SIGTERM, how long open streams may finish")
     )
     log_level: str = field(default="info", metadata=doc("logging level"))
+    slo_ttft_ms: float = field(
+        default=0.0,
+        metadata=doc(
+            "time-to-first-token objective (0: none); a request no worker can serve within it "
+            "gets 429 with Retry-After at once"
+        ),
+    )
+    slo_tpot_ms: float = field(
+        default=0.0, metadata=doc("time-per-output-token objective (0: none), for goodput")
+    )
+    goodput_window_s: float = field(
+        default=60.0, metadata=doc("window of the goodput ratio on /metrics")
+    )
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -49,6 +62,19 @@ class FrontendConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.route_timeout_s < 0:
             raise ValueError(f"route_timeout_s must be >= 0, got {self.route_timeout_s}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
+        if self.goodput_window_s < 1:
+            raise ValueError(f"goodput_window_s must be >= 1, got {self.goodput_window_s}")
         for name in ("admission_timeout_s", "stream_idle_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.slo_ttft_ms / 1000.0 if self.slo_ttft_ms > 0 else None
+
+    @property
+    def tpot_s(self) -> float | None:
+        return self.slo_tpot_ms / 1000.0 if self.slo_tpot_ms > 0 else None

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 
@@ -19,6 +20,7 @@ from proto.messages import (
     SamplingParams,
     TokenChunk,
 )
+from services.frontend.objectives import RequestObjectives
 from services.frontend.worker_pool import WorkerPool, WorkerState
 from shared.bus import Bus
 from shared.codec import generate_reply_decoder, route_reply_decoder
@@ -28,12 +30,18 @@ from shared.errors import (
     InvalidRequest,
     Overloaded,
     ServingError,
+    Shed,
     Unavailable,
     from_reply,
 )
 from shared.streams import StreamDemux
 
 logger = logging.getLogger(__name__)
+
+NO_OBJECTIVES = RequestObjectives()
+# Kept back from the time-to-first-token budget a worker is given: the first token still has
+# to reach this process and the client after the worker produced it.
+DEADLINE_MARGIN_S = 0.02
 
 
 def new_request_id() -> RequestId:
@@ -64,24 +72,50 @@ class Generator:
         self._router_subject = subjects.router_requests(namespace)
         self._on_route_fallback = on_route_fallback
 
+    def check_capacity(
+        self, model: str, objectives: RequestObjectives, num_tokens: int, budget_s: float
+    ) -> None:
+        """Shed now, before tokenizing or routing, if no worker's last load report (plus what
+        this frontend sent it since) leaves ``budget_s`` for the first token. Only for normal
+        and low priorities: a worker's reported wait counts the whole queue, and a high
+        priority request would jump it (its worker decides exactly)."""
+        if objectives.ttft_s is None or objectives.priority < 0:
+            return
+        candidates = self._pool.candidates(model)
+        if not candidates:
+            return  # placing it says why
+        best_s = min(w.predicted_wait_s(num_tokens) for w in candidates)
+        if best_s > budget_s:
+            raise Shed(
+                f"every worker for {model!r} is at least {best_s * 1000:.0f} ms from a first "
+                f"token; the objective leaves {max(budget_s, 0.0) * 1000:.0f} ms",
+                retry_after_s=max(1.0, best_s - budget_s),
+            )
+
     async def generate(
         self,
         request_id: RequestId,
         model: str,
         token_ids: list[int],
         sampling: SamplingParams,
+        objectives: RequestObjectives = NO_OBJECTIVES,
+        deadline_s: float | None = None,
     ) -> AsyncGenerator[list[TokenChunk], None]:
         """Yield the request's chunks as they arrive until one carries a finish reason.
 
-        Closing the iterator early (client gone, stop string matched) aborts the request on
-        its worker. A worker that vanishes, or goes silent past the demux's idle sweep, ends
-        the stream with ``Unavailable`` / ``DeadlineExceeded``, never a hang.
+        ``deadline_s`` (``time.monotonic``) is when the first token is due; each worker is
+        told the time left, and a request no worker can serve by then is answered with
+        ``Shed``. Closing the iterator early (client gone, stop string matched) aborts the
+        request on its worker. A worker that vanishes, or goes silent past the demux's idle
+        sweep, ends the stream with ``Unavailable`` / ``DeadlineExceeded``, never a hang.
         """
         stream = self._demux.open(request_id)
         worker: WorkerState | None = None
         finished = False
         try:
-            worker = await self._place(request_id, model, token_ids, sampling)
+            worker = await self._place(
+                request_id, model, token_ids, sampling, objectives, deadline_s
+            )
             stream.worker_id = worker.info.worker_id
             stream.last_active_s = asyncio.get_running_loop().time()  # the idle clock starts
             while True:
@@ -91,6 +125,11 @@ class Generator:
                     finished = True
                     if last.finish_reason == FinishReason.ERROR:
                         raise EngineError(last.error or "the engine failed this request")
+                    if last.finish_reason == FinishReason.SHED:
+                        raise Shed(
+                            "the request waited past its time-to-first-token objective",
+                            retry_after_s=1.0,
+                        )
                 yield chunks
                 if finished:
                     return
@@ -102,7 +141,13 @@ class Generator:
                     await self._abort(worker, request_id)
 
     async def _place(
-        self, request_id: RequestId, model: str, token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: RequestId,
+        model: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        objectives: RequestObjectives,
+        deadline_s: float | None,
     ) -> WorkerState:
         candidates = self._pool.candidates(model)
         if not candidates:
@@ -118,6 +163,11 @@ class Generator:
                 routed, routed_prefill_id = chosen, decision.prefill_worker_id
         last_error: ServingError = Overloaded("no worker accepted the request", retry_after_s=1.0)
         for worker in candidates[: self._max_attempts]:
+            budget_s = None
+            if deadline_s is not None:
+                budget_s = deadline_s - time.monotonic() - DEADLINE_MARGIN_S
+                if budget_s <= 0:
+                    raise Shed("no worker took the request within its objective")
             # The router's prefill worker was chosen for its decode worker only; any other
             # worker (a fallback after a refusal) prefills locally.
             message = GenerateRequest(
@@ -127,6 +177,9 @@ class Generator:
                 sampling=sampling,
                 stream_subject=self._demux.subject,
                 prefill_worker_id=routed_prefill_id if worker is routed else None,
+                priority=objectives.priority,
+                ttft_budget_s=budget_s,
+                tpot_s=objectives.tpot_s,
             )
             worker.in_flight += 1
             worker.sent_since_report += 1

@@ -1,6 +1,10 @@
 """The frontend's Prometheus metrics, in a registry of its own (no module-level state)."""
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.frontend.goodput import GoodputWindow, Outcome
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -21,8 +25,29 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 
 
 class FrontendMetrics:
-    def __init__(self) -> None:
+    def __init__(self, goodput_window_s: float = 60.0) -> None:
         self.registry = CollectorRegistry()
+        self._goodput_window_s = goodput_window_s
+        self._windows: dict[str, GoodputWindow] = {}
+        self.goodput = Counter(
+            "baton_frontend_goodput_requests",
+            "completion requests by outcome: good (finished within the objectives), slo_miss "
+            "(finished late), shed (answered 429 early, or shed before it started), error",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.goodput_ratio = Gauge(
+            "baton_frontend_goodput_ratio",
+            "good requests over all outcomes in the last goodput_window_s seconds",
+            ["model"],
+            registry=self.registry,
+        )
+        self.shed_latency = Histogram(
+            "baton_frontend_shed_seconds",
+            "time from a request's arrival to its 429",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+            registry=self.registry,
+        )
         self.requests = Counter(
             "baton_frontend_requests",
             "HTTP completion requests by model, endpoint and final status",
@@ -70,3 +95,13 @@ class FrontendMetrics:
         self.output_tokens = Counter(
             "baton_frontend_output_tokens", "tokens generated", registry=self.registry
         )
+
+    def record_outcome(self, model: str, outcome: Outcome) -> None:
+        """Count one finished request of a known model (names come from the model registry,
+        never from the client, so the label set stays bounded)."""
+        self.goodput.labels(model, outcome.value).inc()
+        window = self._windows.get(model)
+        if window is None:
+            window = self._windows[model] = GoodputWindow(self._goodput_window_s)
+            self.goodput_ratio.labels(model).set_function(lambda: window.ratio(time.monotonic()))
+        window.record(outcome, time.monotonic())

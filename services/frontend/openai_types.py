@@ -49,6 +49,11 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
+    # Baton's extensions (docs/admission.md): lower priority is served first and shed last
+    # (vLLM's convention); objectives may only tighten the server's.
+    priority: int = 0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
 
 
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):

@@ -22,6 +22,7 @@ FINISH_REASONS: dict[FinishReason, str] = {
     FinishReason.LENGTH: "length",
     FinishReason.ABORT: "abort",
     FinishReason.ERROR: "error",
+    FinishReason.SHED: "error",  # never rendered: a shed request is answered with a 429
 }
 
 

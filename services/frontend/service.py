@@ -40,7 +40,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         models = ModelRegistry()
         await demux.start()
         await pool.start()
-        metrics = FrontendMetrics()
+        metrics = FrontendMetrics(config.goodput_window_s)
         state = FrontendState(
             models=models,
             pool=pool,
@@ -54,6 +54,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 on_route_fallback=metrics.route_fallbacks.inc,
             ),
             metrics=metrics,
+            ttft_s=config.ttft_s,
+            tpot_s=config.tpot_s,
             max_in_flight=config.max_in_flight,
             tokenize_in_thread_chars=config.tokenize_in_thread_chars,
         )

@@ -36,6 +36,16 @@ class WorkerState:
             return float(self.in_flight)
         return float(self.load.num_running + self.load.num_waiting + self.sent_since_report)
 
+    def predicted_wait_s(self, num_tokens: int) -> float:
+        """Time until a new request of ``num_tokens`` prompt tokens would get its first token
+        here: the worker's own estimate at its last report, plus the prefill of what this
+        frontend sent since (counted at this request's size) and of the request itself."""
+        load = self.load
+        if load is None:
+            return 0.0
+        unreported = (self.sent_since_report + 1) * num_tokens
+        return load.predicted_wait_s + unreported * load.step_per_token_s
+
     @property
     def is_draining(self) -> bool:
         return self.info.is_draining or (self.load is not None and self.load.is_draining)

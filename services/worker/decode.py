@@ -21,10 +21,11 @@ from proto.messages import (
 )
 from services.worker.handoff import RemotePrefill
 from services.worker.inflight import InFlight
+from services.worker.objectives import Admission
 from services.worker.role import Role, WorkerContext
 from shared.codec import encode
 from shared.engine.interface import EngineRequest, StepResult
-from shared.errors import InvalidRequest, ServingError
+from shared.errors import InvalidRequest, ServingError, Shed
 from shared.streams import encode_batches, group_chunks
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,12 @@ class DecodeRole(Role):
     def num_handoffs(self) -> int:
         return len(self.remote) if self.remote is not None else 0
 
-    async def admit(self, request: GenerateRequest, reply_subject: str) -> None:
+    def prefills_here(self, request: GenerateRequest) -> bool:
+        return request.prefill_worker_id is None or self.remote is None
+
+    async def admit(
+        self, request: GenerateRequest, reply_subject: str, admission: Admission
+    ) -> None:
         rid = request.request_id
         if not request.stream_subject:
             raise InvalidRequest("stream_subject is required")
@@ -59,8 +65,10 @@ class DecodeRole(Role):
             token_ids=request.token_ids,
             sampling=request.sampling,
             arrival_time_s=time.monotonic(),
+            priority=admission.priority,
+            deadline_s=admission.deadline_s,
         )
-        remote = self.remote if request.prefill_worker_id is not None else None
+        remote = None if self.prefills_here(request) else self.remote
         if remote is None:
             await self.context.loop.add(engine_request)  # raises InvalidRequest at once
         self.in_flight.add(rid, request.stream_subject)
@@ -141,10 +149,15 @@ class DecodeRole(Role):
         await self.publish([chunk])
 
     async def on_handoff_failed(self, request: EngineRequest, error: BaseException) -> None:
-        """Prefill here instead; if even that fails, end the request with the error."""
+        """Prefill here instead; if even that fails, end the request with the error. A
+        request the prefill worker shed, or whose deadline has passed, is shed here too."""
         rid = request.request_id
         if rid not in self.in_flight:
             return  # ended meanwhile
+        deadline = request.deadline_s
+        if isinstance(error, Shed) or (deadline is not None and time.monotonic() >= deadline):
+            await self.end(rid, FinishReason.SHED, str(error))
+            return
         self.num_fallbacks += 1
         if isinstance(error, _EXPECTED):
             logger.warning(

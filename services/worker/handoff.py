@@ -37,7 +37,7 @@ from shared.codec import prefill_reply_decoder
 from shared.engine.interface import EngineRequest
 from shared.engine.kv_connector import KVConnector, KVSource
 from shared.engine.loop import EngineLoop
-from shared.errors import ServingError, Unavailable, from_reply
+from shared.errors import ServingError, Shed, Unavailable, from_reply
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,17 @@ class RemotePrefill:
         )
 
     async def _prefill(self, subject: str, request: EngineRequest) -> PrefillDone:
+        budget_s = None
+        if request.deadline_s is not None:
+            budget_s = request.deadline_s - time.monotonic()
+            if budget_s <= 0:
+                raise Shed(f"request {request.request_id} is past its deadline")
         message = PrefillRequest(
-            request_id=request.request_id, token_ids=request.token_ids, sampling=request.sampling
+            request_id=request.request_id,
+            token_ids=request.token_ids,
+            sampling=request.sampling,
+            priority=request.priority,
+            ttft_budget_s=budget_s,
         )
         data = await self._bus.request(subject, message, timeout_s=self._prefill_timeout_s)
         reply = prefill_reply_decoder.decode(data)

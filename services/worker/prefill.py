@@ -15,11 +15,12 @@ from proto.messages import (
     WorkerRole,
 )
 from services.worker.inflight import InFlight
+from services.worker.objectives import Admission
 from services.worker.role import Role, WorkerContext
 from shared.codec import encode
 from shared.engine.interface import EngineRequest, RequestOutput, StepResult, prefill_sampling
 from shared.engine.kv_connector import KVConnector
-from shared.errors import EngineError, InvalidRequest, ServingError, Unavailable
+from shared.errors import EngineError, InvalidRequest, ServingError, Shed, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ class PrefillRole(Role):
         self._sweep_interval_s = sweep_interval_s
         self.num_hold_timeouts = 0
 
-    async def admit(self, request: PrefillRequest, reply_subject: str) -> None:
+    async def admit(
+        self, request: PrefillRequest, reply_subject: str, admission: Admission
+    ) -> None:
         if not reply_subject:
             raise InvalidRequest("a PrefillRequest needs a reply subject")
         rid = request.request_id
@@ -67,6 +70,8 @@ class PrefillRole(Role):
                 sampling=prefill_sampling(request.sampling),
                 arrival_time_s=time.monotonic(),
                 hold_kv=True,
+                priority=admission.priority,
+                deadline_s=admission.deadline_s,
             )
         )
         hold_s = min(request.hold_timeout_s, self._max_hold_s)
@@ -76,6 +81,9 @@ class PrefillRole(Role):
         for out in result.outputs:
             entry = self.in_flight.get(out.request_id)
             if entry is None or out.finish_reason is None or entry.hold_deadline_s is not None:
+                continue
+            if out.finish_reason is FinishReason.SHED:
+                await self.end(out.request_id, FinishReason.SHED, "its deadline passed")
                 continue
             try:
                 done = self._done(out, entry, result.duration_s)
@@ -118,7 +126,9 @@ class PrefillRole(Role):
         async with self.context.loop.exclusive() as engine:
             engine.abort(request_id)  # releases a held request's blocks
         if entry.hold_deadline_s is None and error is not None:
-            reply = Unavailable(f"prefill worker {self.context.worker_id}: {error}").to_reply()
+            where = f"prefill worker {self.context.worker_id}: {error}"
+            cls = Shed if reason is FinishReason.SHED else Unavailable
+            reply = cls(where).to_reply()
             try:
                 await self.context.bus.publish_bytes(entry.reply_subject, encode(reply))
             except ServingError as exc:

@@ -14,6 +14,7 @@ from proto.messages import (
     WorkerRole,
 )
 from services.worker.inflight import InFlight
+from services.worker.objectives import Admission
 from shared.bus import Bus
 from shared.engine.interface import StepResult
 from shared.engine.loop import EngineLoop
@@ -42,10 +43,16 @@ class Role(abc.ABC):
     in_flight: InFlight[Any]
 
     @abc.abstractmethod
-    async def admit(self, request: Any, reply_subject: str) -> None:
+    async def admit(self, request: Any, reply_subject: str, admission: Admission) -> None:
         """Start a request the shell has checked (not draining, not a duplicate, under the
-        waiting cap, of ``request_type``). Raise ``ServingError`` to refuse it: the shell
-        answers ``reply_subject`` with the error. A positive answer is the role's to send."""
+        waiting cap, of ``request_type``, admitted with ``admission``'s deadline and
+        priority). Raise ``ServingError`` to refuse it: the shell answers ``reply_subject``
+        with the error. A positive answer is the role's to send."""
+
+    def prefills_here(self, request: Any) -> bool:
+        """Whether this worker's engine will prefill the request (admission predicts its
+        time to first token only then)."""
+        return True
 
     @abc.abstractmethod
     async def deliver(self, result: StepResult) -> None:

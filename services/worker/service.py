@@ -32,7 +32,7 @@ async def serve(config: WorkerServiceConfig, stopping: asyncio.Event | None = No
         loop = EngineLoop(built.engine, step_in_thread=built.step_in_thread)
         context = WorkerContext(runtime.bus, w.namespace, worker_id, loop)
         role = make_role(config, context, runtime, directory)
-        shell = WorkerShell(context, role, w)
+        shell = WorkerShell(context, role, w, max_num_batched_tokens=e.max_num_batched_tokens)
         info = worker_info(runtime, w, e, worker_id, role.kind)
         await shell.serve(runtime.discovery, info, model_card(runtime, e), stopping)
 

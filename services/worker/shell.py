@@ -2,11 +2,13 @@
 
 - **Inbox**: decode every message on the worker's subject against one typed union, answer a
   malformed one with a typed ``ErrorReply``, refuse a request while draining, a duplicate id,
-  a request of the other role's type, or one past the waiting cap; hand the rest to the role.
+  a request of the other role's type, one past the waiting cap, or one that would miss its
+  time-to-first-token objective (``objectives``); hand the rest to the role.
 - **In flight**: the role's ``InFlight`` registry says when nothing is owed any more, which is
   what the drain waits for.
 - **Engine steps**: the engine loop calls back here after each step, outside its lock; the
-  shell publishes the step's KV events and passes the outputs to the role. A failure to hand
+  shell learns the engine's speed from the step, sets the next steps' limits, publishes the
+  step's KV events and passes the outputs to the role. A failure to hand
   them on ends only the requests of that step, never the loop.
 - **Router feeds**: numbered ``KVEventBatch``es, ``LoadMetrics`` every ``load_interval_s``,
   and the whole cached set on a ``KVStateRequest`` (a router's resync).
@@ -17,6 +19,7 @@
 import asyncio
 import gc
 import logging
+import time
 
 import msgspec
 from nats.aio.msg import Msg
@@ -35,6 +38,7 @@ from proto.messages import (
     PrefillRequest,
     WorkerInfo,
 )
+from services.worker.objectives import Objectives
 from services.worker.role import Role, WorkerContext
 from shared.codec import encode, worker_inbound_decoder
 from shared.discovery import Discovery
@@ -48,8 +52,16 @@ logger = logging.getLogger(__name__)
 class WorkerShell:
     """Serves one role's engine on the bus under ``context.worker_id``."""
 
-    def __init__(self, context: WorkerContext, role: Role, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        context: WorkerContext,
+        role: Role,
+        config: WorkerConfig,
+        *,
+        max_num_batched_tokens: int = 8192,
+    ) -> None:
         self.context = context
+        self.objectives = Objectives(config, max_num_batched_tokens=max_num_batched_tokens)
         self.role = role
         self.config = config
         self.bus = context.bus
@@ -99,12 +111,20 @@ class WorkerShell:
             if request.request_id in role.in_flight:
                 raise InvalidRequest(f"request {request.request_id} is already running here")
             max_waiting = self.config.max_waiting
-            if self.loop.stats().num_waiting >= max_waiting:
+            stats = self.loop.stats()
+            if stats.num_waiting >= max_waiting:
                 raise Overloaded(
                     f"worker {self.context.worker_id} has {max_waiting} requests waiting",
                     retry_after_s=1.0,
                 )
-            await role.admit(request, reply_subject)
+            admission = self.objectives.admit(
+                request,
+                stats,
+                self.loop.num_tokens_ahead(request.priority),
+                time.monotonic(),
+                prefills_here=role.prefills_here(request),
+            )
+            await role.admit(request, reply_subject, admission)
         except ServingError as exc:
             if reply_subject:
                 await self.bus.publish_bytes(reply_subject, encode(exc.to_reply()))
@@ -114,8 +134,11 @@ class WorkerShell:
     async def on_step(self, result: StepResult) -> None:
         """The engine loop's callback, outside its lock: KV events first (a router learns of
         the prompt's blocks no later than the client of its first token), then the outputs."""
+        budget = self.objectives.after_step(result, self.loop.stats())
         try:
-            await self.publish_kv_events()
+            async with self.loop.exclusive() as engine:
+                engine.set_budget(budget)
+                await self._publish_kv_events(engine)
         except ServingError as exc:  # routers notice the gap and resync
             logger.warning("KV events not published error=%s", exc)
         try:
@@ -159,6 +182,8 @@ class WorkerShell:
 
     def load_metrics(self) -> LoadMetrics:
         stats = self.loop.stats()
+        objectives = self.objectives
+        speed = objectives.speed_model.speed
         return LoadMetrics(
             worker_id=self.context.worker_id,
             num_running=stats.num_running + stats.num_reserved + self.role.num_handoffs,
@@ -167,6 +192,12 @@ class WorkerShell:
             num_total_blocks=stats.num_total_blocks,
             kv_usage=stats.kv_usage,
             is_draining=self.is_draining,
+            step_base_s=speed.base_s + speed.prefill_base_s,
+            step_per_seq_s=speed.per_seq_s,
+            step_per_token_s=speed.per_token_s,
+            num_waiting_tokens=stats.num_waiting_tokens,
+            predicted_wait_s=objectives.predicted_wait_s(stats, self.loop.num_tokens_ahead(0)),
+            max_num_running=objectives.budget.max_num_running or 0,
         )
 
     async def publish_load(self) -> None:

@@ -95,6 +95,20 @@ class WorkerConfig:
     )
     load_interval_s: float = field(default=0.25, metadata=doc("load metrics period"))
     log_level: str = field(default="info", metadata=doc("logging level"))
+    slo_ttft_ms: float = field(
+        default=0.0,
+        metadata=doc(
+            "time-to-first-token objective for requests that carry none (0: none); a request "
+            "that cannot meet it is refused (429) and one still waiting past it is shed"
+        ),
+    )
+    slo_tpot_ms: float = field(
+        default=0.0,
+        metadata=doc(
+            "time-per-output-token objective (0: none): the batch and the prompt tokens "
+            "prefilled per step are capped so that a step, as measured here, stays within it"
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -108,3 +122,14 @@ class WorkerConfig:
             )
         if self.lease_ttl_s < 1:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.slo_ttft_ms / 1000.0 if self.slo_ttft_ms > 0 else None
+
+    @property
+    def tpot_s(self) -> float | None:
+        return self.slo_tpot_ms / 1000.0 if self.slo_tpot_ms > 0 else None

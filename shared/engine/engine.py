@@ -8,9 +8,11 @@ the same for the simulated and the torch runner.
 """
 
 import logging
+import time
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 
-from proto.messages import BlockHash, KVEvent, RequestId
+from proto.messages import BlockHash, FinishReason, KVEvent, RequestId
 from shared.engine.interface import (
     EngineRequest,
     EngineStats,
@@ -21,6 +23,7 @@ from shared.engine.interface import (
 from shared.engine.runner import KVRegion, Runner
 from shared.engine.scheduler import Scheduler, SchedulerConfig
 from shared.engine.sequence import Sequence, SequenceStatus
+from shared.engine.speed import StepBudget
 from shared.errors import InvalidRequest, Overloaded
 from shared.kv_hash import hash_prompt_blocks
 
@@ -38,13 +41,19 @@ class ScheduledEngine:
     """
 
     def __init__(
-        self, scheduler_config: SchedulerConfig, runner: Runner, *, vocab_size: int
+        self,
+        scheduler_config: SchedulerConfig,
+        runner: Runner,
+        *,
+        vocab_size: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.scheduler = Scheduler(scheduler_config)
         self.runner = runner
         self.vocab_size = vocab_size
+        self.clock = clock  # what request deadlines are measured on
 
     @property
     def block_size(self) -> int:
@@ -78,12 +87,19 @@ class ScheduledEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> StepResult:
-        """Schedule a batch, run it, and apply one sampled token per scheduled sequence. The
-        runner sees the KV usage during the step (blocks allocated for it included)."""
+        """Shed waiting requests whose deadline passed, schedule a batch, run it, and apply
+        one sampled token per scheduled sequence. The runner sees the KV usage during the step
+        (blocks allocated for it included)."""
         scheduler = self.scheduler
+        shed = [
+            RequestOutput(seq.request_id, [], FinishReason.SHED, seq.num_prompt_tokens)
+            for seq in scheduler.expire(self.clock())
+        ]
+        for out in shed:
+            self.runner.remove(out.request_id)
         plan = scheduler.schedule()
         if plan.is_empty:
-            return StepResult()
+            return StepResult(outputs=shed)
         result = self.runner.execute(plan, scheduler.block_manager.usage)
         finished = scheduler.postprocess(plan, result.token_ids)
         outputs = [
@@ -100,7 +116,7 @@ class ScheduledEngine:
         for seq in finished:
             self.runner.remove(seq.request_id)
         return StepResult(
-            outputs=outputs,
+            outputs=shed + outputs if shed else outputs,
             duration_s=result.duration_s,
             num_prefill_tokens=plan.num_prefill_tokens,
             num_decode_tokens=plan.num_decode_seqs,
@@ -118,7 +134,16 @@ class ScheduledEngine:
             num_total_blocks=bm.num_blocks,
             num_reserved=scheduler.num_reserved,
             num_held=scheduler.num_held,
+            num_waiting_tokens=scheduler.waiting.num_tokens,
         )
+
+    def set_budget(self, budget: StepBudget) -> None:
+        """Batch limits from the objectives for the coming steps (``Scheduler.set_budget``)."""
+        self.scheduler.set_budget(budget)
+
+    def num_tokens_ahead(self, priority: int) -> int:
+        """Prompt tokens queued that a new request of ``priority`` would wait behind."""
+        return self.scheduler.waiting.num_tokens_ahead(priority)
 
     def take_kv_events(self) -> list[KVEvent]:
         """The block manager's KV events since the last call, oldest first."""
@@ -183,6 +208,8 @@ class ScheduledEngine:
             request.sampling,
             request.arrival_time_s,
             hold_kv=request.hold_kv,
+            priority=request.priority,
+            deadline_s=request.deadline_s,
         )
 
     def _validate(self, request: EngineRequest) -> None:

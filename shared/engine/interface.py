@@ -20,18 +20,23 @@ import msgspec
 
 from proto.messages import BlockHash, FinishReason, KVEvent, RequestId, SamplingParams
 from shared.engine.runner import KVRegion
+from shared.engine.speed import StepBudget
 
 
 @dataclass(slots=True)
 class EngineRequest:
     """One request as an engine sees it. ``hold_kv`` (prefill side of disaggregation) keeps
-    its blocks after it finishes, until ``Engine.release``."""
+    its blocks after it finishes, until ``Engine.release``. A lower ``priority`` is served
+    first; a request still waiting for its prefill at ``deadline_s`` (on the engine's clock,
+    ``time.monotonic`` by default) is shed: it finishes with ``FinishReason.SHED``."""
 
     request_id: RequestId
     token_ids: list[int]
     sampling: SamplingParams
     arrival_time_s: float = 0.0
     hold_kv: bool = False
+    priority: int = 0
+    deadline_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,7 @@ class EngineStats:
     num_total_blocks: int
     num_reserved: int = 0
     num_held: int = 0
+    num_waiting_tokens: int = 0  # prompt (and, if preempted, output) tokens queued
 
     @property
     def kv_usage(self) -> float:
@@ -134,6 +140,13 @@ class Engine(Protocol):
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV events since the last call, in order (blocks stored, removed, cache cleared)."""
+
+    def set_budget(self, budget: StepBudget) -> None:
+        """Limits for the coming steps that keep a time-per-output-token objective: the most
+        sequences running and prompt tokens prefilled per step (``shared.engine.speed``)."""
+
+    def num_tokens_ahead(self, priority: int) -> int:
+        """Prompt tokens queued that a new request of ``priority`` would wait behind."""
 
     # --- disaggregation: prefill side -----------------------------------------------------------
 

@@ -51,6 +51,11 @@ class EngineLoop:
         async with self.exclusive() as engine:
             return engine.abort(request_id)
 
+    def num_tokens_ahead(self, priority: int) -> int:
+        """Prompt tokens queued ahead of a new request of ``priority``; like ``stats``, a
+        lock-free read (admission must not wait for a step to end)."""
+        return self._engine.num_tokens_ahead(priority)
+
     def stats(self) -> EngineStats:
         """A snapshot; safe between steps and good enough during one (plain int reads)."""
         return self._engine.stats()

@@ -1,10 +1,17 @@
 """Continuous batching: which sequences run in the next step, and what their tokens mean.
 
 Each step decodes every running sequence (one token each) and then admits waiting ones for
-prefill, first come first served, while the prefill token budget, ``max_num_seqs`` and free
-blocks allow. When a decode finds no free block, the most recently admitted sequence is
-preempted: its blocks are freed and it goes back to the front of the queue to be recomputed,
-keeping its generated tokens, so its output does not change.
+prefill, in the waiting queue's order (priority, then earliest deadline, then arrival; see
+``waiting``), while the prefill token budget, ``max_num_seqs`` and free blocks allow. When a
+decode finds no free block, the most recently admitted sequence is preempted: its blocks are
+freed and it goes back to the queue, ahead of everything that arrived after it, to be
+recomputed, keeping its generated tokens, so its output does not change.
+
+Objectives tighten two limits from outside, step by step (``set_budget``): the running batch
+is capped where a step would outlast the time-per-output-token objective, and so is the
+number of prompt tokens prefilled beside it. A waiting sequence whose time-to-first-token
+deadline passes before it starts is shed (``expire``): it finishes with ``SHED`` and is never
+served late.
 
 Prefill is not chunked: a sequence's whole uncached prompt runs in one step. A prompt longer
 than ``max_num_batched_tokens`` is admitted when it is the first prefill of its step, so it runs
@@ -18,13 +25,14 @@ puts it in the batch with its first token, as if this engine had prefilled it.
 """
 
 import logging
-from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
 from proto.messages import FinishReason, RequestId
 from shared.engine.block_manager import BlockManager
 from shared.engine.sequence import Sequence, SequenceStatus
+from shared.engine.speed import StepBudget
+from shared.engine.waiting import WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +98,7 @@ class Scheduler:
     """Owns the waiting queue, the running batch and the block manager of one engine.
 
     ``running`` is a dict in admission order, so the newest is preempted in O(1) and an abort
-    removes in O(1). ``waiting`` is a deque; an aborted waiting sequence stays in it, marked
-    finished, and is dropped when it reaches the front (``num_waiting`` counts only live ones).
+    removes in O(1). ``waiting`` is a ``WaitingQueue`` (lazy removal, exact counts).
     ``reserved`` and ``held`` hold blocks but are never scheduled, so they do not make
     ``has_unfinished`` true (the engine loop must not spin on them).
     """
@@ -99,18 +106,34 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitingQueue()
         self.running: dict[RequestId, Sequence] = {}
         self.reserved: dict[RequestId, Sequence] = {}
         self.held: dict[RequestId, Sequence] = {}
         self._seqs: dict[RequestId, Sequence] = {}  # every waiting or running sequence
-        self._num_waiting = 0
+        self.budget = StepBudget()
         self.num_preemptions = 0
+        self.num_shed = 0
 
     @property
     def num_waiting(self) -> int:
         """Live sequences queued (new or preempted), not counting aborted leftovers."""
-        return self._num_waiting
+        return len(self.waiting)
+
+    def set_budget(self, budget: StepBudget) -> None:
+        """Limits from the objectives for the steps to come (see the module docstring)."""
+        self.budget = budget
+
+    def expire(self, now_s: float) -> list[Sequence]:
+        """Shed every waiting sequence whose deadline is before ``now_s`` and that has not
+        produced a token: it finishes with ``SHED`` (it holds no blocks while waiting)."""
+        expired = self.waiting.pop_expired(now_s)
+        for seq in expired:
+            del self._seqs[seq.request_id]
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = FinishReason.SHED
+        self.num_shed += len(expired)
+        return expired
 
     @property
     def num_running(self) -> int:
@@ -145,8 +168,7 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id} is already scheduled")
         seq.status = SequenceStatus.WAITING
         self._seqs[seq.request_id] = seq
-        self.waiting.append(seq)
-        self._num_waiting += 1
+        self.waiting.push(seq)
 
     def abort(self, request_id: RequestId) -> Sequence | None:
         """Finish a sequence with ABORT and free its blocks now; None if it is unknown.
@@ -157,7 +179,7 @@ class Scheduler:
         if seq is None:
             return self.release(request_id)
         if seq.status is SequenceStatus.WAITING:
-            self._num_waiting -= 1
+            self.waiting.remove(seq)
         else:
             self.running.pop(request_id, None)
             self.block_manager.deallocate(seq)
@@ -263,8 +285,7 @@ class Scheduler:
         del self.running[seq.request_id]
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self._num_waiting += 1
+        self.waiting.push(seq)
         self.num_preemptions += 1
         logger.debug(
             "sequence preempted request_id=%s num_tokens=%d", seq.request_id, seq.num_tokens
@@ -275,20 +296,28 @@ class Scheduler:
         bs = self.config.block_size
         budget = self.config.max_num_batched_tokens
         max_num_seqs = self.config.max_num_seqs
+        limits = self.budget
+        if limits.max_num_running is not None:
+            max_num_seqs = min(max_num_seqs, limits.max_num_running)
+        # The objective's token budget may be overrun by the step's first prompt only while
+        # some budget is left or nothing runs, so that a long prompt is not starved forever.
+        slo_tokens = limits.max_prefill_tokens
+        if slo_tokens is not None:
+            if slo_tokens <= 0 and self.running:
+                return
+            budget = min(budget, max(slo_tokens, 1))
         waiting = self.waiting
-        while waiting and len(self.running) < max_num_seqs:
-            seq = waiting[0]
-            if seq.status is SequenceStatus.FINISHED:  # aborted while waiting
-                waiting.popleft()
-                continue
+        while len(self.running) < max_num_seqs:
+            seq = waiting.peek()
+            if seq is None:
+                break
             cached_block_ids = bm.match_prefix(seq)
             num_new = len(seq.token_ids) - len(cached_block_ids) * bs
             if num_new > budget and plan.num_prefill_seqs:
                 break
             if not bm.can_allocate(seq, cached_block_ids):
                 break
-            waiting.popleft()
-            self._num_waiting -= 1
+            waiting.pop()
             bm.allocate(seq, cached_block_ids)
             seq.status = SequenceStatus.RUNNING
             self.running[seq.request_id] = seq

@@ -36,12 +36,15 @@ class Sequence:
         "arrival_time_s",
         "block_hashes",
         "block_table",
+        "deadline_s",
         "finish_reason",
         "hold_kv",
         "num_cached_tokens",
         "num_committed_blocks",
         "num_computed_tokens",
         "num_prompt_tokens",
+        "priority",
+        "queue_key",
         "request_id",
         "sampling",
         "status",
@@ -56,6 +59,8 @@ class Sequence:
         arrival_time_s: float = 0.0,
         *,
         hold_kv: bool = False,
+        priority: int = 0,
+        deadline_s: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt, then output appended
@@ -63,6 +68,9 @@ class Sequence:
         self.sampling = sampling
         self.arrival_time_s = arrival_time_s
         self.hold_kv = hold_kv
+        self.priority = priority  # lower is served first
+        self.deadline_s = deadline_s  # first token due by then (engine clock), or shed
+        self.queue_key: tuple[int, float, int] | None = None  # set by the waiting queue
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.block_table: list[int] = []

@@ -105,7 +105,12 @@ async def start_worker(bus: Bus, namespace: str, peers: Peers) -> AsyncIterator[
     stack = contextlib.AsyncExitStack()
 
     async def start(
-        role: WorkerRole, *, max_waiting: int = 64, max_hold_s: float = 30.0, speedup: float = 50.0
+        role: WorkerRole,
+        *,
+        max_waiting: int = 64,
+        max_hold_s: float = 30.0,
+        speedup: float = 50.0,
+        slo_tpot_ms: float = 0.0,
     ) -> Worker:
         worker_id = InstanceId(f"{role.name.lower()}-{len(peers.infos)}")
         agent = stack.enter_context(create_agent("tcp", worker_id))
@@ -134,7 +139,9 @@ async def start_worker(bus: Bus, namespace: str, peers: Peers) -> AsyncIterator[
             )
             worker_role = decode
         shell = WorkerShell(
-            context, worker_role, WorkerConfig(namespace=namespace, max_waiting=max_waiting)
+            context,
+            worker_role,
+            WorkerConfig(namespace=namespace, max_waiting=max_waiting, slo_tpot_ms=slo_tpot_ms),
         )
         await shell.start()
         info = WorkerInfo(
@@ -201,6 +208,8 @@ async def generate(
     *,
     prefill_worker_id: InstanceId | None = None,
     prompt: list[int] = PROMPT,
+    ttft_budget_s: float | None = None,
+    priority: int = 0,
 ) -> GenerateAccepted | ErrorReply:
     request = GenerateRequest(
         request_id=RequestId(request_id),
@@ -209,6 +218,8 @@ async def generate(
         sampling=SAMPLING,
         stream_subject=stream.subject,
         prefill_worker_id=prefill_worker_id,
+        ttft_budget_s=ttft_budget_s,
+        priority=priority,
     )
     return generate_reply_decoder.decode(await bus.request(worker.inbox, request, timeout_s=FAST))
 
@@ -490,3 +501,91 @@ async def test_client_abort_during_the_prefill_ends_both_sides(bus, start_worker
     assert RequestId("c") not in stream.chunks  # an abort sends nothing back
     assert role.num_fallbacks == 0
     assert_no_blocks_in_use(decode)
+
+
+# --- objectives ------------------------------------------------------------------------------
+
+
+async def test_admission_sheds_at_once_what_would_miss_its_first_token_deadline(
+    bus, start_worker, stream
+):
+    # Modelled time (speedup 1): a 300-token prompt costs ~10 ms to prefill; a burst of 150
+    # of them is ~45,000 tokens, far more than a 150 ms objective lets one worker prefill.
+    decode = await start_worker(WorkerRole.DECODE, speedup=1.0, max_waiting=1000)
+    for i in range(12):  # the worker learns its speed from these steps
+        await generate(bus, decode, stream, f"warm{i}")
+        await finish(stream, f"warm{i}")
+    assert decode.shell.objectives.speed_model.speed.is_known
+
+    replies = await asyncio.gather(
+        *[generate(bus, decode, stream, f"b{i}", ttft_budget_s=0.15) for i in range(150)]
+    )
+    accepted = [f"b{i}" for i, r in enumerate(replies) if isinstance(r, GenerateAccepted)]
+    shed = [r for r in replies if isinstance(r, ErrorReply)]
+
+    assert accepted
+    assert shed
+    assert all(r.code == ErrorCode.SHED for r in shed)
+    assert all(r.retry_after_s is not None and r.retry_after_s >= 1.0 for r in shed)
+    # Every admitted request ends: served, or shed before its first token (never late).
+    for rid in accepted:
+        last = await finish(stream, rid)
+        if last.finish_reason is FinishReason.SHED:
+            assert stream.tokens(rid) == []
+        else:
+            assert len(stream.tokens(rid)) == SAMPLING.max_tokens
+    served = [rid for rid in accepted if stream.last(rid).finish_reason == FinishReason.LENGTH]
+    assert len(served) >= len(accepted) // 2  # the prediction admits mostly what it can serve
+    assert_no_blocks_in_use(decode)
+
+
+async def test_a_waiting_request_is_shed_when_its_deadline_passes(bus, start_worker, stream):
+    # No speed known yet, so admission lets it in; high-priority work ahead of it keeps it
+    # waiting, and the engine sheds it at its deadline.
+    decode = await start_worker(WorkerRole.DECODE, speedup=1.0, max_waiting=1000)
+    blockers = [
+        GenerateRequest(
+            request_id=RequestId(f"big{i}"),
+            model="baton-sim",
+            token_ids=[10 + (i * 7 + j) % 900 for j in range(1990)],
+            sampling=SAMPLING,
+            stream_subject=stream.subject,
+            priority=-1,
+        )
+        for i in range(2)
+    ]
+    for blocker in blockers:  # 250 of the 256 blocks: "late" cannot start before they end
+        reply = generate_reply_decoder.decode(
+            await bus.request(decode.inbox, blocker, timeout_s=FAST)
+        )
+        assert isinstance(reply, GenerateAccepted)
+    reply = await generate(bus, decode, stream, "late", ttft_budget_s=0.05)
+    assert isinstance(reply, GenerateAccepted)
+
+    last = await finish(stream, "late")
+
+    assert last.finish_reason is FinishReason.SHED
+    assert stream.tokens("late") == []
+    role = decode.shell.role
+    assert RequestId("late") not in role.in_flight
+
+
+async def test_tpot_objective_caps_the_batch_from_measured_speed(bus, start_worker, stream):
+    decode = await start_worker(WorkerRole.DECODE, speedup=1.0, slo_tpot_ms=10.0)
+    for wave, size in enumerate([1, 3, 6, 12, 24]):  # batches of several sizes to learn from
+        rids = [f"w{wave}-{i}" for i in range(size)]
+        await asyncio.gather(*[generate(bus, decode, stream, rid) for rid in rids])
+        for rid in rids:
+            await finish(stream, rid)
+
+    objectives = decode.shell.objectives
+    budget, speed = objectives.budget, objectives.speed_model.speed
+    # Modelled decode steps cost ~6 ms at least: an 8 ms target (80 % of 10) leaves room for
+    # a small batch and a few prompt tokens, which the measured speed says fit.
+    assert budget.max_num_running is not None
+    assert budget.max_prefill_tokens is not None
+    assert speed.step_s(budget.max_num_running, 0) <= 0.008 + 1e-9
+    assert speed.base_s > 0.003
+    load = decode.shell.load_metrics()
+    assert load.max_num_running == budget.max_num_running
+    assert load.step_per_seq_s == speed.per_seq_s
