@@ -1,7 +1,7 @@
 """Prefix-sharing workload on a real cluster: the Mooncake trace against each routing mode.
 
-For each of ``--modes`` (default kv, then round_robin) it starts a fresh cluster with
-``python -m services.launcher up`` (nats, etcd, one router in that mode, ``--workers``
+For each of ``--modes`` (default kv, then round_robin) it starts a fresh cluster as ``baton up``
+does (``services.launcher``: nats, etcd, one router in that mode, ``--workers``
 simulated decode workers, the frontend), replays the same requests of
 ``/work/shared/traces/mooncake_conversation_trace.jsonl`` through ``/v1/completions`` as
 streaming token-id prompts (mapping and replay: ``bench/prefix_replay.py``), and stops it.
@@ -50,11 +50,7 @@ import math
 import os
 import platform
 import re
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -62,14 +58,16 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 from prefix_replay import TRACE, Outcome, TraceRequest, load_trace, replay
 
-REPO = Path(__file__).resolve().parent.parent
+from services.launcher.config import UpConfig
+from services.launcher.threaded import cluster_in_thread
+
 ENGINE_BLOCK_SIZE = 16
 _DECISIONS = re.compile(r'^baton_router_worker_decisions_total\{worker="([^"]+)"\} (\S+)$', re.M)
 _ROUTER_HIT = re.compile(r"^baton_router_overlap_hit_rate (\S+)$", re.M)
@@ -82,13 +80,6 @@ class Cluster:
     pids: list[int]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _get(url: str, timeout_s: float = 2.0) -> bytes | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
@@ -98,69 +89,36 @@ def _get(url: str, timeout_s: float = 2.0) -> bytes | None:
         return None
 
 
-def _is_ready(cluster: Cluster, num_workers: int) -> bool:
-    body = _get(f"{cluster.url}/ready")
-    try:
-        state = json.loads(body) if body else {}
-    except ValueError:
-        return False
-    is_up = bool(state.get("ready")) and state.get("workers", 0) >= num_workers
-    return is_up and _get(cluster.router_metrics_url) is not None
-
-
-def cluster_env(args: argparse.Namespace, router_port: int, max_model_len: int) -> dict[str, str]:
-    """The services' settings; one already set in the environment wins (but the router's
-    metrics port, which the bench must know)."""
+def cluster_env(args: argparse.Namespace, max_model_len: int) -> dict[str, str]:
+    """The services' settings, but those already set in the environment (which win)."""
     settings = {
-        "BATON_ROUTER_PORT": str(router_port),
         "BATON_DECODE_NUM_KV_BLOCKS": str(args.num_kv_blocks),
         "BATON_DECODE_MAX_NUM_SEQS": str(args.max_num_seqs),
         "BATON_DECODE_MAX_MODEL_LEN": str(max(8192, max_model_len)),
     }
-    return {**settings, **os.environ, "BATON_ROUTER_PORT": str(router_port)}
+    return {name: value for name, value in settings.items() if name not in os.environ}
 
 
 @contextlib.contextmanager
 def local_cluster(args: argparse.Namespace, mode: str, max_model_len: int) -> Iterator[Cluster]:
-    """A fresh cluster routing in ``mode``; SIGTERM (then kill) it and its children on exit."""
-    port, router_port = _free_port(), _free_port()
-    log_dir = Path(args.log_dir) / mode
-    log_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        *(sys.executable, "-m", "services.launcher", "up"),
-        *("--port", str(port), "--num-workers", str(args.workers), "--num-routers", "1"),
-        *("--router-mode", mode, "--speedup", str(args.speedup)),
-        *("--namespace", f"prefix{uuid.uuid4().hex[:6]}", "--log-dir", str(log_dir)),
-    ]
-    env = cluster_env(args, router_port, max_model_len)
-    with open(log_dir / "launcher.log", "ab") as log:
-        launcher = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    cluster = Cluster(
-        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{router_port}/metrics", [launcher.pid]
+    """A fresh cluster routing in ``mode``, started as ``baton up`` does; stopped on exit."""
+    up = UpConfig(
+        port=0,
+        num_workers=args.workers,
+        num_routers=1,
+        router_mode=mode,
+        speedup=args.speedup,
+        namespace=f"prefix{uuid.uuid4().hex[:6]}",
+        log_dir=str(Path(args.log_dir) / mode),
+        ready_timeout_s=120.0,
     )
-    children: list[psutil.Process] = []
-    try:
-        end = time.monotonic() + 120
-        while not _is_ready(cluster, args.workers):
-            if launcher.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"cluster did not start; see {log_dir}/*.log")
-            time.sleep(0.3)
-        children = psutil.Process(launcher.pid).children(recursive=True)
-        yield Cluster(cluster.url, cluster.router_metrics_url, [c.pid for c in children])
-    finally:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(launcher.pid).children(recursive=True) or children
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
-        for child in children:
+    spec = replace(up.cluster_spec(), env=cluster_env(args, max_model_len))
+    with cluster_in_thread(spec) as cluster:
+        pids = [*cluster.pids]
+        for pid in cluster.pids:  # and their children (a shared-memory resource tracker)
             with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+                pids += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        yield Cluster(cluster.url, f"{cluster.router_urls[0]}/metrics", pids)
 
 
 def router_state(cluster: Cluster) -> tuple[dict[str, float], float]:

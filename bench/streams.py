@@ -11,8 +11,8 @@ where installed) with one aiohttp session. They start over ``--ramp-s`` seconds 
 frontend's accept queue (backlog 4096) is not flooded. Tokens are counted from the final usage
 chunk; TTFT and TPOT use the arrival times of content deltas.
 
-Without ``--url`` it starts a cluster (``python -m services.launcher up``) on a free port and
-stops it afterwards; each worker runs ``ceil(streams / workers)`` sequences at once unless
+Without ``--url`` it starts a cluster (``services.launcher``, as ``baton up``) on a free port
+and stops it afterwards; each worker runs ``ceil(streams / workers)`` sequences at once unless
 ``--worker-max-num-seqs`` says otherwise. Other ``BATON_DECODE_*`` / ``BATON_FRONTEND_*``
 variables in the environment reach the services. The default ``--speedup 0.1`` models a GPU
 ten times slower than the sim's default, so that the engine, not a CPU-bound frontend, paces
@@ -37,10 +37,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,7 +45,7 @@ import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +53,8 @@ import msgspec
 import psutil
 from stream_client import LoadSpec, Row, client_main, request_body
 
-REPO = Path(__file__).resolve().parent.parent
+from services.launcher.config import UpConfig
+from services.launcher.threaded import cluster_in_thread
 
 # ---- servers: cluster, CPU, memory --------------------------------------------------------
 
@@ -69,15 +66,6 @@ class Servers:
     frontend_pid: int | None
 
 
-def _ready(url: str) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=2.0) as resp:
-            body: dict[str, Any] = json.loads(resp.read())
-            return body
-    except (OSError, ValueError):
-        return {}
-
-
 def max_num_seqs(args: argparse.Namespace) -> int:
     """Each worker's batch limit: by default room for every stream at once."""
     return int(args.worker_max_num_seqs or math.ceil(args.streams / args.workers))
@@ -85,55 +73,19 @@ def max_num_seqs(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def local_cluster(args: argparse.Namespace) -> Iterator[Servers]:
-    """Start ``services.launcher up`` on a free port; SIGTERM it (and wait) on the way out."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    """Start a cluster as ``baton up`` does, on a free port; stop it on the way out."""
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="baton-bench-")
-    os.makedirs(args.log_dir, exist_ok=True)
-    env = dict(os.environ, BATON_DECODE_MAX_NUM_SEQS=str(max_num_seqs(args)))
-    command = [
-        sys.executable,
-        "-m",
-        "services.launcher",
-        "up",
-        "--port",
-        str(port),
-        "--num-workers",
-        str(args.workers),
-        "--speedup",
-        str(args.speedup),
-        "--log-dir",
-        args.log_dir,
-        "--namespace",
-        f"bench{uuid.uuid4().hex[:6]}",
-    ]
-    with open(Path(args.log_dir) / "launcher.log", "ab") as log:
-        launcher = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + 120
-        while not ((body := _ready(url)).get("ready") and body["workers"] >= args.workers):
-            if launcher.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"cluster did not start; see {args.log_dir}/*.log")
-            time.sleep(0.3)
-        children = psutil.Process(launcher.pid).children(recursive=True)
-        frontend = [c.pid for c in children if "services.frontend" in " ".join(c.cmdline())]
-        yield Servers(url, [c.pid for c in children], frontend[0] if frontend else None)
-    finally:
-        children = []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(launcher.pid).children(recursive=True)
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+    up = UpConfig(
+        port=0,
+        num_workers=args.workers,
+        speedup=args.speedup,
+        log_dir=args.log_dir,
+        namespace=f"bench{uuid.uuid4().hex[:6]}",
+        ready_timeout_s=120.0,
+    )
+    env = {"BATON_DECODE_MAX_NUM_SEQS": str(max_num_seqs(args))}
+    with cluster_in_thread(replace(up.cluster_spec(), env=env)) as cluster:
+        yield Servers(cluster.url, cluster.pids, cluster.frontend.pid)
 
 
 def listen_overflows() -> int:

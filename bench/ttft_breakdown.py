@@ -1,6 +1,6 @@
 """Where a disaggregated request's time to first token goes, from the services' own metrics.
 
-Starts a cluster (``python -m services.launcher up``) with one prefill and one decode worker,
+Starts a cluster (``services.launcher``, as ``baton up``) with one prefill and one decode worker,
 forces every prompt to the prefill worker, sends prompts one at a time (so queueing is only
 what the system adds), then reads the frontend's ``baton_frontend_ttft_phase_seconds``
 histograms: queue (waiting on the prefill worker), prefill (its compute), transfer (the KV
@@ -16,65 +16,42 @@ first and the second token is reported beside it as "first decode step".
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
+from services.launcher.cluster import ClusterSpec
+from services.launcher.config import UpConfig
+from services.launcher.threaded import cluster_in_thread
+
 PHASES = ("queue", "prefill", "transfer", "other")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_cluster(args: argparse.Namespace, port: int, log_dir: str) -> subprocess.Popen[str]:
-    env = dict(
-        os.environ,
-        BATON_ROUTER_MIN_REMOTE_PREFILL_TOKENS="1",
-        BATON_ROUTER_MIN_REMOTE_PREFILL_FRACTION="0",
-        BATON_KV_TRANSFER=args.kv_transfer,
-        BATON_MAX_MODEL_LEN=str(max(4096, args.prompt_tokens + 64)),
-        BATON_NUM_KV_BLOCKS=str(args.num_kv_blocks),
+def cluster_spec(args: argparse.Namespace, log_dir: str) -> ClusterSpec:
+    """One prefill and one decode worker, as ``baton up`` starts them, every prompt remote."""
+    up = UpConfig(
+        port=0,
+        num_workers=1,
+        num_prefill_workers=1,
+        engine=args.engine,
+        log_dir=log_dir,
+        namespace=f"ttft{uuid.uuid4().hex[:6]}",
+        log_level="warning",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "services.launcher",
-        "up",
-        "--port",
-        str(port),
-        "--num-workers",
-        "1",
-        "--num-prefill-workers",
-        "1",
-        "--engine",
-        args.engine,
-        "--log-dir",
-        log_dir,
-        "--namespace",
-        f"ttft{port}",
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "Baton is up" not in line:
-        proc.kill()
-        raise RuntimeError(f"cluster did not start (logs in {log_dir}): {line!r}")
-    return proc
+    env = {
+        "BATON_ROUTER_MIN_REMOTE_PREFILL_TOKENS": "1",
+        "BATON_ROUTER_MIN_REMOTE_PREFILL_FRACTION": "0",
+        "BATON_KV_TRANSFER": args.kv_transfer,
+        "BATON_MAX_MODEL_LEN": str(max(4096, args.prompt_tokens + 64)),
+        "BATON_NUM_KV_BLOCKS": str(args.num_kv_blocks),
+    }
+    return replace(up.cluster_spec(), env=env)
 
 
 async def one(session: aiohttp.ClientSession, api: str, prompt: list[int]) -> tuple[float, float]:
@@ -151,14 +128,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    port = free_port()
     log_dir = tempfile.mkdtemp(prefix="baton-ttft-")
-    proc = start_cluster(args, port, log_dir)
-    try:
-        result = asyncio.run(measure(args, f"http://127.0.0.1:{port}"))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    with cluster_in_thread(cluster_spec(args, log_dir)) as cluster:
+        result = asyncio.run(measure(args, cluster.url))
     phases = result["phase_mean_ms_including_warmup"]
     assert isinstance(phases, dict)
     print(

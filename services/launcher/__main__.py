@@ -23,7 +23,7 @@ Each service also has its own command: baton-frontend, baton-decode (see --help)
 
 async def up(config: UpConfig) -> int:
     stopping = shutdown_event()
-    async with local_cluster(config) as cluster:
+    async with local_cluster(config.cluster_spec()) as cluster:
         ready = f"Baton is up: {cluster.url}/v1 (model {config.model!r}); Ctrl-C stops it"
         print(ready, flush=True)  # noqa: T201 - CLI output
         waits = [asyncio.create_task(c.proc.wait()) for c in cluster.children]

@@ -1,56 +1,276 @@
-"""Start and stop a local cluster: servers, workers, frontend, as child processes."""
+"""A local cluster as child processes: the one implementation behind `baton up`, the e2e tests
+and the benches.
+
+It starts nats-server and etcd on free loopback ports (unless their URLs are given), then the
+routers, prefill workers, decode workers and the frontend, each as ``python -m services.<name>``
+with its own extra flags; waits until every router answers HTTP and the frontend is ready with
+every worker; and stops them in tiers: the frontend, the workers, the routers, the servers.
+"""
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import os
 import shutil
 import signal
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from services.launcher.config import UpConfig
+import aiohttp
+
 from shared.servers import ServerProcess, free_port, start_etcd, start_nats
 
 logger = logging.getLogger(__name__)
 
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSpec:
+    """What to start. Each ``*_args`` tuple is appended to that service's command line (a flag
+    given twice: the last one wins); ``env`` is added to this process's environment for every
+    child. The launcher passes each router ``--port`` and the frontend ``--host``/``--port`` so
+    that it knows their URLs: do not override those."""
+
+    namespace: str = "default"
+    nats_url: str = ""  # empty: start a nats-server on a free port
+    etcd_url: str = ""  # empty: start an etcd on a free port
+    host: str = "127.0.0.1"  # the frontend's listen address
+    port: int = 0  # the frontend's port; 0 picks a free one
+    num_routers: int = 1
+    num_prefill_workers: int = 0
+    num_workers: int = 2  # decode workers
+    router_args: tuple[str, ...] = ()
+    prefill_args: tuple[str, ...] = ()
+    decode_args: tuple[str, ...] = ()
+    frontend_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    log_dir: str = ""  # empty: children write to this process's stdout and stderr
+    log_level: str = "info"
+    ready_timeout_s: float = 60.0
+    stop_timeout_s: float = 40.0  # per tier, after SIGTERM; then SIGKILL
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.num_routers < 0 or self.num_prefill_workers < 0:
+            raise ValueError(
+                f"num_routers and num_prefill_workers must be >= 0, "
+                f"got {self.num_routers} and {self.num_prefill_workers}"
+            )
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
 
 @dataclass
 class Child:
+    """One service process: ``name`` is e.g. ``decode-1``; ``role`` is router, prefill, decode
+    or frontend."""
+
     name: str
+    role: str
     proc: asyncio.subprocess.Process
 
 
-async def _spawn(
-    name: str, module: str, args: list[str], env: dict[str, str], log_dir: str
-) -> Child:
-    # A local file opened once per child at start-up: not worth a thread.
-    out = open(Path(log_dir) / f"{name}.log", "ab") if log_dir else None  # noqa: SIM115, ASYNC230
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        module,
-        *args,
-        env=env,
-        stdout=out if out else None,
-        stderr=asyncio.subprocess.STDOUT if out else None,
-    )
-    if out:
-        out.close()
-    logger.info("started %s pid=%d", name, proc.pid)
-    return Child(name, proc)
+class LocalCluster:
+    """A cluster of child processes. Use it through :func:`local_cluster`; its processes are
+    ``asyncio.subprocess.Process`` objects of the loop that started it."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.namespace = spec.namespace
+        self.nats_url = spec.nats_url
+        self.etcd_url = spec.etcd_url
+        self.port = spec.port or free_port()
+        self.url = f"http://{spec.host}:{self.port}"
+        self.children: list[Child] = []
+        self.servers: list[ServerProcess] = []  # the servers it started, not those it was given
+        self.router_urls: list[str] = []
+        self._is_stopped = False
+
+    @property
+    def api(self) -> str:
+        """The OpenAI-compatible base URL."""
+        return f"{self.url}/v1"
+
+    @property
+    def frontend(self) -> asyncio.subprocess.Process:
+        return self._procs("frontend")[0]
+
+    @property
+    def workers(self) -> list[asyncio.subprocess.Process]:
+        """The decode workers."""
+        return self._procs("decode")
+
+    @property
+    def prefills(self) -> list[asyncio.subprocess.Process]:
+        return self._procs("prefill")
+
+    @property
+    def routers(self) -> list[asyncio.subprocess.Process]:
+        return self._procs("router")
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process it started: servers first, then the services in start order."""
+        return [s.proc.pid for s in self.servers] + [c.proc.pid for c in self.children]
+
+    def _procs(self, role: str) -> list[asyncio.subprocess.Process]:
+        return [c.proc for c in self.children if c.role == role]
+
+    async def start(self) -> None:
+        """Start everything and wait until it is ready; on failure, call :meth:`stop`."""
+        spec = self.spec
+        if spec.log_dir:
+            os.makedirs(spec.log_dir, exist_ok=True)
+        if not self.nats_url:
+            self.nats_url = await self._start_server(start_nats, "nats")
+        if not self.etcd_url:
+            self.etcd_url = await self._start_server(start_etcd, "etcd")
+        for i in range(spec.num_routers):
+            port = free_port()
+            self.router_urls.append(f"http://127.0.0.1:{port}")
+            await self._spawn(f"router-{i}", "router", ["--port", str(port), *spec.router_args])
+        for i in range(spec.num_prefill_workers):
+            args = ["--role", "prefill", *spec.prefill_args]
+            await self._spawn(f"prefill-{i}", "prefill", args)
+        for i in range(spec.num_workers):
+            await self._spawn(f"decode-{i}", "decode", ["--role", "decode", *spec.decode_args])
+        frontend_args = ["--host", spec.host, "--port", str(self.port), *spec.frontend_args]
+        await self._spawn("frontend", "frontend", frontend_args)
+        try:
+            async with asyncio.timeout(spec.ready_timeout_s):
+                await self._wait_ready()
+        except TimeoutError:
+            raise TimeoutError(
+                f"cluster at {self.url} not ready with {self._num_workers} workers and "
+                f"{spec.num_routers} routers in {spec.ready_timeout_s} s"
+            ) from None
+
+    async def stop(self) -> None:
+        """SIGTERM each tier, kill what outlives ``stop_timeout_s``: frontend, workers, routers,
+        then the servers. Safe to call twice."""
+        if self._is_stopped:
+            return
+        self._is_stopped = True
+        for roles in (("frontend",), ("decode", "prefill"), ("router",)):
+            tier = [c for c in self.children if c.role in roles]
+            await asyncio.gather(*(_stop(c, self.spec.stop_timeout_s) for c in tier))
+        for server in reversed(self.servers):
+            await asyncio.to_thread(server.stop)
+            if server.data_dir:
+                await asyncio.to_thread(shutil.rmtree, server.data_dir, ignore_errors=True)
+
+    @property
+    def _num_workers(self) -> int:
+        return self.spec.num_workers + self.spec.num_prefill_workers
+
+    def _log(self, name: str) -> str | None:
+        return os.path.join(self.spec.log_dir, f"{name}.log") if self.spec.log_dir else None
+
+    def _env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            **self.spec.env,
+            "BATON_NAMESPACE": self.namespace,
+            "BATON_NATS_URL": self.nats_url,
+            "BATON_ETCD_URL": self.etcd_url,
+            "BATON_LOG_LEVEL": self.spec.log_level,
+        }
+
+    async def _start_server(self, start: Callable[..., ServerProcess], name: str) -> str:
+        """Start a server in a thread; its URL. The thread cannot be cancelled, and asyncio.wait
+        does not cancel what it waits on: a cancelled start-up waits for the thread and keeps
+        the server, so that stop() stops it rather than leaving it running."""
+        starting = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(start, log_path=self._log(name))
+        )
+        try:
+            await asyncio.wait([starting])
+        except asyncio.CancelledError:
+            await asyncio.wait([starting])
+            raise
+        finally:
+            if starting.done() and not starting.cancelled() and starting.exception() is None:
+                self.servers.append(starting.result())
+        server: ServerProcess = starting.result()
+        return server.url
+
+    async def _spawn(self, name: str, role: str, args: list[str]) -> None:
+        module = "services.worker" if role in ("prefill", "decode") else f"services.{role}"
+        log = self._log(name)
+        # A local file opened once per child at start-up: not worth a thread.
+        out = open(log, "ab") if log else None  # noqa: SIM115, ASYNC230
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                module,
+                *args,
+                env=self._env(),
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT if out else None,
+            )
+        finally:
+            if out:
+                out.close()
+        logger.info("started %s pid=%d", name, proc.pid)
+        self.children.append(Child(name, role, proc))
+
+    async def _wait_ready(self) -> None:
+        """Poll until every router answers and the frontend has every worker; raise if a child
+        exits first. The caller sets the deadline."""
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            pending = [f"{url}/ready" for url in self.router_urls]
+            while True:
+                self._raise_if_exited()
+                pending = [url for url in pending if await _get_json(session, url) is None]
+                if not pending:
+                    body = await _get_json(session, f"{self.url}/ready") or {}
+                    if body.get("ready") and int(body.get("workers", 0)) >= self._num_workers:
+                        return
+                await asyncio.sleep(_POLL_S)
+
+    def _raise_if_exited(self) -> None:
+        for child in self.children:
+            if child.proc.returncode is not None:
+                where = f"; see {self.spec.log_dir}/{child.name}.log" if self.spec.log_dir else ""
+                raise RuntimeError(
+                    f"{child.name} exited with code {child.proc.returncode} during start-up{where}"
+                )
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(spec: ClusterSpec) -> AsyncIterator[LocalCluster]:
+    """Run a ready cluster for the duration of the block; stop it on the way out."""
+    cluster = LocalCluster(spec)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    """The JSON object of a 200 answer; None if there is none (yet)."""
+    try:
+        async with session.get(url) as resp:
+            if resp.status != 200:
+                return None
+            body = await resp.json()
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 async def _stop(child: Child, timeout_s: float) -> None:
-    if child.proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        child.proc.send_signal(signal.SIGTERM)
+    if child.proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.send_signal(signal.SIGTERM)
     try:
         async with asyncio.timeout(timeout_s):
             await child.proc.wait()
@@ -59,114 +279,3 @@ async def _stop(child: Child, timeout_s: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             child.proc.kill()
         await child.proc.wait()
-
-
-def _ready(url: str, num_workers: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=1.0) as resp:
-            body = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-    return bool(body.get("ready")) and int(body.get("workers", 0)) >= num_workers
-
-
-@dataclass
-class Cluster:
-    url: str
-    nats_url: str
-    etcd_url: str
-    children: list[Child]
-
-
-@contextlib.asynccontextmanager
-async def local_cluster(config: UpConfig) -> AsyncIterator[Cluster]:
-    """Run a whole cluster for the duration of the block; stop it in reverse order."""
-    if config.log_dir:
-        os.makedirs(config.log_dir, exist_ok=True)
-    servers: list[ServerProcess] = []
-    children: list[Child] = []
-    try:
-        nats_url, etcd_url = config.nats_url, config.etcd_url
-        if not nats_url:
-            log = os.path.join(config.log_dir, "nats.log") if config.log_dir else None
-            servers.append(await asyncio.to_thread(start_nats, log_path=log))
-            nats_url = servers[-1].url
-        if not etcd_url:
-            log = os.path.join(config.log_dir, "etcd.log") if config.log_dir else None
-            servers.append(await asyncio.to_thread(start_etcd, log_path=log))
-            etcd_url = servers[-1].url
-        env = dict(os.environ)
-        env.update(
-            BATON_NAMESPACE=config.namespace,
-            BATON_NATS_URL=nats_url,
-            BATON_ETCD_URL=etcd_url,
-            BATON_LOG_LEVEL=config.log_level,
-        )
-        engine_args = [
-            "--model",
-            config.model,
-            "--engine",
-            config.engine,
-            "--speedup",
-            str(config.speedup),
-        ]
-        for i in range(config.num_routers):
-            children.append(
-                await _spawn(
-                    f"router-{i}",
-                    "services.router",
-                    ["--mode", config.router_mode],
-                    env,
-                    config.log_dir,
-                )
-            )
-        for i in range(config.num_prefill_workers):
-            children.append(
-                await _spawn(
-                    f"prefill-{i}",
-                    "services.worker",
-                    ["--role", "prefill", *engine_args],
-                    env,
-                    config.log_dir,
-                )
-            )
-        for i in range(config.num_workers):
-            children.append(
-                await _spawn(
-                    f"decode-{i}",
-                    "services.worker",
-                    ["--role", "decode", *engine_args],
-                    env,
-                    config.log_dir,
-                )
-            )
-        port = config.port or free_port()
-        children.append(
-            await _spawn(
-                "frontend",
-                "services.frontend",
-                ["--host", config.host, "--port", str(port)],
-                env,
-                config.log_dir,
-            )
-        )
-        url = f"http://{config.host}:{port}"
-        async with asyncio.timeout(config.ready_timeout_s):
-            while not await asyncio.to_thread(
-                _ready, url, config.num_workers + config.num_prefill_workers
-            ):
-                for child in children:
-                    if child.proc.returncode is not None:
-                        raise RuntimeError(
-                            f"{child.name} exited with code {child.proc.returncode} during start-up"
-                        )
-                await asyncio.sleep(0.2)
-        yield Cluster(url=url, nats_url=nats_url, etcd_url=etcd_url, children=children)
-    finally:
-        # Frontend first (it stops taking requests), then workers, then the servers.
-        for child in reversed(children):
-            await _stop(child, timeout_s=40.0)
-        for server in reversed(servers):
-            await asyncio.to_thread(server.stop)
-            if server.data_dir:
-                shutil.rmtree(server.data_dir, ignore_errors=True)

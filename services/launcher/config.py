@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from proto.subjects import check_token
+from services.launcher.cluster import ClusterSpec
 from shared.config import doc
 
 
@@ -45,3 +46,23 @@ class UpConfig:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+    def cluster_spec(self) -> ClusterSpec:
+        """The cluster these flags describe."""
+        engine = ("--model", self.model, "--engine", self.engine, "--speedup", str(self.speedup))
+        return ClusterSpec(
+            namespace=self.namespace,
+            nats_url=self.nats_url,
+            etcd_url=self.etcd_url,
+            host=self.host,
+            port=self.port,
+            num_routers=self.num_routers,
+            num_prefill_workers=self.num_prefill_workers,
+            num_workers=self.num_workers,
+            router_args=("--mode", self.router_mode),
+            prefill_args=engine,
+            decode_args=engine,
+            log_dir=self.log_dir,
+            log_level=self.log_level,
+            ready_timeout_s=self.ready_timeout_s,
+        )

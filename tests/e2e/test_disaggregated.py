@@ -68,10 +68,10 @@ def torch_available():
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_disaggregated_output_equals_aggregated(start_cluster, torch_available, transport):
     batch = prompts()
-    aggregated = start_cluster(num_workers=1, worker_args=TORCH, namespace=f"agg{transport}")
+    aggregated = await start_cluster(num_workers=1, worker_args=TORCH, namespace=f"agg{transport}")
     expected = await complete_all(aggregated.api, batch)
     kv = ("--kv-transfer", transport)
-    disagg = start_cluster(
+    disagg = await start_cluster(
         num_workers=1,
         worker_args=(*TORCH, *kv),
         num_prefill=1,
@@ -98,7 +98,7 @@ async def test_disaggregated_output_equals_aggregated(start_cluster, torch_avail
 
 async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
     sim = ("--speedup", "20", "--num-kv-blocks", "4096")
-    cluster = start_cluster(
+    cluster = await start_cluster(
         num_workers=2,
         worker_args=sim,
         num_prefill=1,
@@ -180,7 +180,7 @@ async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
 
 async def test_requests_fall_back_to_local_prefill_when_the_prefill_worker_dies(start_cluster):
     sim = ("--speedup", "20")
-    cluster = start_cluster(
+    cluster = await start_cluster(
         num_workers=1,
         worker_args=sim,
         num_prefill=1,
@@ -194,7 +194,8 @@ async def test_requests_fall_back_to_local_prefill_when_the_prefill_worker_dies(
     # Killed without a goodbye: its etcd entry lives on for the lease TTL, so the router still
     # picks it, the decode worker gets no answer, and must prefill locally instead of hanging.
     cluster.prefills[0].kill()
-    cluster.prefills[0].wait(10)
+    async with asyncio.timeout(10):
+        await cluster.prefills[0].wait()
     after = await complete_all(cluster.api, batch)
     assert after == before
     async with aiohttp.ClientSession() as session:
@@ -209,7 +210,7 @@ async def test_requests_fall_back_to_local_prefill_when_the_prefill_worker_dies(
 
 
 async def test_prefill_worker_frees_blocks_no_decode_worker_reads(start_cluster):
-    cluster = start_cluster(
+    cluster = await start_cluster(
         num_workers=1,
         worker_args=("--speedup", "20"),
         num_prefill=1,

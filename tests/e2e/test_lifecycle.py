@@ -23,7 +23,7 @@ async def _read_events(resp, events: list[dict], limit: int | None = None) -> No
 
 
 async def test_sigterm_drains_in_flight_streams_then_exits_zero(start_cluster):
-    cluster = start_cluster(num_workers=1, worker_args=("--drain-timeout-s", "30"))
+    cluster = await start_cluster(num_workers=1, worker_args=("--drain-timeout-s", "30"))
     worker = cluster.workers[0]
     body = {
         "model": MODEL,
@@ -42,7 +42,8 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(start_cluster):
                 await _read_events(resp, events)
         # The stream ran to its end although the worker was asked to stop.
         assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
-        assert await asyncio.to_thread(worker.wait, 30) == 0
+        async with asyncio.timeout(30):
+            assert await worker.wait() == 0
         # With its only worker gone, the model has nobody to serve it: 503, not a hang.
         async with asyncio.timeout(15):
             while True:
@@ -56,7 +57,7 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(start_cluster):
 
 
 async def test_killed_worker_ends_its_streams_with_an_error(start_cluster):
-    cluster = start_cluster(num_workers=1, worker_args=("--lease-ttl-s", "2"))
+    cluster = await start_cluster(num_workers=1, worker_args=("--lease-ttl-s", "2"))
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "crash"}],

@@ -16,8 +16,8 @@ MODEL = "baton-sim"
 
 
 @pytest.fixture
-def cluster(start_cluster):
-    return start_cluster(num_workers=2)
+async def cluster(start_cluster):
+    return await start_cluster(num_workers=2)
 
 
 def client(cluster) -> openai.OpenAI:
@@ -248,7 +248,7 @@ async def test_client_disconnect_aborts_the_request_on_the_worker(cluster):
 
 
 async def test_overloaded_workers_give_503_with_retry_after(start_cluster):
-    cluster = start_cluster(num_workers=1, worker_args=("--max-waiting", "0"))
+    cluster = await start_cluster(num_workers=1, worker_args=("--max-waiting", "0"))
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{cluster.api}/chat/completions", json=body) as resp:

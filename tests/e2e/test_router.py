@@ -42,7 +42,7 @@ def cached_tokens(reply: dict) -> int:
 
 
 async def test_prefix_sharing_requests_go_where_the_prefix_is_cached(start_cluster):
-    cluster = start_cluster(num_workers=3, worker_args=SIM, num_routers=2)
+    cluster = await start_cluster(num_workers=3, worker_args=SIM, num_routers=2)
     rng = random.Random(3)
     prefix = [rng.randrange(10, 6000) for _ in range(512)]
     async with aiohttp.ClientSession() as session:
@@ -65,7 +65,9 @@ async def test_prefix_sharing_requests_go_where_the_prefix_is_cached(start_clust
 
 
 async def test_router_resyncs_after_lost_events_and_forgets_dead_workers(start_cluster):
-    cluster = start_cluster(num_workers=2, worker_args=(*SIM, "--lease-ttl-s", "2"), num_routers=1)
+    cluster = await start_cluster(
+        num_workers=2, worker_args=(*SIM, "--lease-ttl-s", "2"), num_routers=1
+    )
     router = cluster.router_urls[0]
     rng = random.Random(5)
     async with aiohttp.ClientSession() as session, Bus.connect(cluster.nats_url) as bus:
