@@ -167,7 +167,7 @@ class Generator:
             if deadline_s is not None:
                 budget_s = deadline_s - time.monotonic() - DEADLINE_MARGIN_S
                 if budget_s <= 0:
-                    raise Shed("no worker took the request within its objective")
+                    raise Shed("no worker took the request within its objective", retry_after_s=1.0)
             # The router's prefill worker was chosen for its decode worker only; any other
             # worker (a fallback after a refusal) prefills locally.
             message = GenerateRequest(

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -12,10 +13,11 @@ from shared.lifecycle import run_async, setup_logging, shutdown_event
 
 logger = logging.getLogger(__name__)
 
-USAGE = """usage: baton up [options]
+USAGE = """usage: baton {up,bench} [options]
 
 Commands:
-  up    start a local cluster (NATS, etcd, workers, frontend) and serve until Ctrl-C
+  up     start a local cluster (NATS, etcd, workers, frontend) and serve until Ctrl-C
+  bench  open-loop load against an OpenAI-compatible endpoint (same as baton-bench)
 
 Each service also has its own command: baton-frontend, baton-decode (see --help).
 `baton up --help` lists the options."""
@@ -48,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)  # noqa: T201 - CLI output
         sys.exit(0 if args else 2)
+    if args[0] == "bench":
+        # A separate program (the load client shares nothing with the launcher).
+        os.execv(sys.executable, [sys.executable, "-m", "services.bench", *args[1:]])
     if args[0] != "up":
         print(f"baton: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)  # noqa: T201 - CLI output
         sys.exit(2)

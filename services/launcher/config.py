@@ -35,6 +35,17 @@ class UpConfig:
     log_dir: str = field(default="", metadata=doc("write each process's log here"))
     ready_timeout_s: float = field(default=60.0, metadata=doc("how long start-up may take"))
     log_level: str = field(default="info", metadata=doc("logging level"))
+    slo_ttft_ms: float = field(
+        default=0.0,
+        metadata=doc(
+            "time-to-first-token objective for every service (0: none): past capacity, requests "
+            "that cannot meet it get 429 at once"
+        ),
+    )
+    slo_tpot_ms: float = field(
+        default=0.0,
+        metadata=doc("time-per-output-token objective for every service (0: none)"),
+    )
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -46,6 +57,9 @@ class UpConfig:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
 
     def cluster_spec(self) -> ClusterSpec:
         """The cluster these flags describe."""
@@ -65,4 +79,9 @@ class UpConfig:
             log_dir=self.log_dir,
             log_level=self.log_level,
             ready_timeout_s=self.ready_timeout_s,
+            # Every service that has objectives reads these (the frontend and the workers).
+            env={
+                "BATON_SLO_TTFT_MS": str(self.slo_ttft_ms),
+                "BATON_SLO_TPOT_MS": str(self.slo_tpot_ms),
+            },
         )
