@@ -261,6 +261,7 @@ class LoadMetrics(Message, frozen=True, tag="load"):
     num_waiting_tokens: int = 0  # prompt tokens queued for prefill
     predicted_wait_s: float = 0.0  # time a new normal-priority request waits to be prefilled
     max_num_running: int = 0  # the batch cap the TPOT objective sets now (0: none)
+    wait_per_token_s: float = 0.0  # how much longer the wait gets per prompt token queued
 
 
 # --- KV cache events (consumed by the KV-aware router) -------------------------------------------

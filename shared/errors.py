@@ -61,6 +61,7 @@ class Shed(Overloaded):
     code = ErrorCode.SHED
     http_status = 429
     openai_type = "rate_limit_error"
+    stage: ClassVar[str] = "worker"  # where it was shed (a frontend refines this)
 
 
 class Unavailable(ServingError):

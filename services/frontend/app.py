@@ -240,7 +240,7 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         if card is not None:
             if isinstance(exc, Shed):
                 state.metrics.record_outcome(card.name, Outcome.SHED)
-                state.metrics.shed_latency.observe(time.monotonic() - started)
+                state.metrics.shed_latency.labels(exc.stage).observe(time.monotonic() - started)
             elif not isinstance(exc, InvalidRequest | NotFound):
                 state.metrics.record_outcome(card.name, Outcome.ERROR)
         return error_response(exc)

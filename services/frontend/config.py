@@ -44,6 +44,13 @@ class FrontendConfig:
             "gets 429 with Retry-After at once"
         ),
     )
+    slo_admit_fraction: float = field(
+        default=0.5,
+        metadata=doc(
+            "admit a request only if its predicted time to first token is within this "
+            "fraction of its TTFT objective (the rest absorbs prediction error and bursts)"
+        ),
+    )
     slo_tpot_ms: float = field(
         default=0.0, metadata=doc("time-per-output-token objective (0: none), for goodput")
     )
@@ -62,6 +69,8 @@ class FrontendConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.route_timeout_s < 0:
             raise ValueError(f"route_timeout_s must be >= 0, got {self.route_timeout_s}")
+        if not 0 < self.slo_admit_fraction <= 1:
+            raise ValueError(f"slo_admit_fraction must be in (0, 1], got {self.slo_admit_fraction}")
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")

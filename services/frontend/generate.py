@@ -39,9 +39,24 @@ from shared.streams import StreamDemux
 logger = logging.getLogger(__name__)
 
 NO_OBJECTIVES = RequestObjectives()
+
+
+class FrontendShed(Shed):
+    """Shed by this frontend, from the workers' load reports, before any worker saw it."""
+
+    stage = "frontend"
+
+
+class WaitingShed(Shed):
+    """Admitted by a worker, then shed there when its deadline passed before it started."""
+
+    stage = "waiting"
+
+
 # Kept back from the time-to-first-token budget a worker is given: the first token still has
 # to reach this process and the client after the worker produced it.
 DEADLINE_MARGIN_S = 0.02
+EARLY_SHED_MARGIN = 0.9
 
 
 def new_request_id() -> RequestId:
@@ -62,8 +77,10 @@ class Generator:
         route_timeout_s: float = 0.0,
         on_route_fallback: Callable[[], None] = lambda: None,
         max_attempts: int = 3,
+        admit_fraction: float = 1.0,
     ) -> None:
         self._bus = bus
+        self._admit_fraction = admit_fraction
         self._demux = demux
         self._pool = pool
         self._admission_timeout_s = admission_timeout_s
@@ -85,8 +102,12 @@ class Generator:
         if not candidates:
             return  # placing it says why
         best_s = min(w.predicted_wait_s(num_tokens) for w in candidates)
+        # A little stricter than the workers: a request the reports already place near the
+        # workers' own limit is answered here, cheaply, instead of being tokenized, routed
+        # and refused there.
+        budget_s *= self._admit_fraction * EARLY_SHED_MARGIN
         if best_s > budget_s:
-            raise Shed(
+            raise FrontendShed(
                 f"every worker for {model!r} is at least {best_s * 1000:.0f} ms from a first "
                 f"token; the objective leaves {max(budget_s, 0.0) * 1000:.0f} ms",
                 retry_after_s=max(1.0, best_s - budget_s),
@@ -126,7 +147,7 @@ class Generator:
                     if last.finish_reason == FinishReason.ERROR:
                         raise EngineError(last.error or "the engine failed this request")
                     if last.finish_reason == FinishReason.SHED:
-                        raise Shed(
+                        raise WaitingShed(
                             "the request waited past its time-to-first-token objective",
                             retry_after_s=1.0,
                         )
@@ -167,7 +188,9 @@ class Generator:
             if deadline_s is not None:
                 budget_s = deadline_s - time.monotonic() - DEADLINE_MARGIN_S
                 if budget_s <= 0:
-                    raise Shed("no worker took the request within its objective", retry_after_s=1.0)
+                    raise FrontendShed(
+                        "no worker took the request within its objective", retry_after_s=1.0
+                    )
             # The router's prefill worker was chosen for its decode worker only; any other
             # worker (a fallback after a refusal) prefills locally.
             message = GenerateRequest(

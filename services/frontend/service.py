@@ -52,6 +52,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 admission_timeout_s=config.admission_timeout_s,
                 route_timeout_s=config.route_timeout_s,
                 on_route_fallback=metrics.route_fallbacks.inc,
+                admit_fraction=config.slo_admit_fraction,
             ),
             metrics=metrics,
             ttft_s=config.ttft_s,

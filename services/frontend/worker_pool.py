@@ -44,7 +44,7 @@ class WorkerState:
         if load is None:
             return 0.0
         unreported = (self.sent_since_report + 1) * num_tokens
-        return load.predicted_wait_s + unreported * load.step_per_token_s
+        return load.predicted_wait_s + unreported * load.wait_per_token_s
 
     @property
     def is_draining(self) -> bool:

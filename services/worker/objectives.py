@@ -4,8 +4,11 @@ token objective, and admission by predicted time to first token.
 After every step the shell feeds the step's size and duration to a ``SpeedModel`` and sets
 the engine's ``StepBudget`` from the fit. A new request with a time-to-first-token budget is
 admitted only if the prompt tokens queued ahead of it plus its own, prefilled at the rate the
-budget allows, would reach its first token in time; otherwise it is refused at once with
-``Shed`` (429) and a ``Retry-After`` of when the queue should have drained enough. Admitted
+budget allows, would reach its first token within ``slo_admit_fraction`` of the time left
+(admitting up to the deadline itself would let the queue grow until every first token comes
+just in time, and the prediction's error then makes half of them late); otherwise it is
+refused at once with ``Shed`` (429) and a ``Retry-After`` of when the queue should have
+drained enough. Admitted
 work is never dropped to make room: what waits past its deadline anyway is shed by the engine
 (``FinishReason.SHED``) before it starts, never streamed late.
 """
@@ -34,6 +37,7 @@ class Objectives:
     def __init__(self, config: WorkerConfig, *, max_num_batched_tokens: int) -> None:
         self.ttft_s = config.ttft_s
         self.tpot_s = config.tpot_s
+        self.admit_fraction = config.slo_admit_fraction
         self.max_num_batched_tokens = max_num_batched_tokens
         self.speed_model = SpeedModel()
         self.budget = StepBudget()
@@ -66,6 +70,16 @@ class Objectives:
             max_prefill_tokens=per_step,
         )
 
+    def wait_per_token_s(self, stats: EngineStats) -> float:
+        """How much a queued prompt token adds to the wait of those behind it: its prefill,
+        plus its share of the steps it takes (a frontend sheds early by this)."""
+        speed = self.speed_model.speed
+        per_step = self.budget.max_prefill_tokens
+        if per_step is None or per_step <= 0:
+            per_step = self.max_num_batched_tokens
+        overhead = speed.base_s + speed.per_seq_s * stats.num_running + speed.prefill_base_s
+        return speed.per_token_s + overhead / per_step
+
     def admit(
         self,
         request: GenerateRequest | PrefillRequest,
@@ -83,11 +97,13 @@ class Objectives:
         if prefills_here:
             own = len(request.token_ids)
             predicted = self.predicted_wait_s(stats, num_tokens_ahead, own)
-            if predicted > budget_s:
+            allowed_s = self.admit_fraction * budget_s
+            if predicted > allowed_s:
                 self.num_shed_at_admission += 1
                 raise Shed(
-                    f"predicted time to first token {predicted * 1000:.0f} ms exceeds the "
-                    f"objective's {budget_s * 1000:.0f} ms left",
-                    retry_after_s=max(1.0, predicted - budget_s),
+                    f"predicted time to first token {predicted * 1000:.0f} ms is over "
+                    f"{self.admit_fraction:.0%} of the {budget_s * 1000:.0f} ms the objective "
+                    "leaves",
+                    retry_after_s=max(1.0, predicted - allowed_s),
                 )
         return Admission(deadline_s=now_s + budget_s, priority=request.priority)

@@ -198,6 +198,7 @@ class WorkerShell:
             num_waiting_tokens=stats.num_waiting_tokens,
             predicted_wait_s=objectives.predicted_wait_s(stats, self.loop.num_tokens_ahead(0)),
             max_num_running=objectives.budget.max_num_running or 0,
+            wait_per_token_s=objectives.wait_per_token_s(stats),
         )
 
     async def publish_load(self) -> None:

@@ -93,13 +93,23 @@ class WorkerConfig:
     drain_timeout_s: float = field(
         default=30.0, metadata=doc("on SIGTERM, how long in-flight requests may finish")
     )
-    load_interval_s: float = field(default=0.25, metadata=doc("load metrics period"))
+    load_interval_s: float = field(
+        default=0.1,
+        metadata=doc("load metrics period (frontends shed early from these reports)"),
+    )
     log_level: str = field(default="info", metadata=doc("logging level"))
     slo_ttft_ms: float = field(
         default=0.0,
         metadata=doc(
             "time-to-first-token objective for requests that carry none (0: none); a request "
             "that cannot meet it is refused (429) and one still waiting past it is shed"
+        ),
+    )
+    slo_admit_fraction: float = field(
+        default=0.5,
+        metadata=doc(
+            "admit a request only if its predicted time to first token is within this "
+            "fraction of its TTFT objective (the rest absorbs prediction error and bursts)"
         ),
     )
     slo_tpot_ms: float = field(
@@ -122,6 +132,8 @@ class WorkerConfig:
             )
         if self.lease_ttl_s < 1:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
+        if not 0 < self.slo_admit_fraction <= 1:
+            raise ValueError(f"slo_admit_fraction must be in (0, 1], got {self.slo_admit_fraction}")
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
