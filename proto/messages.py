@@ -241,6 +241,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kv_agent: str = ""  # the KV transfer agent's name ("" when it cannot transfer)
     kv_agent_metadata: bytes = b""  # what a peer's agent needs to read our blocks
     kv_block_size: int = 0
+    http_url: str = ""  # /health, /ready and /metrics ("" when it serves no HTTP)
 
 
 class LoadMetrics(Message, frozen=True, tag="load"):

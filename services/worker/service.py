@@ -3,10 +3,13 @@
 import asyncio
 import logging
 
+import msgspec
+
 from proto.messages import InstanceId, WorkerRole
 from services.worker.config import WorkerServiceConfig
 from services.worker.decode import DecodeRole
 from services.worker.handoff import RemotePrefill
+from services.worker.http import http_server
 from services.worker.prefill import PrefillRole
 from services.worker.role import Role, WorkerContext
 from services.worker.runtime import WorkerRuntime, model_card, worker_info, worker_runtime
@@ -33,8 +36,11 @@ async def serve(config: WorkerServiceConfig, stopping: asyncio.Event | None = No
         context = WorkerContext(runtime.bus, w.namespace, worker_id, loop)
         role = make_role(config, context, runtime, directory)
         shell = WorkerShell(context, role, w, max_num_batched_tokens=e.max_num_batched_tokens)
-        info = worker_info(runtime, w, e, worker_id, role.kind)
-        await shell.serve(runtime.discovery, info, model_card(runtime, e), stopping)
+        async with http_server(shell, w.http_host, w.http_port) as http_port:
+            info = worker_info(runtime, w, e, worker_id, role.kind)
+            if http_port is not None:
+                info = msgspec.structs.replace(info, http_url=f"http://{w.http_host}:{http_port}")
+            await shell.serve(runtime.discovery, info, model_card(runtime, e), stopping)
 
 
 def make_role(

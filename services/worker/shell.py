@@ -68,6 +68,7 @@ class WorkerShell:
         self.loop = context.loop
         self.inbox = subjects.worker_inbox(context.namespace, context.worker_id)
         self.is_draining = False
+        self.is_registered = False
         self.num_bad_messages = 0
         self.num_delivery_failures = 0
         self._kv_event_seq = 0
@@ -233,6 +234,7 @@ class WorkerShell:
             registration = await discovery.register_worker(
                 config.namespace, info, ttl_s=config.lease_ttl_s
             )
+            self.is_registered = True
             gc.freeze()  # start-up objects live forever: keep them out of every collection
             logger.info("worker ready worker_id=%s role=%s", info.worker_id, info.role.name)
             await stopping.wait()

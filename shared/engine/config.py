@@ -98,6 +98,11 @@ class WorkerConfig:
         metadata=doc("load metrics period (frontends shed early from these reports)"),
     )
     log_level: str = field(default="info", metadata=doc("logging level"))
+    http_host: str = field(default="127.0.0.1", metadata=doc("health and metrics HTTP address"))
+    http_port: int = field(
+        default=0,
+        metadata=doc("/health, /ready and /metrics port (0: any free port; -1: no HTTP)"),
+    )
     slo_ttft_ms: float = field(
         default=0.0,
         metadata=doc(
@@ -134,6 +139,8 @@ class WorkerConfig:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
         if not 0 < self.slo_admit_fraction <= 1:
             raise ValueError(f"slo_admit_fraction must be in (0, 1], got {self.slo_admit_fraction}")
+        if not -1 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [-1, 65535], got {self.http_port}")
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")

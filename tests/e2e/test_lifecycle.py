@@ -9,6 +9,7 @@ import sys
 import aiohttp
 import openai
 
+from shared.discovery import Discovery
 from shared.servers import free_port
 
 MODEL = "baton-sim"
@@ -110,3 +111,27 @@ def test_baton_up_serves_and_stops_on_sigterm(tmp_path):
         assert proc.wait(60) == 0
     assert (tmp_path / "frontend.log").exists()
     assert (tmp_path / "decode-0.log").exists()
+
+
+async def test_workers_serve_health_ready_and_metrics(start_cluster):
+    cluster = await start_cluster(num_workers=1)
+    async with Discovery.connect(cluster.etcd_url) as discovery:
+        async with discovery.watch_workers(cluster.namespace) as directory:
+            (info,) = directory.workers.values()
+    assert info.http_url
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{info.http_url}/health") as resp:
+            assert resp.status == 200
+        async with session.get(f"{info.http_url}/ready") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["role"] == "decode"
+        async with session.post(
+            f"{cluster.api}/completions",
+            json={"model": "baton-sim", "prompt": "hello", "max_tokens": 3},
+        ) as resp:
+            assert resp.status == 200
+        async with session.get(f"{info.http_url}/metrics") as resp:
+            text = await resp.text()
+    steps = next(ln for ln in text.splitlines() if ln.startswith("baton_worker_steps "))
+    assert float(steps.split()[-1]) >= 3
+    assert "baton_worker_shed_at_admission 0.0" in text

@@ -1,0 +1,115 @@
+"""The worker's HTTP side: ``/health`` (the event loop answers), ``/ready`` (registered and not
+draining) and ``/metrics`` (what the shell and its role count), for probes and scrapes."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+from services.worker.decode import DecodeRole
+from services.worker.prefill import PrefillRole
+from services.worker.shell import WorkerShell
+
+logger = logging.getLogger(__name__)
+
+SHELL = web.AppKey("shell", WorkerShell)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+def worker_registry(shell: WorkerShell) -> CollectorRegistry:
+    """Gauges read from the shell when scraped (no cost on the request path)."""
+    registry = CollectorRegistry()
+
+    def gauge(name: str, text: str, read: Callable[[], float]) -> None:
+        Gauge(name, text, registry=registry).set_function(read)
+
+    role = shell.role
+    objectives = shell.objectives
+    gauge("baton_worker_running", "sequences in the batch", lambda: shell.loop.stats().num_running)
+    gauge("baton_worker_waiting", "sequences queued", lambda: shell.loop.stats().num_waiting)
+    gauge("baton_worker_kv_usage", "KV cache in use (0..1)", lambda: shell.loop.stats().kv_usage)
+    gauge("baton_worker_in_flight", "requests owed an answer", lambda: len(role.in_flight))
+    gauge("baton_worker_steps", "engine steps so far", lambda: shell.loop.num_steps)
+    gauge("baton_worker_bad_messages", "undecodable inbox messages", lambda: shell.num_bad_messages)
+    gauge(
+        "baton_worker_delivery_failures",
+        "steps whose outputs could not be delivered",
+        lambda: shell.num_delivery_failures,
+    )
+    gauge(
+        "baton_worker_shed_at_admission",
+        "requests refused because their first token could not come in time",
+        lambda: objectives.num_shed_at_admission,
+    )
+    gauge(
+        "baton_worker_step_base_seconds",
+        "measured fixed cost of a step",
+        lambda: objectives.speed_model.speed.base_s,
+    )
+    gauge(
+        "baton_worker_step_per_token_seconds",
+        "measured cost of one prefilled token",
+        lambda: objectives.speed_model.speed.per_token_s,
+    )
+    if isinstance(role, DecodeRole):
+        remote = role.remote
+        gauge(
+            "baton_worker_remote_prefills",
+            "prompts prefilled on a prefill worker and pulled here",
+            lambda: remote.num_remote if remote is not None else 0,
+        )
+        gauge(
+            "baton_worker_prefill_fallbacks",
+            "handoffs that failed and were prefilled here instead",
+            lambda: role.num_fallbacks,
+        )
+    if isinstance(role, PrefillRole):
+        gauge(
+            "baton_worker_hold_timeouts",
+            "held prompts no decode worker read in time",
+            lambda: role.num_hold_timeouts,
+        )
+    return registry
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    shell = request.app[SHELL]
+    is_ready = shell.is_registered and not shell.is_draining
+    body = {"ready": is_ready, "draining": shell.is_draining, "role": shell.role.kind.name.lower()}
+    return web.json_response(body, status=200 if is_ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = await asyncio.to_thread(generate_latest, request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@contextlib.asynccontextmanager
+async def http_server(shell: WorkerShell, host: str, port: int) -> AsyncIterator[int | None]:
+    """Serve the endpoints for the duration of the block; yields the port (None: port -1)."""
+    if port < 0:
+        yield None
+        return
+    app = web.Application()
+    app[SHELL] = shell
+    app[REGISTRY] = worker_registry(shell)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        logger.info("worker http ready url=http://%s:%d/ready", host, bound)
+        yield int(bound)
+    finally:
+        await runner.cleanup()
