@@ -96,6 +96,9 @@ class GenerateRequest(Message, frozen=True, tag="generate"):
     priority: int = 0
     ttft_budget_s: float | None = None
     tpot_s: float | None = None
+    # A migrated stream: the output tokens the client already has, from a worker that died or
+    # dropped the stream. The worker continues after them (no token repeated or missing).
+    resume_token_ids: list[int] = []
 
 
 class AbortRequest(Message, frozen=True, tag="abort"):

@@ -85,6 +85,13 @@ class TokenStream:
         self._error = error
         self._wake()
 
+    def rebind(self, worker_id: InstanceId, now_s: float) -> None:
+        """Follow ``worker_id`` from now on (the request was placed, or migrated there): a
+        past failure is forgotten, and chunks from any other worker are dropped."""
+        self.worker_id = worker_id
+        self.last_active_s = now_s
+        self._error = None
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -115,6 +122,7 @@ class StreamDemux:
         self._bus = bus
         self._streams: dict[RequestId, TokenStream] = {}
         self.num_orphan_chunks = 0
+        self.num_stale_chunks = 0
         self.num_bad_messages = 0
 
     async def start(self) -> None:
@@ -173,9 +181,12 @@ class StreamDemux:
             return
         streams = self._streams
         now_s = asyncio.get_running_loop().time()
+        worker_id = batch.worker_id
         for chunk in batch.chunks:
             stream = streams.get(chunk.request_id)
             if stream is None:
                 self.num_orphan_chunks += 1  # its client left; the abort is on its way
+            elif stream.worker_id != worker_id:
+                self.num_stale_chunks += 1  # from a worker the request migrated away from
             else:
                 stream.put(chunk, now_s)

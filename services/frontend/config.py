@@ -54,6 +54,20 @@ class FrontendConfig:
     slo_tpot_ms: float = field(
         default=0.0, metadata=doc("time-per-output-token objective (0: none), for goodput")
     )
+    migration_limit: int = field(
+        default=3,
+        metadata=doc(
+            "times a stream may move to another worker when its worker dies or drops it "
+            "(0: never; the stream then ends with an error)"
+        ),
+    )
+    worker_silence_s: float = field(
+        default=1.0,
+        metadata=doc(
+            "a worker without a load report for this long is presumed dead: its streams "
+            "migrate (the etcd lease is the backstop)"
+        ),
+    )
     goodput_window_s: float = field(
         default=60.0, metadata=doc("window of the goodput ratio on /metrics")
     )
@@ -74,6 +88,10 @@ class FrontendConfig:
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if self.worker_silence_s <= 0:
+            raise ValueError(f"worker_silence_s must be > 0, got {self.worker_silence_s}")
         if self.goodput_window_s < 1:
             raise ValueError(f"goodput_window_s must be >= 1, got {self.goodput_window_s}")
         for name in ("admission_timeout_s", "stream_idle_timeout_s"):

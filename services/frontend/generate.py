@@ -34,11 +34,16 @@ from shared.errors import (
     Unavailable,
     from_reply,
 )
-from shared.streams import StreamDemux
+from shared.streams import StreamDemux, TokenStream
 
 logger = logging.getLogger(__name__)
 
 NO_OBJECTIVES = RequestObjectives()
+
+
+class StreamDropped(Exception):
+    """A worker ended the stream with an error or an abort of its own (it is shutting down,
+    say): the request migrates rather than fail."""
 
 
 class FrontendShed(Shed):
@@ -56,7 +61,7 @@ class WaitingShed(Shed):
 # Kept back from the time-to-first-token budget a worker is given: the first token still has
 # to reach this process and the client after the worker produced it.
 DEADLINE_MARGIN_S = 0.02
-EARLY_SHED_MARGIN = 0.9
+EARLY_SHED_MARGIN = 0.75
 
 
 def new_request_id() -> RequestId:
@@ -78,7 +83,11 @@ class Generator:
         on_route_fallback: Callable[[], None] = lambda: None,
         max_attempts: int = 3,
         admit_fraction: float = 1.0,
+        migration_limit: int = 3,
+        on_migration: Callable[[], None] = lambda: None,
     ) -> None:
+        self._migration_limit = migration_limit
+        self._on_migration = on_migration
         self._bus = bus
         self._admit_fraction = admit_fraction
         self._demux = demux
@@ -127,33 +136,85 @@ class Generator:
         ``deadline_s`` (``time.monotonic``) is when the first token is due; each worker is
         told the time left, and a request no worker can serve by then is answered with
         ``Shed``. Closing the iterator early (client gone, stop string matched) aborts the
-        request on its worker. A worker that vanishes, or goes silent past the demux's idle
-        sweep, ends the stream with ``Unavailable`` / ``DeadlineExceeded``, never a hang.
+        request on its worker.
+
+        A worker that vanishes (its lease goes, or its load reports stop), goes silent past
+        the demux's idle sweep, or drops the stream (an error or an abort of its own) does not
+        end the stream: the request migrates, up to ``migration_limit`` times, to another
+        worker with the tokens streamed so far, and that worker continues after them, so the
+        caller sees neither an error nor a repeated or missing token.
         """
         stream = self._demux.open(request_id)
         worker: WorkerState | None = None
         finished = False
+        emitted: list[int] = []
+        left_behind: set[InstanceId] = set()
+        moved_because = ""  # why the stream last had to move
         try:
-            worker = await self._place(
-                request_id, model, token_ids, sampling, objectives, deadline_s
-            )
-            stream.worker_id = worker.info.worker_id
-            stream.last_active_s = asyncio.get_running_loop().time()  # the idle clock starts
             while True:
-                chunks = await stream.get()  # bounded by StreamDemux.expire_idle
-                last = chunks[-1]
-                if last.finish_reason is not None:
-                    finished = True
-                    if last.finish_reason == FinishReason.ERROR:
-                        raise EngineError(last.error or "the engine failed this request")
-                    if last.finish_reason == FinishReason.SHED:
-                        raise WaitingShed(
-                            "the request waited past its time-to-first-token objective",
-                            retry_after_s=1.0,
-                        )
-                yield chunks
-                if finished:
-                    return
+                try:
+                    worker = await self._place(
+                        stream,
+                        request_id,
+                        model,
+                        token_ids,
+                        sampling,
+                        objectives,
+                        None if emitted else deadline_s,
+                        emitted,
+                        left_behind,
+                    )
+                except ServingError as exc:
+                    if not moved_because:
+                        raise
+                    raise Unavailable(f"{moved_because}; no other worker took it: {exc}") from exc
+                try:
+                    while True:
+                        chunks = await stream.get()  # bounded by StreamDemux.expire_idle
+                        last = chunks[-1]
+                        reason = last.finish_reason
+                        if reason is FinishReason.SHED:
+                            finished = True
+                            raise WaitingShed(
+                                "the request waited past its time-to-first-token objective",
+                                retry_after_s=1.0,
+                            )
+                        if reason is FinishReason.ERROR or (
+                            reason is FinishReason.ABORT and last.error
+                        ):
+                            if len(chunks) > 1:  # tokens that came before the drop
+                                emitted.extend(t for c in chunks[:-1] for t in c.token_ids)
+                                yield chunks[:-1]
+                            raise StreamDropped(last.error or "the worker dropped the stream")
+                        finished = reason is not None
+                        for chunk in chunks:
+                            emitted.extend(chunk.token_ids)
+                        yield chunks
+                        if finished:
+                            return
+                except (Unavailable, DeadlineExceeded, StreamDropped) as exc:
+                    migrations = len(left_behind)
+                    if migrations >= self._migration_limit:
+                        if isinstance(exc, StreamDropped):
+                            raise EngineError(str(exc)) from exc
+                        raise
+                    left_behind.add(worker.info.worker_id)
+                    worker.in_flight -= 1
+                    await self._abort(worker, request_id)  # it may be alive: free its KV
+                    logger.warning(
+                        "stream migrates request_id=%s from=%s num_tokens=%d error=%s",
+                        request_id,
+                        worker.info.worker_id,
+                        len(emitted),
+                        exc,
+                    )
+                    worker = None
+                    moved_because = str(exc)
+                    self._on_migration()
+                    if len(emitted) >= sampling.max_tokens:  # only its finish was lost
+                        finished = True
+                        yield [TokenChunk(request_id, [], FinishReason.LENGTH)]
+                        return
         finally:
             self._demux.close(request_id)
             if worker is not None:
@@ -163,14 +224,19 @@ class Generator:
 
     async def _place(
         self,
+        stream: TokenStream,
         request_id: RequestId,
         model: str,
         token_ids: list[int],
         sampling: SamplingParams,
         objectives: RequestObjectives,
         deadline_s: float | None,
+        resume_token_ids: list[int],
+        left_behind: set[InstanceId],
     ) -> WorkerState:
-        candidates = self._pool.candidates(model)
+        candidates = [
+            c for c in self._pool.candidates(model) if c.info.worker_id not in left_behind
+        ]
         if not candidates:
             raise Overloaded(f"no live worker serves model {model!r}", retry_after_s=1.0)
         decision = await self._route(request_id, model, token_ids)
@@ -203,7 +269,10 @@ class Generator:
                 priority=objectives.priority,
                 ttft_budget_s=budget_s,
                 tpot_s=objectives.tpot_s,
+                resume_token_ids=list(resume_token_ids),
             )
+            # Bound before it is sent: its first chunks may overtake its acceptance.
+            stream.rebind(worker.info.worker_id, asyncio.get_running_loop().time())
             worker.in_flight += 1
             worker.sent_since_report += 1
             try:

@@ -81,6 +81,16 @@ class FrontendMetrics:
             "requests whose prompt a prefill worker computed",
             registry=self.registry,
         )
+        self.migrations = Counter(
+            "baton_frontend_migrations",
+            "streams moved to another worker after theirs died or dropped them",
+            registry=self.registry,
+        )
+        self.silent_workers = Counter(
+            "baton_frontend_silent_workers",
+            "workers presumed dead because their load reports stopped",
+            registry=self.registry,
+        )
         self.route_fallbacks = Counter(
             "baton_frontend_route_fallbacks",
             "requests placed by load because no router answered in time",

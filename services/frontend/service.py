@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import logging
+import time
 
 from aiohttp import web
 
@@ -53,6 +54,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 route_timeout_s=config.route_timeout_s,
                 on_route_fallback=metrics.route_fallbacks.inc,
                 admit_fraction=config.slo_admit_fraction,
+                migration_limit=config.migration_limit,
+                on_migration=metrics.migrations.inc,
             ),
             metrics=metrics,
             ttft_s=config.ttft_s,
@@ -72,6 +75,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 tg.create_task(worker_view.follow(pool.sync), name="follow-workers"),
                 tg.create_task(model_view.follow(models.sync), name="follow-models"),
                 tg.create_task(demux.expire_idle(config.stream_idle_timeout_s), name="idle"),
+                tg.create_task(
+                    _watch_silence(pool, demux, metrics, config.worker_silence_s), name="silence"
+                ),
             ]
             try:
                 site = web.TCPSite(runner, config.host, config.port, backlog=4096)
@@ -95,3 +101,20 @@ def _fail_streams(demux: StreamDemux, worker_id: InstanceId) -> None:
     failed = demux.fail_worker(worker_id, Unavailable(f"worker {worker_id} went away"))
     if failed:
         logger.warning("worker gone; streams failed worker_id=%s num_streams=%d", worker_id, failed)
+
+
+async def _watch_silence(
+    pool: WorkerPool, demux: StreamDemux, metrics: FrontendMetrics, silence_s: float
+) -> None:
+    """Find workers whose load reports stopped (dead, hung, cut off) within ~1.25 x
+    ``silence_s`` and move their streams, rather than wait for their etcd lease to expire."""
+    while True:
+        await asyncio.sleep(silence_s / 4)
+        for worker_id in pool.find_silent(silence_s, time.monotonic()):
+            metrics.silent_workers.inc()
+            failed = demux.fail_worker(
+                worker_id, Unavailable(f"worker {worker_id} stopped reporting for {silence_s} s")
+            )
+            logger.warning(
+                "worker silent; its streams move worker_id=%s num_streams=%d", worker_id, failed
+            )

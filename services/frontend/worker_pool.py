@@ -8,6 +8,7 @@ rotate, so an idle cluster still spreads work.
 
 import itertools
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import msgspec
@@ -22,13 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerState:
-    __slots__ = ("in_flight", "info", "load", "sent_since_report")
+    __slots__ = ("in_flight", "info", "is_silent", "last_report_s", "load", "sent_since_report")
 
-    def __init__(self, info: WorkerInfo) -> None:
+    def __init__(self, info: WorkerInfo, now_s: float) -> None:
         self.info = info
         self.load: LoadMetrics | None = None
         self.in_flight = 0  # requests this frontend has open on it
         self.sent_since_report = 0
+        self.last_report_s = now_s  # when its last load report arrived (monotonic)
+        self.is_silent = False  # no report for too long: presumed dead until one comes
 
     @property
     def score(self) -> float:
@@ -49,6 +52,10 @@ class WorkerState:
     @property
     def is_draining(self) -> bool:
         return self.info.is_draining or (self.load is not None and self.load.is_draining)
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.is_silent and not self.is_draining
 
 
 class WorkerPool:
@@ -71,7 +78,7 @@ class WorkerPool:
             seen.add(info.worker_id)
             state = self._workers.get(info.worker_id)
             if state is None:
-                self._workers[info.worker_id] = WorkerState(info)
+                self._workers[info.worker_id] = WorkerState(info, time.monotonic())
                 logger.info("worker joined worker_id=%s model=%s", info.worker_id, info.model)
             else:
                 state.info = info
@@ -91,6 +98,25 @@ class WorkerPool:
         if state is not None:
             state.load = load
             state.sent_since_report = 0
+            state.last_report_s = time.monotonic()
+            if state.is_silent:
+                state.is_silent = False
+                logger.info("worker reports again worker_id=%s", load.worker_id)
+
+    def find_silent(self, silence_s: float, now_s: float) -> list[InstanceId]:
+        """Mark, and return, the workers that just went ``silence_s`` without a load report
+        (they report every ~100 ms: one that stops has died, hung or lost the bus) while
+        another worker still reports, so that a lost bus is not taken for dead workers. The
+        etcd lease remains the backstop."""
+        states = list(self._workers.values())
+        if not any(now_s - s.last_report_s <= silence_s for s in states):
+            return []
+        gone = []
+        for state in states:
+            if not state.is_silent and now_s - state.last_report_s > silence_s:
+                state.is_silent = True
+                gone.append(state.info.worker_id)
+        return gone
 
     def models(self) -> set[str]:
         """Models that some worker taking GenerateRequests serves."""
@@ -103,7 +129,7 @@ class WorkerPool:
         states = [
             s
             for s in self._workers.values()
-            if s.info.model == model and s.info.role in roles and not s.is_draining
+            if s.info.model == model and s.info.role in roles and s.is_usable
         ]
         if len(states) > 1:
             offset = next(self._rotation) % len(states)

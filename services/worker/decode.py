@@ -52,7 +52,13 @@ class DecodeRole(Role):
         return len(self.remote) if self.remote is not None else 0
 
     def prefills_here(self, request: GenerateRequest) -> bool:
-        return request.prefill_worker_id is None or self.remote is None
+        # A resumed (migrated) request recomputes its KV here: its tokens are not a prompt a
+        # prefill worker would sample the same first token for.
+        return (
+            request.prefill_worker_id is None
+            or self.remote is None
+            or bool(request.resume_token_ids)
+        )
 
     async def admit(
         self, request: GenerateRequest, reply_subject: str, admission: Admission
@@ -67,6 +73,7 @@ class DecodeRole(Role):
             arrival_time_s=time.monotonic(),
             priority=admission.priority,
             deadline_s=admission.deadline_s,
+            resumed_token_ids=request.resume_token_ids,
         )
         remote = None if self.prefills_here(request) else self.remote
         if remote is None:

@@ -202,7 +202,7 @@ class ScheduledEngine:
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         self._validate(request)
-        return Sequence(
+        seq = Sequence(
             request.request_id,
             request.token_ids,
             request.sampling,
@@ -211,6 +211,8 @@ class ScheduledEngine:
             priority=request.priority,
             deadline_s=request.deadline_s,
         )
+        seq.token_ids.extend(request.resumed_token_ids)
+        return seq
 
     def _validate(self, request: EngineRequest) -> None:
         config = self.scheduler.config
@@ -239,6 +241,15 @@ class ScheduledEngine:
             raise InvalidRequest(
                 f"prompt plus max_tokens needs {num_blocks} KV blocks; "
                 f"the cache has {config.num_kv_blocks}"
+            )
+        resumed = request.resumed_token_ids
+        if len(resumed) >= sampling.max_tokens:
+            raise InvalidRequest(
+                f"{len(resumed)} tokens to resume after; max_tokens is {sampling.max_tokens}"
+            )
+        if resumed and (min(resumed) < 0 or max(resumed) >= self.vocab_size):
+            raise InvalidRequest(
+                f"a resumed token is outside the vocabulary [0, {self.vocab_size})"
             )
         low, high = min(prompt), max(prompt)
         if low < 0 or high >= self.vocab_size:

@@ -37,6 +37,10 @@ class EngineRequest:
     hold_kv: bool = False
     priority: int = 0
     deadline_s: float | None = None
+    # A migrated request: the output tokens another worker already produced (and the client
+    # already has). The engine recomputes their KV with the prompt's and continues after them,
+    # as after a preemption, so greedy and seeded outputs are what one worker would produce.
+    resumed_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

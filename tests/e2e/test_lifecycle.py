@@ -57,7 +57,9 @@ async def test_sigterm_drains_in_flight_streams_then_exits_zero(start_cluster):
                 await asyncio.sleep(0.2)
 
 
-async def test_killed_worker_ends_its_streams_with_an_error(start_cluster):
+async def test_a_killed_only_worker_ends_its_streams_with_an_error(start_cluster):
+    # Its streams would move to another worker; with none left, they end with an error
+    # event that says why (worker gone, nowhere to move), never a hang.
     cluster = await start_cluster(num_workers=1, worker_args=("--lease-ttl-s", "2"))
     body = {
         "model": MODEL,

@@ -1,0 +1,206 @@
+"""Overload benchmark: a fresh cluster (as ``baton up`` starts it) under a ladder of open-loop
+load levels, or a replayed trace, with ``baton bench`` as the client.
+
+Ladder: levels of ``--levels`` times the ``--base-rate`` (the 1x load, in req/s), each for
+``--level-s`` seconds and each but the first followed by ``--after-s`` seconds at 1x, so the
+recovery after each level is measured. The checks of the admission issue are printed with the
+table: good req/s at every level >= 90 % of 1x; no failure but sheds; sheds answered in
+<= 50 ms p99 (client side); >= 95 % good in each "after" window. Server CPU (every process,
+by kind) and the client's CPU are measured over the run, so where the machine is the limit
+shows.
+
+Trace: ``--trace PATH --time-scale F`` replays a trace window instead (see ``baton bench``).
+
+``--no-admission`` starts the cluster without objectives (the client still classifies by
+them), for a before/after comparison. Run from the repository root::
+
+    .venv/bin/python bench/overload.py --workers 1 --json /tmp/ladder.json
+    .venv/bin/python bench/overload.py --workers 2 --base-rate 400 --levels 1 2 4
+    .venv/bin/python bench/overload.py --trace ../shared/traces/azure_llm_2023_code.csv \\
+        --time-scale 2 --trace-duration-s 300 --length-scale 0.25
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from services.launcher.config import UpConfig
+from services.launcher.threaded import cluster_in_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ("services.frontend", "services.worker", "services.router", "nats-server", "etcd")
+
+
+def cpu_seconds(pids: list[int]) -> dict[str, float]:
+    """utime + stime by kind of process, children included."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    cmd = " ".join(proc.cmdline())
+                    label = next((x for x in LABELS if x in cmd), proc.name())
+                    label = label.removeprefix("services.")
+                    t = proc.cpu_times()
+                    out[label] = out.get(label, 0.0) + t.user + t.system
+    return out
+
+
+def stages(args: argparse.Namespace) -> str:
+    parts = []
+    for i, level in enumerate(args.levels):
+        parts.append(f"{level * args.base_rate:g}:{args.level_s:g}")
+        if i and args.after_s > 0:
+            parts.append(f"{args.base_rate:g}:{args.after_s:g}")
+    return ",".join(parts)
+
+
+def bench_command(args: argparse.Namespace, url: str, out: str) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "services.bench",
+        "--url",
+        url,
+        "--slo-ttft-ms",
+        str(args.slo_ttft_ms),
+        "--slo-tpot-ms",
+        str(args.slo_tpot_ms),
+        "--client-procs",
+        str(args.client_procs),
+        "--quiet",
+        "true",
+        "--out",
+        out,
+    ]
+    if args.plot:
+        command += ["--plot", args.plot]
+    if args.trace:
+        command += ["--trace", args.trace, "--time-scale", str(args.time_scale)]
+        command += ["--length-scale", str(args.length_scale)]
+        command += ["--trace-duration-s", str(args.trace_duration_s)]
+        command += ["--trace-start-s", str(args.trace_start_s)]
+    else:
+        command += ["--stages", stages(args)]
+        command += ["--prompt-tokens", str(args.prompt_tokens)]
+        command += ["--output-tokens", str(args.output_tokens)]
+    return command
+
+
+def checks(result: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+    """The admission issue's criteria, on the ladder's stages."""
+    rows = result["stages"]
+    base = rows[0]["good_rps"] or 0.0
+    levels = rows[:1] + [rows[i] for i in range(1, len(rows), 2)]
+    afters = [rows[i] for i in range(2, len(rows), 2)]
+    worst = min(r["good_rps"] for r in levels)
+    errors = sum(r["num_errors"] for r in rows)
+    shed_p99 = max((r["shed_latency_p99_ms"] or 0.0) for r in rows)
+    after_pct = min((r["good_pct"] for r in afters), default=100.0)
+    return [
+        ("good req/s at every level >= 90 % of 1x", worst >= 0.9 * base, f"{worst / base:.0%}"),
+        ("no failure but sheds", errors == 0, f"{errors} errors"),
+        ("sheds answered in <= 50 ms p99", shed_p99 <= 50.0, f"worst stage p99 {shed_p99:.0f} ms"),
+        (">= 95 % good in the windows after", after_pct >= 95.0, f"worst {after_pct:.0f} %"),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workers", type=int, default=1, help="decode workers")
+    p.add_argument("--prefill", type=int, default=0, help="prefill workers")
+    p.add_argument("--base-rate", type=float, default=200.0, help="the 1x load, req/s")
+    p.add_argument("--levels", type=float, nargs="+", default=[1, 2, 4, 10])
+    p.add_argument("--level-s", type=float, default=15.0)
+    p.add_argument("--after-s", type=float, default=5.0)
+    p.add_argument("--prompt-tokens", type=int, default=200)
+    p.add_argument("--output-tokens", type=int, default=30)
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    p.add_argument("--no-admission", action="store_true", help="serve without objectives")
+    p.add_argument("--client-procs", type=int, default=2)
+    p.add_argument("--speedup", type=float, default=1.0, help="sim engine time divisor")
+    p.add_argument("--trace", default="")
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--length-scale", type=float, default=1.0)
+    p.add_argument("--trace-start-s", type=float, default=0.0)
+    p.add_argument("--trace-duration-s", type=float, default=300.0)
+    p.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for every service")
+    p.add_argument("--plot", default="", help="PNG of the run (baton bench --plot)")
+    p.add_argument("--json", default="", help="write the results here")
+    args = p.parse_args()
+
+    objectives = 0.0 if args.no_admission else 1.0
+    up = UpConfig(
+        port=0,
+        num_workers=args.workers,
+        num_prefill_workers=args.prefill,
+        speedup=args.speedup,
+        namespace=f"overload{uuid.uuid4().hex[:6]}",
+        log_dir=tempfile.mkdtemp(prefix="baton-overload-"),
+        slo_ttft_ms=args.slo_ttft_ms * objectives,
+        slo_tpot_ms=args.slo_tpot_ms * objectives,
+        ready_timeout_s=120.0,
+    )
+    spec = up.cluster_spec()
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    spec = replace(spec, env={**spec.env, **extra})
+    with tempfile.TemporaryDirectory() as tmp, cluster_in_thread(spec) as cluster:
+        out = os.path.join(tmp, "bench.json")
+        before = cpu_seconds(cluster.pids)
+        started = time.monotonic()
+        subprocess.run(bench_command(args, cluster.url, out), cwd=ROOT, check=True)
+        wall_s = time.monotonic() - started
+        after = cpu_seconds(cluster.pids)
+        result = json.loads(Path(out).read_text())
+    server_cpu = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    admission = "without objectives (admission off)" if args.no_admission else "with objectives"
+    print(f"\n{args.workers} decode + {args.prefill} prefill worker(s), {admission}")
+    header = f"{'stage':<12} {'offered/s':>9} {'good/s':>8} {'good%':>6} {'shed':>6} {'errors':>6}"
+    print(f"{header} {'shed p99 ms':>11} {'TTFT p50/p99 ms':>16} {'TPOT p50/p99 ms':>16}")
+    for row in [*result["stages"], result["total"]]:
+        shed_p99 = row["shed_latency_p99_ms"]
+        print(
+            f"{row['label']:<12} {row['offered_rps']:>9.1f} {row['good_rps']:>8.1f} "
+            f"{row['good_pct']:>6.0f} {row['num_shed']:>6} {row['num_errors']:>6} "
+            f"{(f'{shed_p99:.0f}' if shed_p99 is not None else '-'):>11} "
+            f"{_pair(row, 'ttft'):>16} {_pair(row, 'tpot'):>16}"
+        )
+    cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(server_cpu.items(), key=lambda x: -x[1]))
+    print(f"server CPU s over {wall_s:.0f} s: {cpu} (total {sum(server_cpu.values()):.1f})")
+    print(f"client CPU s: {result['client_cpu_s']:.1f} over {result['client_procs']} process(es)")
+    verdicts = [] if args.trace else checks(result, args)
+    for name, ok, detail in verdicts:
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    if args.json:
+        doc = {
+            "args": vars(args),
+            "bench": result,
+            "server_cpu_s": server_cpu,
+            "wall_s": wall_s,
+            "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in verdicts],
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+
+
+def _pair(row: dict[str, Any], what: str) -> str:
+    p50, p99 = row[f"{what}_p50_ms"], row[f"{what}_p99_ms"]
+    if p50 is None or p99 is None:
+        return "-"
+    return f"{p50:.0f}/{p99:.0f}"
+
+
+if __name__ == "__main__":
+    main()
