@@ -56,6 +56,17 @@ def wait_for_port(port: int, deadline_s: float, proc: subprocess.Popen[bytes]) -
     raise TimeoutError(f"nothing listened on port {port} within {deadline_s} s")
 
 
+def _spawn(args: list[str], log_path: str | None) -> subprocess.Popen[bytes]:
+    """Start a server in a session of its own, its output to ``log_path`` (or nowhere); the
+    child keeps the log open, this process does not."""
+    if not log_path:
+        return subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
     """Terminate, wait, then kill. Safe to call twice."""
     if proc.poll() is not None:
@@ -99,8 +110,7 @@ def start_nats(
     with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as conf:
         conf.write(f"max_payload: {max_payload_bytes}\nmax_pending: 268435456\n")
     args = [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", conf.name]
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _spawn(args, log_path)
     try:
         wait_for_port(port, 10.0, proc)
     except BaseException:
@@ -141,8 +151,7 @@ def start_etcd(
         "--log-level",
         "error",
     ]
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _spawn(args, log_path)
     try:
         wait_for_port(port, 15.0, proc)
         _wait_etcd_healthy(client_url, 15.0)

@@ -186,7 +186,7 @@ class StreamDemux:
             stream = streams.get(chunk.request_id)
             if stream is None:
                 self.num_orphan_chunks += 1  # its client left; the abort is on its way
-            elif stream.worker_id != worker_id:
+            elif stream.worker_id is not None and stream.worker_id != worker_id:
                 self.num_stale_chunks += 1  # from a worker the request migrated away from
             else:
                 stream.put(chunk, now_s)

@@ -1,6 +1,5 @@
 """baton: the umbrella command. `baton up` runs a whole local cluster until Ctrl-C."""
 
-import asyncio
 import logging
 import os
 import sys
@@ -24,23 +23,16 @@ Each service also has its own command: baton-frontend, baton-decode (see --help)
 
 
 async def up(config: UpConfig) -> int:
+    """Serve until SIGTERM/SIGINT, restarting any process that exits (ClusterSpec.supervise);
+    then stop everything in order: frontend, workers, routers, servers."""
     stopping = shutdown_event()
     async with local_cluster(config.cluster_spec()) as cluster:
         ready = f"Baton is up: {cluster.url}/v1 (model {config.model!r}); Ctrl-C stops it"
         print(ready, flush=True)  # noqa: T201 - CLI output
-        waits = [asyncio.create_task(c.proc.wait()) for c in cluster.children]
-        stop = asyncio.create_task(stopping.wait())
-        done, _ = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
-        for task in [stop, *waits]:
-            task.cancel()
-        if stop not in done:
-            dead = [c for c in cluster.children if c.proc.returncode is not None]
-            for child in dead:
-                logger.error(
-                    "%s exited with code %s; stopping the cluster",
-                    child.name,
-                    child.proc.returncode,
-                )
+        try:
+            await cluster.serve(stopping)
+        except Exception:
+            logger.exception("supervision failed; stopping the cluster")
             return 1
     return 0
 

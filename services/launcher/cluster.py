@@ -5,6 +5,10 @@ It starts nats-server and etcd on free loopback ports (unless their URLs are giv
 routers, prefill workers, decode workers and the frontend, each as ``python -m services.<name>``
 with its own extra flags; waits until every router answers HTTP and the frontend is ready with
 every worker; and stops them in tiers: the frontend, the workers, the routers, the servers.
+
+With ``ClusterSpec.supervise`` (what `baton up` runs), a process that exits once the cluster is
+ready is restarted with the same command line, log file and (for the servers) port, after an
+exponential backoff; the cluster never stops because one process died.
 """
 
 import asyncio
@@ -14,8 +18,9 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +38,13 @@ class ClusterSpec:
     """What to start. Each ``*_args`` tuple is appended to that service's command line (a flag
     given twice: the last one wins); ``env`` is added to this process's environment for every
     child. The launcher passes each router ``--port`` and the frontend ``--host``/``--port`` so
-    that it knows their URLs: do not override those."""
+    that it knows their URLs: do not override those.
+
+    ``supervise``: once the cluster is ready, restart any process that exits (a service with
+    its command line and log file, a server it started on its port), waiting
+    ``restart_backoff_s`` before the first attempt, doubling up to ``restart_backoff_max_s``;
+    a process that stayed up ``restart_reset_s`` starts again from ``restart_backoff_s``. Off,
+    a process that exits stays dead (the e2e tests kill workers on purpose)."""
 
     namespace: str = "default"
     nats_url: str = ""  # empty: start a nats-server on a free port
@@ -52,6 +63,10 @@ class ClusterSpec:
     log_level: str = "info"
     ready_timeout_s: float = 60.0
     stop_timeout_s: float = 40.0  # per tier, after SIGTERM; then SIGKILL
+    supervise: bool = False
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    restart_reset_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -63,21 +78,32 @@ class ClusterSpec:
             )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s:
+            raise ValueError(
+                f"need 0 < restart_backoff_s <= restart_backoff_max_s, "
+                f"got {self.restart_backoff_s} and {self.restart_backoff_max_s}"
+            )
+        if self.restart_reset_s < 0:
+            raise ValueError(f"restart_reset_s must be >= 0, got {self.restart_reset_s}")
 
 
 @dataclass
 class Child:
     """One service process: ``name`` is e.g. ``decode-1``; ``role`` is router, prefill, decode
-    or frontend."""
+    or frontend; ``command`` its command line. A restart replaces ``proc`` and keeps the rest."""
 
     name: str
     role: str
     proc: asyncio.subprocess.Process
+    command: tuple[str, ...] = ()
 
 
 class LocalCluster:
     """A cluster of child processes. Use it through :func:`local_cluster`; its processes are
-    ``asyncio.subprocess.Process`` objects of the loop that started it."""
+    ``asyncio.subprocess.Process`` objects of the loop that started it.
+
+    Supervised, ``restarts[name]`` counts the restarts of each child (by name) and of the
+    servers it started (``nats``, ``etcd``), and :meth:`wait_restarted` waits for one."""
 
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
@@ -89,6 +115,11 @@ class LocalCluster:
         self.children: list[Child] = []
         self.servers: list[ServerProcess] = []  # the servers it started, not those it was given
         self.router_urls: list[str] = []
+        self.restarts: dict[str, int] = {}
+        self._server_names: list[str] = []  # parallel to servers
+        self._started_at: dict[str, float] = {}  # loop.time() of each first start, by name
+        self._restarted = asyncio.Condition()
+        self._supervisor: asyncio.Task[None] | None = None
         self._is_stopped = False
 
     @property
@@ -115,21 +146,23 @@ class LocalCluster:
 
     @property
     def pids(self) -> list[int]:
-        """Every process it started: servers first, then the services in start order."""
+        """Every process it runs now: servers first, then the services in start order."""
         return [s.proc.pid for s in self.servers] + [c.proc.pid for c in self.children]
 
     def _procs(self, role: str) -> list[asyncio.subprocess.Process]:
         return [c.proc for c in self.children if c.role == role]
 
     async def start(self) -> None:
-        """Start everything and wait until it is ready; on failure, call :meth:`stop`."""
+        """Start everything and wait until it is ready (then supervise it, if the spec says
+        so); on failure, call :meth:`stop`. A process that exits during start-up is an error,
+        not restarted: it is likely to exit again."""
         spec = self.spec
         if spec.log_dir:
             os.makedirs(spec.log_dir, exist_ok=True)
         if not self.nats_url:
-            self.nats_url = await self._start_server(start_nats, "nats")
+            self.nats_url = await self._start_server("nats", start_nats)
         if not self.etcd_url:
-            self.etcd_url = await self._start_server(start_etcd, "etcd")
+            self.etcd_url = await self._start_server("etcd", start_etcd)
         for i in range(spec.num_routers):
             port = free_port()
             self.router_urls.append(f"http://127.0.0.1:{port}")
@@ -149,13 +182,44 @@ class LocalCluster:
                 f"cluster at {self.url} not ready with {self._num_workers} workers and "
                 f"{spec.num_routers} routers in {spec.ready_timeout_s} s"
             ) from None
+        if spec.supervise:
+            self._supervisor = asyncio.create_task(self._supervise_all(), name="supervisor")
+
+    async def serve(self, stopping: asyncio.Event) -> None:
+        """Return when ``stopping`` is set; raise if supervision fails first (a bug: a
+        restart that fails is logged and tried again)."""
+        if self._supervisor is None:
+            await stopping.wait()
+            return
+        waiting = asyncio.create_task(stopping.wait())
+        try:
+            await asyncio.wait([waiting, self._supervisor], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            await asyncio.wait([waiting])
+        if not stopping.is_set() and self._supervisor.done():
+            self._supervisor.result()
+            raise RuntimeError("supervision ended")
+
+    async def wait_restarted(self, name: str, count: int = 1) -> None:
+        """Return once ``name`` (a child's name, ``nats`` or ``etcd``) has been restarted
+        ``count`` times in all. The caller sets the deadline."""
+        async with self._restarted:
+            await self._restarted.wait_for(lambda: self.restarts.get(name, 0) >= count)
 
     async def stop(self) -> None:
-        """SIGTERM each tier, kill what outlives ``stop_timeout_s``: frontend, workers, routers,
-        then the servers. Safe to call twice."""
+        """End supervision, then SIGTERM each tier, kill what outlives ``stop_timeout_s``: the
+        frontend, workers, routers, then the servers. Safe to call twice."""
         if self._is_stopped:
             return
         self._is_stopped = True
+        if self._supervisor is not None:
+            # Waits for a restart in progress (bounded by the servers' own start-up deadlines),
+            # so that what it started is in the lists below.
+            self._supervisor.cancel()
+            await asyncio.wait([self._supervisor])
+            if not self._supervisor.cancelled() and self._supervisor.exception() is not None:
+                logger.error("supervision failed", exc_info=self._supervisor.exception())
         for roles in (("frontend",), ("decode", "prefill"), ("router",)):
             tier = [c for c in self.children if c.role in roles]
             await asyncio.gather(*(_stop(c, self.spec.stop_timeout_s) for c in tier))
@@ -181,12 +245,15 @@ class LocalCluster:
             "BATON_LOG_LEVEL": self.spec.log_level,
         }
 
-    async def _start_server(self, start: Callable[..., ServerProcess], name: str) -> str:
-        """Start a server in a thread; its URL. The thread cannot be cancelled, and asyncio.wait
-        does not cancel what it waits on: a cancelled start-up waits for the thread and keeps
-        the server, so that stop() stops it rather than leaving it running."""
+    async def _start_server(
+        self, name: str, start: Callable[..., ServerProcess], slot: int | None = None, **kw: Any
+    ) -> str:
+        """Start a server in a thread (``start(**kw, log_path=...)``), into ``servers[slot]``
+        or at the end; its URL. The thread cannot be cancelled, and asyncio.wait does not
+        cancel what it waits on: a cancelled start-up waits for the thread and keeps the
+        server, so that stop() stops it rather than leaving it running."""
         starting = asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(start, log_path=self._log(name))
+            None, functools.partial(start, log_path=self._log(name), **kw)
         )
         try:
             await asyncio.wait([starting])
@@ -195,21 +262,30 @@ class LocalCluster:
             raise
         finally:
             if starting.done() and not starting.cancelled() and starting.exception() is None:
-                self.servers.append(starting.result())
+                if slot is None:
+                    self.servers.append(starting.result())
+                    self._server_names.append(name)
+                    self._started_at[name] = asyncio.get_running_loop().time()
+                else:
+                    self.servers[slot] = starting.result()
         server: ServerProcess = starting.result()
         return server.url
 
     async def _spawn(self, name: str, role: str, args: list[str]) -> None:
         module = "services.worker" if role in ("prefill", "decode") else f"services.{role}"
+        command = (sys.executable, "-m", module, *args)
+        proc = await self._exec(name, command)
+        logger.info("started %s pid=%d", name, proc.pid)
+        self._started_at[name] = asyncio.get_running_loop().time()
+        self.children.append(Child(name, role, proc, command))
+
+    async def _exec(self, name: str, command: tuple[str, ...]) -> asyncio.subprocess.Process:
         log = self._log(name)
         # A local file opened once per child at start-up: not worth a thread.
         out = open(log, "ab") if log else None  # noqa: SIM115, ASYNC230
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                module,
-                *args,
+            return await asyncio.create_subprocess_exec(
+                *command,
                 env=self._env(),
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT if out else None,
@@ -217,8 +293,6 @@ class LocalCluster:
         finally:
             if out:
                 out.close()
-        logger.info("started %s pid=%d", name, proc.pid)
-        self.children.append(Child(name, role, proc))
 
     async def _wait_ready(self) -> None:
         """Poll until every router answers and the frontend has every worker; raise if a child
@@ -243,6 +317,76 @@ class LocalCluster:
                     f"{child.name} exited with code {child.proc.returncode} during start-up{where}"
                 )
 
+    async def _supervise_all(self) -> None:
+        """Watch every process until cancelled (by stop())."""
+        async with asyncio.TaskGroup() as tg:
+            for slot, name in enumerate(self._server_names):
+                tg.create_task(self._supervise_server(slot, name), name=f"supervise {name}")
+            for child in self.children:
+                tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
+
+    async def _supervise_child(self, child: Child) -> None:
+        async def wait() -> int:
+            return await child.proc.wait()
+
+        async def restart() -> int:
+            child.proc = await self._exec(child.name, child.command)
+            return child.proc.pid
+
+        await self._supervise(child.name, wait, restart)
+
+    async def _supervise_server(self, slot: int, name: str) -> None:
+        async def wait() -> int:
+            return await _wait_popen(self.servers[slot].proc)
+
+        async def restart() -> int:
+            old = self.servers[slot]
+            if name == "etcd":  # the same member: its data, and so the leases, survive
+                await self._start_server(
+                    name, start_etcd, slot, port=old.port, data_dir=old.data_dir
+                )
+            else:
+                await self._start_server(name, start_nats, slot, port=old.port)
+            return self.servers[slot].proc.pid
+
+        await self._supervise(name, wait, restart)
+
+    async def _supervise(
+        self,
+        name: str,
+        wait: Callable[[], Awaitable[int]],
+        restart: Callable[[], Awaitable[int]],
+    ) -> None:
+        """Restart one process whenever it exits, with exponential backoff; until cancelled."""
+        spec = self.spec
+        loop = asyncio.get_running_loop()
+        delay, attempt = spec.restart_backoff_s, 0
+        up_since = self._started_at.get(name, loop.time())
+        while True:
+            code = await wait()
+            up_s = loop.time() - up_since
+            if up_s >= spec.restart_reset_s:
+                delay, attempt = spec.restart_backoff_s, 0
+            reason = f"exited with code {code} after {up_s:.1f} s"
+            while True:
+                attempt += 1
+                logger.warning(
+                    "%s %s; restarting in %.1f s (attempt %d)", name, reason, delay, attempt
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, spec.restart_backoff_max_s)
+                try:
+                    pid = await restart()
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    reason = f"failed to restart ({exc})"
+                    continue
+                break
+            up_since = loop.time()
+            async with self._restarted:
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._restarted.notify_all()
+            logger.warning("%s restarted pid=%d (attempt %d)", name, pid, attempt)
+
 
 @contextlib.asynccontextmanager
 async def local_cluster(spec: ClusterSpec) -> AsyncIterator[LocalCluster]:
@@ -265,6 +409,38 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] 
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
         return None
     return body if isinstance(body, dict) else None
+
+
+async def _wait_popen(proc: "subprocess.Popen[bytes]") -> int:
+    """Wait for a ``subprocess.Popen`` child; its exit code. On a pidfd where the OS has them
+    (Linux): nothing else may reap the child meanwhile. Elsewhere in a thread, which outlives
+    a cancelled wait until the process exits (stop() stops it next)."""
+    if proc.poll() is None:
+        try:
+            await _wait_pidfd(proc.pid)
+        except (AttributeError, OSError):  # no pidfds here
+            return await asyncio.to_thread(proc.wait)
+    return proc.wait()  # it has exited: this reaps it at once
+
+
+async def _wait_pidfd(pid: int) -> None:
+    """Return once the (unreaped) child ``pid`` has exited."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_readable() -> None:  # once the process has exited, also if it already had
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 async def _stop(child: Child, timeout_s: float) -> None:

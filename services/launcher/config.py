@@ -35,6 +35,13 @@ class UpConfig:
     log_dir: str = field(default="", metadata=doc("write each process's log here"))
     ready_timeout_s: float = field(default=60.0, metadata=doc("how long start-up may take"))
     log_level: str = field(default="info", metadata=doc("logging level"))
+    supervise: bool = field(
+        default=True,
+        metadata=doc(
+            "restart a process that exits (backoff 0.5 s doubling to 10 s) instead of leaving "
+            "it dead"
+        ),
+    )
     slo_ttft_ms: float = field(
         default=0.0,
         metadata=doc(
@@ -79,6 +86,7 @@ class UpConfig:
             log_dir=self.log_dir,
             log_level=self.log_level,
             ready_timeout_s=self.ready_timeout_s,
+            supervise=self.supervise,
             # Every service that has objectives reads these (the frontend and the workers).
             env={
                 "BATON_SLO_TTFT_MS": str(self.slo_ttft_ms),

@@ -60,7 +60,9 @@ class PlacementService:
         self.metrics = RouterMetrics(router)
         self.workers: dict[InstanceId, WorkerInfo] = {}
         self.cards: dict[str, ModelCard] = {}
+        # Each task leaves the dict when it ends (also when cancelled): close() awaits them all.
         self._resyncing: dict[InstanceId, asyncio.Task[None]] = {}
+        self._is_closed = False
         self.num_unknown_worker_events = 0
 
     async def start(self) -> None:
@@ -71,14 +73,23 @@ class PlacementService:
             subjects.router_requests(ns), self._on_route, queue=subjects.ROUTER_QUEUE
         )
 
+    async def close(self) -> None:
+        """Cancel the resyncs in flight and wait for them; start no more. Safe to call twice."""
+        self._is_closed = True
+        tasks = list(self._resyncing.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
     def sync_workers(self, items: Mapping[str, WorkerInfo]) -> None:
         """Take etcd's view of the workers; a worker whose lease is gone loses its blocks."""
         workers = {info.worker_id: info for info in items.values()}
         for gone in set(self.workers) - set(workers):
             self.router.remove_worker(gone)
-            task = self._resyncing.pop(gone, None)
+            task = self._resyncing.get(gone)
             if task is not None:
-                task.cancel()
+                task.cancel()  # it leaves _resyncing once it has ended
             logger.info("worker left; its blocks dropped worker_id=%s", gone)
         self.workers = workers
 
@@ -98,11 +109,16 @@ class PlacementService:
             self._start_resync(batch.worker_id)
 
     def _start_resync(self, worker_id: InstanceId) -> None:
-        if worker_id in self._resyncing:
+        if self._is_closed or worker_id in self._resyncing:
             return
         task = asyncio.create_task(self._resync(worker_id), name=f"resync {worker_id}")
         self._resyncing[worker_id] = task
-        task.add_done_callback(lambda _: self._resyncing.pop(worker_id, None))
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._resyncing.get(worker_id) is done:
+                del self._resyncing[worker_id]
+
+        task.add_done_callback(forget)
 
     async def _resync(self, worker_id: InstanceId) -> None:
         """Rebuild a worker's blocks from its own state after lost events."""

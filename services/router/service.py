@@ -83,4 +83,5 @@ async def serve(config: RouterConfig, stopping: asyncio.Event | None = None) -> 
                 await runner.cleanup()
                 for task in followers:
                     task.cancel()
+                await service.close()  # its resyncs: they use the bus, closed below
     logger.info("[shutdown] router stopped router_id=%s", config.router_id)
