@@ -62,7 +62,7 @@ class FrontendConfig:
         ),
     )
     worker_silence_s: float = field(
-        default=1.0,
+        default=0.5,
         metadata=doc(
             "a worker without a load report for this long is presumed dead: its streams "
             "migrate (the etcd lease is the backstop)"

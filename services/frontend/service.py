@@ -106,10 +106,10 @@ def _fail_streams(demux: StreamDemux, worker_id: InstanceId) -> None:
 async def _watch_silence(
     pool: WorkerPool, demux: StreamDemux, metrics: FrontendMetrics, silence_s: float
 ) -> None:
-    """Find workers whose load reports stopped (dead, hung, cut off) within ~1.25 x
+    """Find workers whose load reports stopped (dead, hung, cut off) within ~1.2 x
     ``silence_s`` and move their streams, rather than wait for their etcd lease to expire."""
     while True:
-        await asyncio.sleep(silence_s / 4)
+        await asyncio.sleep(silence_s / 5)
         for worker_id in pool.find_silent(silence_s, time.monotonic()):
             metrics.silent_workers.inc()
             failed = demux.fail_worker(

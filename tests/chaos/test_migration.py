@@ -1,5 +1,5 @@
 """A decode worker dies mid-stream (SIGKILL): every stream completes anyway, with the text an
-undisturbed run gives, because the frontend notices the silence within about a second and
+undisturbed run gives, because the frontend notices the silence within about half a second and
 moves each stream, with the tokens it already sent, to the other worker."""
 
 import asyncio
