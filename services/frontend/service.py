@@ -108,9 +108,17 @@ async def _watch_silence(
 ) -> None:
     """Find workers whose load reports stopped (dead, hung, cut off) within ~1.2 x
     ``silence_s`` and move their streams, rather than wait for their etcd lease to expire."""
+    interval_s = silence_s / 5
+    woke_s = time.monotonic()
     while True:
-        await asyncio.sleep(silence_s / 5)
-        for worker_id in pool.find_silent(silence_s, time.monotonic()):
+        await asyncio.sleep(interval_s)
+        now_s = time.monotonic()
+        lag_s, woke_s = now_s - woke_s - interval_s, now_s
+        if lag_s > interval_s:
+            # This loop was busy: load reports may be waiting unread, so silence proves
+            # nothing now. Look again next time.
+            continue
+        for worker_id in pool.find_silent(silence_s, now_s):
             metrics.silent_workers.inc()
             failed = demux.fail_worker(
                 worker_id, Unavailable(f"worker {worker_id} stopped reporting for {silence_s} s")
