@@ -4,7 +4,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from array import array
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from proto import subjects
 from proto.messages import (
@@ -147,7 +148,7 @@ class Generator:
         stream = self._demux.open(request_id)
         worker: WorkerState | None = None
         finished = False
-        emitted: list[int] = []
+        emitted = array("q")  # tokens streamed so far, compact (8 bytes each): a move resends them
         left_behind: set[InstanceId] = set()
         moved_because = ""  # why the stream last had to move
         try:
@@ -183,7 +184,8 @@ class Generator:
                             reason is FinishReason.ABORT and last.error
                         ):
                             if len(chunks) > 1:  # tokens that came before the drop
-                                emitted.extend(t for c in chunks[:-1] for t in c.token_ids)
+                                for chunk in chunks[:-1]:
+                                    emitted.extend(chunk.token_ids)
                                 yield chunks[:-1]
                             raise StreamDropped(last.error or "the worker dropped the stream")
                         finished = reason is not None
@@ -231,7 +233,7 @@ class Generator:
         sampling: SamplingParams,
         objectives: RequestObjectives,
         deadline_s: float | None,
-        resume_token_ids: list[int],
+        resume_token_ids: Sequence[int],
         left_behind: set[InstanceId],
     ) -> WorkerState:
         candidates = [
