@@ -185,12 +185,12 @@ class Generator:
                         ):
                             if len(chunks) > 1:  # tokens that came before the drop
                                 for chunk in chunks[:-1]:
-                                    emitted.extend(chunk.token_ids)
+                                    emitted.fromlist(chunk.token_ids)
                                 yield chunks[:-1]
                             raise StreamDropped(last.error or "the worker dropped the stream")
                         finished = reason is not None
                         for chunk in chunks:
-                            emitted.extend(chunk.token_ids)
+                            emitted.fromlist(chunk.token_ids)
                         yield chunks
                         if finished:
                             return
