@@ -84,6 +84,8 @@ def bench_command(args: argparse.Namespace, url: str, out: str) -> list[str]:
         "true",
         "--out",
         out,
+        "--metrics-url",
+        url,
     ]
     if args.plot:
         command += ["--plot", args.plot]

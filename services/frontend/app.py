@@ -28,6 +28,7 @@ from services.frontend.openai_types import (
     sampling_params,
     stop_strings,
 )
+from services.frontend.pressure import LoopPressure
 from services.frontend.render import DONE, FINISH_REASONS, Kind, Renderer, error_body, usage
 from services.frontend.worker_pool import WorkerPool
 from shared.errors import Cancelled, InvalidRequest, NotFound, Overloaded, ServingError, Shed
@@ -53,6 +54,7 @@ class FrontendState:
     tokenize_in_thread_chars: int
     ttft_s: float | None = None  # the server's objectives (None: none)
     tpot_s: float | None = None
+    pressure: LoopPressure | None = None
     is_ready: bool = False
     is_draining: bool = False
     num_in_flight: int = 0
@@ -115,7 +117,29 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+def _under_pressure(request: web.Request) -> web.Response | None:
+    """A 429 before the body is read, when this process is itself overloaded (its loop lags)
+    and the server has a TTFT objective; a request marked high priority by header passes."""
+    state = request.app[STATE]
+    if state.pressure is None or not state.pressure.is_overloaded or state.ttft_s is None:
+        return None
+    priority = request.headers.get("X-Baton-Priority", "").strip().lower()
+    if priority == "high" or priority.startswith("-"):
+        return None
+    state.metrics.overload_sheds.inc()
+    return error_response(
+        Shed(
+            f"the frontend is overloaded (its loop runs {state.pressure.lag_s * 1000:.0f} ms "
+            "late); retry shortly",
+            retry_after_s=1.0,
+        )
+    )
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    refused = _under_pressure(request)
+    if refused is not None:
+        return refused
     try:
         body = chat_decoder.decode(await request.read())
     except msgspec.DecodeError as exc:
@@ -124,6 +148,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    refused = _under_pressure(request)
+    if refused is not None:
+        return refused
     try:
         body = completion_decoder.decode(await request.read())
     except msgspec.DecodeError as exc:

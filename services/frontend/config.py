@@ -45,7 +45,7 @@ class FrontendConfig:
         ),
     )
     slo_admit_fraction: float = field(
-        default=0.5,
+        default=0.25,
         metadata=doc(
             "admit a request only if its predicted time to first token is within this "
             "fraction of its TTFT objective (the rest absorbs prediction error and bursts)"
@@ -53,6 +53,13 @@ class FrontendConfig:
     )
     slo_tpot_ms: float = field(
         default=0.0, metadata=doc("time-per-output-token objective (0: none), for goodput")
+    )
+    max_loop_lag_ms: float = field(
+        default=25.0,
+        metadata=doc(
+            "with a TTFT objective: while this process's event loop runs this late, new "
+            "requests get 429 before their body is read (0: never)"
+        ),
     )
     migration_limit: int = field(
         default=3,
@@ -88,6 +95,8 @@ class FrontendConfig:
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
+        if self.max_loop_lag_ms < 0:
+            raise ValueError(f"max_loop_lag_ms must be >= 0, got {self.max_loop_lag_ms}")
         if self.migration_limit < 0:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if self.worker_silence_s <= 0:

@@ -81,6 +81,11 @@ class FrontendMetrics:
             "requests whose prompt a prefill worker computed",
             registry=self.registry,
         )
+        self.overload_sheds = Counter(
+            "baton_frontend_overload_sheds",
+            "requests answered 429 before being read, while this frontend's loop lagged",
+            registry=self.registry,
+        )
         self.migrations = Counter(
             "baton_frontend_migrations",
             "streams moved to another worker after theirs died or dropped them",

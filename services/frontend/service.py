@@ -14,6 +14,7 @@ from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.models import ModelRegistry
+from services.frontend.pressure import LoopPressure
 from services.frontend.worker_pool import WorkerPool
 from shared.bus import Bus
 from shared.discovery import Discovery
@@ -60,6 +61,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             metrics=metrics,
             ttft_s=config.ttft_s,
             tpot_s=config.tpot_s,
+            pressure=LoopPressure(config.max_loop_lag_ms / 1000)
+            if config.max_loop_lag_ms
+            else None,
             max_in_flight=config.max_in_flight,
             tokenize_in_thread_chars=config.tokenize_in_thread_chars,
         )
@@ -79,6 +83,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                     _watch_silence(pool, demux, metrics, config.worker_silence_s), name="silence"
                 ),
             ]
+            if state.pressure is not None:
+                followers.append(tg.create_task(state.pressure.run(), name="pressure"))
             try:
                 site = web.TCPSite(runner, config.host, config.port, backlog=4096)
                 await site.start()

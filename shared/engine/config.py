@@ -111,7 +111,7 @@ class WorkerConfig:
         ),
     )
     slo_admit_fraction: float = field(
-        default=0.5,
+        default=0.25,
         metadata=doc(
             "admit a request only if its predicted time to first token is within this "
             "fraction of its TTFT objective (the rest absorbs prediction error and bursts)"

@@ -71,11 +71,14 @@ async def test_past_capacity_requests_get_429_and_the_rest_are_served(start_clus
         assert error["error"]["type"] == "rate_limit_error"
         assert error["error"]["code"] == 429
     assert all(tokens == 10 for _, _, tokens in served)
-    assert metric(metrics, "baton_frontend_goodput_requests_total", outcome="shed") == len(shed)
+    # Shed by admission (per model), or before being read while the frontend itself lagged.
+    by_model = metric(metrics, "baton_frontend_goodput_requests_total", outcome="shed")
+    unread = metric(metrics, "baton_frontend_overload_sheds_total")
+    assert by_model + unread == len(shed)
     finished = metric(metrics, "baton_frontend_goodput_requests_total", outcome="good")
     finished += metric(metrics, "baton_frontend_goodput_requests_total", outcome="slo_miss")
     assert finished == len(served) + 12
-    assert metric(metrics, "baton_frontend_shed_seconds_count") == len(shed)  # every stage
+    assert metric(metrics, "baton_frontend_shed_seconds_count") == by_model
 
 
 async def test_a_request_may_tighten_the_objective_but_not_loosen_it(start_cluster):

@@ -1,0 +1,40 @@
+"""How far behind this frontend's own event loop runs: the last line of overload defence.
+
+Admission protects the workers; nothing protects the frontend itself when more requests
+arrive than one process can even parse and answer. Then every await in it runs late, the
+streams it already serves slow down, and the requests it would shed wait seconds for their
+429. ``LoopPressure`` measures the loop's lag with a ticker; while the lag stays above a
+bound, completion requests are answered 429 before their body is read (the cheapest answer
+there is), so the loop catches up and the admitted streams keep their pace.
+"""
+
+import asyncio
+
+
+class LoopPressure:
+    """An exponentially weighted loop lag, with hysteresis on the overload flag."""
+
+    def __init__(self, max_lag_s: float, *, tick_s: float = 0.01, weight: float = 0.1) -> None:
+        if max_lag_s <= 0:
+            raise ValueError(f"max_lag_s must be > 0, got {max_lag_s}")
+        self.max_lag_s = max_lag_s
+        self.tick_s = tick_s
+        self.weight = weight
+        self.lag_s = 0.0
+        self.is_overloaded = False
+
+    def observe(self, lag_s: float) -> None:
+        """One tick's lag (seconds late); sets or clears ``is_overloaded``."""
+        self.lag_s += self.weight * (max(0.0, lag_s) - self.lag_s)
+        if self.lag_s > self.max_lag_s:
+            self.is_overloaded = True
+        elif self.lag_s < self.max_lag_s / 2:
+            self.is_overloaded = False
+
+    async def run(self) -> None:
+        """Tick until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.tick_s
+            await asyncio.sleep(self.tick_s)
+            self.observe(loop.time() - due)
