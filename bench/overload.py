@@ -37,6 +37,7 @@ import psutil
 
 from services.launcher.config import UpConfig
 from services.launcher.threaded import cluster_in_thread
+from shared.slo import SLOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("services.frontend", "services.worker", "services.router", "nats-server", "etcd")
@@ -152,8 +153,9 @@ def main() -> None:
         speedup=args.speedup,
         namespace=f"overload{uuid.uuid4().hex[:6]}",
         log_dir=tempfile.mkdtemp(prefix="baton-overload-"),
-        slo_ttft_ms=args.slo_ttft_ms * objectives,
-        slo_tpot_ms=args.slo_tpot_ms * objectives,
+        slo=SLOConfig(
+            slo_ttft_ms=args.slo_ttft_ms * objectives, slo_tpot_ms=args.slo_tpot_ms * objectives
+        ),
         ready_timeout_s=120.0,
     )
     spec = up.cluster_spec()

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from proto.subjects import check_token
 from shared.config import doc
+from shared.slo import SLOConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,23 +38,6 @@ class FrontendConfig:
         default=30.0, metadata=doc("on SIGTERM, how long open streams may finish")
     )
     log_level: str = field(default="info", metadata=doc("logging level"))
-    slo_ttft_ms: float = field(
-        default=0.0,
-        metadata=doc(
-            "time-to-first-token objective (0: none); a request no worker can serve within it "
-            "gets 429 with Retry-After at once"
-        ),
-    )
-    slo_admit_fraction: float = field(
-        default=0.25,
-        metadata=doc(
-            "admit a request only if its predicted time to first token is within this "
-            "fraction of its TTFT objective (the rest absorbs prediction error and bursts)"
-        ),
-    )
-    slo_tpot_ms: float = field(
-        default=0.0, metadata=doc("time-per-output-token objective (0: none), for goodput")
-    )
     max_loop_lag_ms: float = field(
         default=25.0,
         metadata=doc(
@@ -78,6 +62,7 @@ class FrontendConfig:
     goodput_window_s: float = field(
         default=60.0, metadata=doc("window of the goodput ratio on /metrics")
     )
+    slo: SLOConfig = field(default_factory=SLOConfig)
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -90,11 +75,6 @@ class FrontendConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.route_timeout_s < 0:
             raise ValueError(f"route_timeout_s must be >= 0, got {self.route_timeout_s}")
-        if not 0 < self.slo_admit_fraction <= 1:
-            raise ValueError(f"slo_admit_fraction must be in (0, 1], got {self.slo_admit_fraction}")
-        for name in ("slo_ttft_ms", "slo_tpot_ms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
         if self.max_loop_lag_ms < 0:
             raise ValueError(f"max_loop_lag_ms must be >= 0, got {self.max_loop_lag_ms}")
         if self.migration_limit < 0:
@@ -106,11 +86,3 @@ class FrontendConfig:
         for name in ("admission_timeout_s", "stream_idle_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.slo_ttft_ms / 1000.0 if self.slo_ttft_ms > 0 else None
-
-    @property
-    def tpot_s(self) -> float | None:
-        return self.slo_tpot_ms / 1000.0 if self.slo_tpot_ms > 0 else None

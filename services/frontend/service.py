@@ -54,13 +54,13 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 admission_timeout_s=config.admission_timeout_s,
                 route_timeout_s=config.route_timeout_s,
                 on_route_fallback=metrics.route_fallbacks.inc,
-                admit_fraction=config.slo_admit_fraction,
+                admit_fraction=config.slo.slo_admit_fraction,
                 migration_limit=config.migration_limit,
                 on_migration=metrics.migrations.inc,
             ),
             metrics=metrics,
-            ttft_s=config.ttft_s,
-            tpot_s=config.tpot_s,
+            ttft_s=config.slo.ttft_s,
+            tpot_s=config.slo.tpot_s,
             pressure=LoopPressure(config.max_loop_lag_ms / 1000)
             if config.max_loop_lag_ms
             else None,

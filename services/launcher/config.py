@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from proto.subjects import check_token
 from services.launcher.cluster import ClusterSpec
 from shared.config import doc
+from shared.slo import SLOConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,17 +43,7 @@ class UpConfig:
             "it dead"
         ),
     )
-    slo_ttft_ms: float = field(
-        default=0.0,
-        metadata=doc(
-            "time-to-first-token objective for every service (0: none): past capacity, requests "
-            "that cannot meet it get 429 at once"
-        ),
-    )
-    slo_tpot_ms: float = field(
-        default=0.0,
-        metadata=doc("time-per-output-token objective for every service (0: none)"),
-    )
+    slo: SLOConfig = field(default_factory=SLOConfig)  # passed on to every service
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -64,9 +55,6 @@ class UpConfig:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("slo_ttft_ms", "slo_tpot_ms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
 
     def cluster_spec(self) -> ClusterSpec:
         """The cluster these flags describe."""
@@ -89,7 +77,8 @@ class UpConfig:
             supervise=self.supervise,
             # Every service that has objectives reads these (the frontend and the workers).
             env={
-                "BATON_SLO_TTFT_MS": str(self.slo_ttft_ms),
-                "BATON_SLO_TPOT_MS": str(self.slo_tpot_ms),
+                "BATON_SLO_TTFT_MS": str(self.slo.slo_ttft_ms),
+                "BATON_SLO_TPOT_MS": str(self.slo.slo_tpot_ms),
+                "BATON_SLO_ADMIT_FRACTION": str(self.slo.slo_admit_fraction),
             },
         )

@@ -35,9 +35,9 @@ class Objectives:
     """Speed, limits and admission for one worker (pure: the caller passes stats and time)."""
 
     def __init__(self, config: WorkerConfig, *, max_num_batched_tokens: int) -> None:
-        self.ttft_s = config.ttft_s
-        self.tpot_s = config.tpot_s
-        self.admit_fraction = config.slo_admit_fraction
+        self.ttft_s = config.slo.ttft_s
+        self.tpot_s = config.slo.tpot_s
+        self.admit_fraction = config.slo.slo_admit_fraction
         self.max_num_batched_tokens = max_num_batched_tokens
         self.speed_model = SpeedModel()
         self.budget = StepBudget()

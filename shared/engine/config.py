@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from proto.subjects import check_token
 from shared.config import doc
+from shared.slo import SLOConfig
 
 ENGINE_KINDS = ("sim", "torch")
 
@@ -103,27 +104,7 @@ class WorkerConfig:
         default=0,
         metadata=doc("/health, /ready and /metrics port (0: any free port; -1: no HTTP)"),
     )
-    slo_ttft_ms: float = field(
-        default=0.0,
-        metadata=doc(
-            "time-to-first-token objective for requests that carry none (0: none); a request "
-            "that cannot meet it is refused (429) and one still waiting past it is shed"
-        ),
-    )
-    slo_admit_fraction: float = field(
-        default=0.25,
-        metadata=doc(
-            "admit a request only if its predicted time to first token is within this "
-            "fraction of its TTFT objective (the rest absorbs prediction error and bursts)"
-        ),
-    )
-    slo_tpot_ms: float = field(
-        default=0.0,
-        metadata=doc(
-            "time-per-output-token objective (0: none): the batch and the prompt tokens "
-            "prefilled per step are capped so that a step, as measured here, stays within it"
-        ),
-    )
+    slo: SLOConfig = field(default_factory=SLOConfig)
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -137,18 +118,5 @@ class WorkerConfig:
             )
         if self.lease_ttl_s < 1:
             raise ValueError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s}")
-        if not 0 < self.slo_admit_fraction <= 1:
-            raise ValueError(f"slo_admit_fraction must be in (0, 1], got {self.slo_admit_fraction}")
         if not -1 <= self.http_port < 65536:
             raise ValueError(f"http_port must be in [-1, 65535], got {self.http_port}")
-        for name in ("slo_ttft_ms", "slo_tpot_ms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.slo_ttft_ms / 1000.0 if self.slo_ttft_ms > 0 else None
-
-    @property
-    def tpot_s(self) -> float | None:
-        return self.slo_tpot_ms / 1000.0 if self.slo_tpot_ms > 0 else None

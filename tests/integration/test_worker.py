@@ -45,6 +45,7 @@ from shared.engine.sim import SimEngine, SimEngineConfig
 from shared.engine.timing import TimingModel
 from shared.kv_transfer import TransferAgent, create_agent
 from shared.servers import ServerProcess
+from shared.slo import SLOConfig
 
 NUM_BLOCKS = 256
 PROMPT = list(range(100, 400))  # 300 tokens: 19 blocks of 16
@@ -141,7 +142,11 @@ async def start_worker(bus: Bus, namespace: str, peers: Peers) -> AsyncIterator[
         shell = WorkerShell(
             context,
             worker_role,
-            WorkerConfig(namespace=namespace, max_waiting=max_waiting, slo_tpot_ms=slo_tpot_ms),
+            WorkerConfig(
+                namespace=namespace,
+                max_waiting=max_waiting,
+                slo=SLOConfig(slo_tpot_ms=slo_tpot_ms),
+            ),
         )
         await shell.start()
         info = WorkerInfo(
