@@ -13,7 +13,7 @@ import pytest
 
 MODEL = "baton-sim"
 NUM_STREAMS = 120
-MAX_TOKENS = 60
+MAX_TOKENS = 150
 
 
 def body(i: int, **sampling: object) -> dict[str, object]:
@@ -60,7 +60,7 @@ async def metric(url: str, name: str) -> float:
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 7}])
 async def test_streams_survive_a_decode_worker_killed_mid_stream(start_cluster, sampling):
     # speedup 0.2: each step is modelled 5x slower, so that the streams are mid-way when
-    # the worker dies (60 tokens take several seconds).
+    # the worker dies (150 tokens take several seconds, even on a busy machine).
     cluster = await start_cluster(num_workers=2, worker_args=("--speedup", "0.2"))
     payloads = [body(i, **sampling) for i in range(NUM_STREAMS)]
     expected = await run_all(cluster.url, payloads)

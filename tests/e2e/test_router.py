@@ -74,11 +74,18 @@ async def test_router_resyncs_after_lost_events_and_forgets_dead_workers(start_c
         for _ in range(6):
             await complete(session, cluster.api, [rng.randrange(10, 6000) for _ in range(160)])
 
+        seen: list[float] = []
+
         async def settled() -> bool:
-            return await metric(session, router, "baton_router_index_entries") >= 60
+            # The prompts' 60 blocks, and no event still on its way (the outputs' full blocks
+            # arrive after the prompts'): the same count twice, a quarter second apart.
+            seen.append(await metric(session, router, "baton_router_index_entries"))
+            await asyncio.sleep(0.25)
+            return seen[-1] >= 60 and len(seen) > 1 and seen[-1] == seen[-2]
 
         await until(settled)
         before = await metric(session, router, "baton_router_index_entries")
+        assert before == seen[-1]
         # A batch from the future: the router sees a gap in worker 0's numbering, must ask the
         # worker for its real state, and must not keep the bogus block.
         workers_url = f"{cluster.url}/ready"
