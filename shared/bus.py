@@ -5,24 +5,29 @@ A thin typed layer over nats-py. It adds what the services rely on:
 - every message is a ``proto`` struct encoded once with msgpack;
 - a message larger than the server's ``max_payload`` (headers included) raises
   ``PayloadTooLarge`` before anything is sent, instead of the server closing the connection;
-- request-reply failures become ``Unavailable`` (no responder) or ``DeadlineExceeded``.
+- request-reply failures become ``Unavailable`` (no responder) or ``DeadlineExceeded``;
+- credentials and TLS from ``BusSecurity``; a first connection the server refuses (bad
+  credentials, a certificate that does not verify) fails at once instead of retrying forever,
+  and when TLS was asked for (a ``tls://`` URL or a CA file) no secret is sent in clear text.
 """
 
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Self
+from typing import Any, Self
 
 import msgspec
-import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared.codec import encode
+from shared.config import redact_url
 from shared.errors import DeadlineExceeded, PayloadTooLarge, Unavailable
+from shared.security import BusSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -44,25 +49,22 @@ class Bus:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(
-        cls, url: str, *, name: str = "baton", connect_timeout_s: float = 5.0
+        cls,
+        url: str,
+        *,
+        name: str = "baton",
+        connect_timeout_s: float = 5.0,
+        security: BusSecurity | None = None,
     ) -> AsyncIterator[Self]:
         """Connect (retrying forever once connected; reconnects keep subscriptions) and close
-        on exit. Raises ``Unavailable`` if the first connection fails."""
+        on exit. Raises ``Unavailable`` if the first connection fails, and at once if the
+        server refuses it in a way no retry fixes: wrong or missing credentials, a
+        certificate that does not verify, no TLS where TLS was asked for."""
+        client = Client()
         try:
-            client = await nats.connect(
-                url,
-                name=name,
-                connect_timeout=int(max(1, connect_timeout_s)),
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                allow_reconnect=True,
-                error_cb=_log_error,
-                disconnected_cb=_log_disconnected,
-                reconnected_cb=_log_reconnected,
-                pending_size=64 * 1024 * 1024,
-            )
+            await _connect_first(client, url, name, connect_timeout_s, security or BusSecurity())
         except (OSError, nats.errors.Error, TimeoutError) as exc:
-            raise Unavailable(f"cannot connect to NATS at {url}: {exc!r}") from exc
+            raise Unavailable(f"cannot connect to NATS at {redact_url(url)}: {exc!r}") from exc
         bus = cls(client)
         try:
             yield bus
@@ -149,6 +151,103 @@ class Bus:
             with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
                 await self._client.drain()
             await self._client.close()
+
+
+async def _connect_first(
+    client: Client, url: str, name: str, connect_timeout_s: float, security: BusSecurity
+) -> None:
+    """``client.connect`` with Baton's options; raises the server's refusal as soon as one
+    comes (nats-py would retry it forever) and closes the client on any failure."""
+    refusals: asyncio.Queue[Exception] = asyncio.Queue()
+
+    async def on_error(exc: Exception) -> None:
+        if not client.is_connected and _is_refusal(exc):
+            refusals.put_nowait(exc)
+        await _log_error(exc)
+
+    connecting = asyncio.create_task(
+        client.connect(
+            url,
+            name=name,
+            connect_timeout=int(max(1, connect_timeout_s)),
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            allow_reconnect=True,
+            error_cb=on_error,
+            disconnected_cb=_log_disconnected,
+            reconnected_cb=_log_reconnected,
+            pending_size=64 * 1024 * 1024,
+            **_auth_options(client, url, security),
+        ),
+        name=f"nats connect {name}",
+    )
+    refused = asyncio.create_task(refusals.get(), name=f"nats refusal {name}")
+    try:
+        await asyncio.wait([connecting, refused], return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            raise refused.result()
+        connecting.result()
+        if _wants_tls(url, security) and not _is_tls(client):
+            raise nats.errors.SecureConnWantedError()
+    except BaseException:
+        connecting.cancel()
+        await asyncio.wait([connecting])
+        await client.close()
+        raise
+    finally:
+        refused.cancel()
+
+
+def _auth_options(client: Client, url: str, security: BusSecurity) -> dict[str, Any]:
+    """nats-py's keyword arguments for these credentials and TLS settings. A password or token
+    is handed over by a callback that refuses (nats-py's ``SecureConnWantedError``) when TLS
+    was asked for and the server did not switch to it, so that it never crosses in clear."""
+    wants_tls = _wants_tls(url, security)
+
+    def secret(value: str) -> Callable[[], str]:
+        def reveal() -> str:
+            if wants_tls and not _is_tls(client):
+                raise nats.errors.SecureConnWantedError()
+            return value
+
+        return reveal
+
+    options: dict[str, Any] = {}
+    if security.nats_user:
+        options["user"] = security.nats_user
+        options["password"] = secret(security.nats_password)
+    if security.nats_token:
+        options["token"] = secret(security.nats_token)
+    if security.nats_creds:
+        options["user_credentials"] = security.nats_creds
+    if wants_tls:
+        options["tls"] = security.ssl_context()
+    return options
+
+
+def _wants_tls(url: str, security: BusSecurity) -> bool:
+    return url.startswith("tls://") or security.has_tls_files
+
+
+def _is_tls(client: Client) -> bool:
+    # nats-py switches to TLS exactly when the server's INFO says so; it keeps INFO private.
+    return bool(client._server_info.get("tls_required"))
+
+
+def _is_refusal(exc: Exception) -> bool:
+    """Whether the server refused us for a reason that retrying will not change."""
+    if isinstance(
+        exc,
+        ssl.SSLError
+        | nats.errors.AuthorizationError
+        | nats.errors.SecureConnWantedError
+        | nats.errors.InvalidUserCredentialsError,
+    ):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.Error) and (
+        "authorization violation" in text or "authentication" in text
+    )
 
 
 async def _log_error(exc: Exception) -> None:

@@ -10,9 +10,11 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import socket
 import types
 import typing
+import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -163,6 +165,45 @@ def load_config(
     return config
 
 
+_SECRET_NAME = re.compile(r"(^|_)(password|token|api_key|secret)$")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced (``nats://u:secret@h`` -> ``u:***``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}{port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _is_secret(field: dataclasses.Field[Any]) -> bool:
+    """A field marked ``metadata={"secret": True}``, or named ``*password``, ``*token``,
+    ``*api_key`` or ``*secret``."""
+    return bool(field.metadata.get("secret")) or bool(_SECRET_NAME.search(field.name))
+
+
+def _redacted(config: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` fit for a log: set secrets as ``'***'``, passwords in URLs
+    masked, nested configs as nested dicts."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            values[field.name] = _redacted(value)
+        elif _is_secret(field) and value:
+            values[field.name] = "***"
+        elif isinstance(value, str) and "@" in value and "://" in value:
+            values[field.name] = redact_url(value)
+        else:
+            values[field.name] = value
+    return values
+
+
 def describe(config: DataclassInstance) -> str:
-    """``key=value`` pairs of a config, for the startup log line."""
-    return " ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(config).items())
+    """``key=value`` pairs of a config, for the startup log line; secrets are redacted."""
+    return " ".join(f"{k}={v!r}" for k, v in _redacted(config).items())

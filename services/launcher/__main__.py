@@ -26,14 +26,18 @@ async def up(config: UpConfig) -> int:
     """Serve until SIGTERM/SIGINT, restarting any process that exits (ClusterSpec.supervise);
     then stop everything in order: frontend, workers, routers, servers."""
     stopping = shutdown_event()
-    async with local_cluster(config.cluster_spec()) as cluster:
-        ready = f"Baton is up: {cluster.url}/v1 (model {config.model!r}); Ctrl-C stops it"
-        print(ready, flush=True)  # noqa: T201 - CLI output
-        try:
-            await cluster.serve(stopping)
-        except Exception:
-            logger.exception("supervision failed; stopping the cluster")
-            return 1
+    try:
+        async with local_cluster(config.cluster_spec()) as cluster:
+            ready = f"Baton is up: {cluster.url}/v1 (model {config.model!r}); Ctrl-C stops it"
+            print(ready, flush=True)  # noqa: T201 - CLI output
+            try:
+                await cluster.serve(stopping)
+            except Exception:
+                logger.exception("supervision failed; stopping the cluster")
+                return 1
+    except (RuntimeError, TimeoutError) as exc:  # start-up: a port in use, a child that exited
+        print(f"baton: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return 1
     return 0
 
 
@@ -48,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[0] != "up":
         print(f"baton: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)  # noqa: T201 - CLI output
         sys.exit(2)
-    config = load_config(UpConfig, "up", args[1:], description="Start a local Baton cluster")
+    config = load_config(
+        UpConfig, "up", _bare_secure(args[1:]), description="Start a local Baton cluster"
+    )
     setup_logging(config.log_level)
     code = 0
 
@@ -58,6 +64,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     run_async(run())
     sys.exit(code)
+
+
+def _bare_secure(args: list[str]) -> list[str]:
+    """``--secure`` (or ``--planner``) alone means ``--secure=true`` (the config's boolean
+    flags take a value)."""
+    expanded = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else "-"
+        is_bare = arg in ("--secure", "--planner") and following.startswith("-")
+        expanded.append(f"{arg}=true" if is_bare else arg)
+    return expanded
 
 
 if __name__ == "__main__":

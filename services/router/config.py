@@ -6,6 +6,7 @@ from proto.subjects import check_token
 from shared.config import doc
 from shared.routing.cost import RoutingMode
 from shared.routing.disagg import DisaggPolicy
+from shared.security import ClusterSecurity
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +51,7 @@ class RouterConfig:
     host: str = field(default="127.0.0.1", metadata=doc("metrics HTTP address"))
     port: int = field(default=0, metadata=doc("metrics HTTP port (0 picks a free one)"))
     log_level: str = field(default="info", metadata=doc("logging level"))
+    security: ClusterSecurity = field(default_factory=ClusterSecurity)  # NATS and etcd
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")

@@ -56,8 +56,8 @@ async def worker_runtime(
                 agent = SimulatedTimeAgent(agent, built.transfer_time_s)
             connector = RegionConnector(agent, region, built.engine.block_size)
         async with (
-            Bus.connect(worker.nats_url, name=worker_id) as bus,
-            Discovery.connect(worker.etcd_url) as discovery,
+            Bus.connect(worker.nats_url, name=worker_id, security=worker.security.nats) as bus,
+            Discovery.connect(worker.etcd_url, security=worker.security.etcd) as discovery,
         ):
             yield WorkerRuntime(bus, discovery, tokenizer, built, agent, connector)
     finally:

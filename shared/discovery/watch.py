@@ -208,6 +208,7 @@ class WatchView(Generic[T]):
                     return is_created
                 self._apply(response.events, int(response.header.revision))
         except ETCD_FAILURES as exc:
+            self._discovery._note_failure(exc)
             raise Unavailable(f"etcd watch of {self.prefix} failed: {describe(exc)}") from exc
         finally:
             await cast(AsyncGenerator[Any, None], stream).aclose()

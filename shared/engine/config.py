@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from proto.subjects import check_token
 from shared.config import doc
+from shared.security import ClusterSecurity
 from shared.slo import SLOConfig
 
 ENGINE_KINDS = ("sim", "torch")
@@ -105,6 +106,7 @@ class WorkerConfig:
         metadata=doc("/health, /ready and /metrics port (0: any free port; -1: no HTTP)"),
     )
     slo: SLOConfig = field(default_factory=SLOConfig)
+    security: ClusterSecurity = field(default_factory=ClusterSecurity)  # NATS and etcd
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
