@@ -15,8 +15,18 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    # The site starts only once the service is subscribed: serving HTTP means ready.
-    return web.json_response({"status": "ok"})
+    """Ready: subscribed to the route queue and the KV and load feeds (the router's only
+    registration: it is a member of the routers' queue group) and connected to NATS."""
+    service = request.app[SERVICE]
+    is_ready = service.is_started and service.is_connected
+    body = {
+        "ready": is_ready,
+        "subscribed": service.is_started,
+        "bus_connected": service.is_connected,
+        "workers": len(service.workers),
+        "models": len(service.cards),
+    }
+    return web.json_response(body, status=200 if is_ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

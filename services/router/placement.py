@@ -19,7 +19,7 @@ from proto.messages import (
     RouteRequest,
     WorkerInfo,
 )
-from services.router.metrics import RouterMetrics
+from services.router.metrics import CounterSample, RouterMetrics
 from shared.bus import Bus
 from shared.codec import (
     encode,
@@ -30,12 +30,15 @@ from shared.codec import (
 )
 from shared.errors import InvalidRequest, NotFound, ServingError, from_reply
 from shared.kv_hash import hash_prompt_blocks
+from shared.logs import BadMessages, RateLimitedLog
 from shared.routing.cost import RoutingPolicy
 from shared.routing.disagg import DisaggPolicy
 from shared.routing.placement import place
 from shared.routing.router import Router
 
 logger = logging.getLogger(__name__)
+
+_INT64_END = 2**63
 
 
 class PlacementService:
@@ -57,13 +60,26 @@ class PlacementService:
         self._prefill_policy = prefill_policy
         self._disagg = disagg
         self._resync_timeout_s = resync_timeout_s
-        self.metrics = RouterMetrics(router)
         self.workers: dict[InstanceId, WorkerInfo] = {}
         self.cards: dict[str, ModelCard] = {}
         # Each task leaves the dict when it ends (also when cancelled): close() awaits them all.
         self._resyncing: dict[InstanceId, asyncio.Task[None]] = {}
         self._is_closed = False
         self.num_unknown_worker_events = 0
+        self.log = RateLimitedLog(logger)
+        self._resync_log = RateLimitedLog(logger, level=logging.INFO)
+        self.bad_kv_events = BadMessages(self.log, "KV events")
+        self.bad_loads = BadMessages(self.log, "load metrics")
+        self.bad_routes = BadMessages(self.log, "RouteRequest")
+        self.is_started = False
+        self.metrics = RouterMetrics(router, self._counters)
+        self.metrics.gauge("baton_router_workers", "workers registered", lambda: len(self.workers))
+        self.metrics.gauge("baton_router_models", "models registered", lambda: len(self.cards))
+        self.metrics.gauge(
+            "baton_router_resyncs_in_flight",
+            "index resyncs under way",
+            lambda: len(self._resyncing),
+        )
 
     async def start(self) -> None:
         ns = self._namespace
@@ -72,6 +88,36 @@ class PlacementService:
         await self._bus.subscribe(
             subjects.router_requests(ns), self._on_route, queue=subjects.ROUTER_QUEUE
         )
+        self.is_started = True
+
+    @property
+    def is_connected(self) -> bool:
+        return self._bus.is_connected
+
+    def _counters(self) -> list[CounterSample]:
+        return [
+            (
+                "baton_router_unknown_worker_events",
+                "KV event batches from workers not (or no longer) registered",
+                self.num_unknown_worker_events,
+            ),
+            (
+                "baton_router_bad_kv_events",
+                "undecodable KV event batches",
+                self.bad_kv_events.num_bad,
+            ),
+            ("baton_router_bad_load_metrics", "undecodable load reports", self.bad_loads.num_bad),
+            (
+                "baton_router_bad_route_requests",
+                "undecodable RouteRequests",
+                self.bad_routes.num_bad,
+            ),
+            (
+                "baton_router_log_lines_suppressed",
+                "warnings left out by rate limiting",
+                self.log.num_suppressed + self._resync_log.num_suppressed,
+            ),
+        ]
 
     async def close(self) -> None:
         """Cancel the resyncs in flight and wait for them; start no more. Safe to call twice."""
@@ -97,10 +143,8 @@ class PlacementService:
         self.cards = {card.name: card for card in items.values()}
 
     async def _on_kv_events(self, msg: Msg) -> None:
-        try:
-            batch = kv_event_batch_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            logger.warning("bad KV events subject=%s error=%s", msg.subject, exc)
+        batch = self.bad_kv_events.decode(kv_event_batch_decoder, msg.data, msg.subject)
+        if batch is None:
             return
         if batch.worker_id not in self.workers:
             self.num_unknown_worker_events += 1  # not registered yet, or already gone
@@ -131,10 +175,11 @@ class PlacementService:
             )
             state = kv_state_decoder.decode(data)
         except (ServingError, msgspec.DecodeError) as exc:
-            logger.warning("resync failed worker_id=%s error=%s", worker_id, exc)
+            self.log.log("resync failed", "resync failed worker_id=%s error=%s", worker_id, exc)
             return
         if isinstance(state, ErrorReply):
-            logger.warning("resync refused worker_id=%s error=%s", worker_id, from_reply(state))
+            error = from_reply(state)
+            self.log.log("resync refused", "resync refused worker_id=%s error=%s", worker_id, error)
             return
         self._apply_state(worker_id, state)
 
@@ -143,7 +188,8 @@ class PlacementService:
             return
         self.router.resync(worker_id, state.block_hashes, state.seq)
         self.metrics.resyncs.inc()
-        logger.info(
+        self._resync_log.log(
+            "resynced",
             "index resynced worker_id=%s num_blocks=%d seq=%d",
             worker_id,
             len(state.block_hashes),
@@ -151,10 +197,8 @@ class PlacementService:
         )
 
     async def _on_load(self, msg: Msg) -> None:
-        try:
-            load = load_metrics_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            logger.warning("bad load metrics subject=%s error=%s", msg.subject, exc)
+        load = self.bad_loads.decode(load_metrics_decoder, msg.data, msg.subject)
+        if load is None:
             return
         if load.worker_id in self.workers:
             self.router.update_load(load)
@@ -162,15 +206,19 @@ class PlacementService:
 
     async def _on_route(self, msg: Msg) -> None:
         started = time.perf_counter()
+        request = self.bad_routes.decode_or_error(route_request_decoder, msg.data, msg.subject)
+        reply: RouteDecision | ErrorReply
         try:
-            request = route_request_decoder.decode(msg.data)
-            reply: RouteDecision | ErrorReply = self.route(request)
-        except msgspec.DecodeError as exc:
-            reply = InvalidRequest(f"malformed RouteRequest: {exc}").to_reply()
+            if isinstance(request, InvalidRequest):
+                raise request
+            reply = self.route(request)
         except ServingError as exc:
             reply = exc.to_reply()
         if msg.reply:
-            await self._bus.publish_bytes(msg.reply, encode(reply))
+            try:
+                await self._bus.publish_bytes(msg.reply, encode(reply))
+            except ServingError as exc:
+                self.log.log("reply", "route reply not sent error=%s", exc)
         self.metrics.latency.observe(time.perf_counter() - started)
 
     def route(self, request: RouteRequest) -> RouteDecision:
@@ -179,6 +227,7 @@ class PlacementService:
         card = self.cards.get(request.model)
         if card is None:
             raise NotFound(f"model {request.model!r} does not exist")
+        check_prompt(request.token_ids, card)
         placement = place(
             self.router,
             self.workers.values(),
@@ -207,4 +256,17 @@ class PlacementService:
             worker_id=decode.worker_id,
             decode_cached_tokens=placement.num_decode_cached_tokens,
             prefill_worker_id=prefill_worker_id,
+        )
+
+
+def check_prompt(token_ids: list[int], card: ModelCard) -> None:
+    """Refuse, before hashing it, a prompt no worker could serve: longer than the model's
+    context, or with token ids that are not int64s (the block hash packs them as such)."""
+    if len(token_ids) > card.context_length:
+        raise InvalidRequest(
+            f"prompt has {len(token_ids)} tokens; {card.name} takes at most {card.context_length}"
+        )
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= _INT64_END):
+        raise InvalidRequest(
+            f"token ids must be in [0, 2**63); got {min(token_ids)} to {max(token_ids)}"
         )

@@ -44,8 +44,8 @@ async def serve(config: RouterConfig, stopping: asyncio.Event | None = None) -> 
         temperature=routing.temperature,
     )
     async with (
-        Bus.connect(config.nats_url, name=config.router_id) as bus,
-        Discovery.connect(config.etcd_url) as discovery,
+        Bus.connect(config.nats_url, name=config.router_id, security=config.security.nats) as bus,
+        Discovery.connect(config.etcd_url, security=config.security.etcd) as discovery,
         discovery.watch_workers(ns) as workers_view,
         discovery.watch_models(ns) as models_view,
     ):

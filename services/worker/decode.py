@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import msgspec
 
+from proto import subjects
 from proto.messages import (
     FinishReason,
     GenerateAccepted,
@@ -26,6 +27,7 @@ from services.worker.role import Role, WorkerContext
 from shared.codec import encode
 from shared.engine.interface import EngineRequest, StepResult
 from shared.errors import InvalidRequest, ServingError, Shed
+from shared.logs import RateLimitedLog
 from shared.streams import encode_batches, group_chunks
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 # Errors a handoff is expected to meet (a peer refused, died, timed out; a transfer or a
 # reply failed); anything else is a bug, logged with its traceback before the fallback.
 _EXPECTED = (ServingError, TimeoutError, KeyError, msgspec.DecodeError)
+# NATS refuses a control line (PUB <subject> <reply> <size>) over 4 KiB by closing the
+# connection: a stream subject stays far below that.
+_MAX_STREAM_SUBJECT_CHARS = 256
 
 
 class DecodeRole(Role):
@@ -46,6 +51,7 @@ class DecodeRole(Role):
         self.in_flight: InFlight[str] = InFlight()  # request id -> stream subject
         self.remote: RemotePrefill | None = None  # set when this worker can receive KV
         self.num_fallbacks = 0
+        self._log = RateLimitedLog(logger)
 
     @property
     def num_handoffs(self) -> int:
@@ -64,8 +70,7 @@ class DecodeRole(Role):
         self, request: GenerateRequest, reply_subject: str, admission: Admission
     ) -> None:
         rid = request.request_id
-        if not request.stream_subject:
-            raise InvalidRequest("stream_subject is required")
+        self._check_stream_subject(request.stream_subject)
         engine_request = EngineRequest(
             request_id=rid,
             token_ids=request.token_ids,
@@ -89,6 +94,22 @@ class DecodeRole(Role):
                 num_prompt_tokens=len(request.token_ids),
             )
             await self.context.bus.publish_bytes(reply_subject, encode(accepted))
+
+    def _check_stream_subject(self, subject: str) -> None:
+        """Tokens go only to a stream inbox of this namespace: any other string could be a
+        subject NATS refuses (whitespace: the client raises; past its control-line limit: the
+        server drops our connection) or one that is not a stream's (a wildcard, a service's
+        inbox)."""
+        frontend_id = subject.rpartition(".")[2]
+        try:
+            expected = subjects.stream_inbox(self.context.namespace, frontend_id)
+        except ValueError:
+            expected = ""
+        if not subject or subject != expected or len(subject) > _MAX_STREAM_SUBJECT_CHARS:
+            raise InvalidRequest(
+                f"stream_subject must be a stream inbox of namespace {self.context.namespace} "
+                f"of at most {_MAX_STREAM_SUBJECT_CHARS} characters, got {subject[:80]!r}"
+            )
 
     async def deliver(self, result: StepResult) -> None:
         await self.publish(
@@ -123,7 +144,9 @@ class DecodeRole(Role):
                 for payload in encode_batches(self.context.worker_id, group, bus.max_payload):
                     await bus.publish_bytes(subject, payload)
             except ServingError as exc:
-                logger.warning("chunks not delivered subject=%s error=%s", subject, exc)
+                self._log.log(
+                    "not delivered", "chunks not delivered subject=%s error=%s", subject, exc
+                )
                 for chunk in group:
                     await self._abort(chunk.request_id)
 
@@ -142,7 +165,9 @@ class DecodeRole(Role):
             for payload in payloads:
                 await self.context.bus.publish_bytes(subject, payload)
         except ServingError as exc:
-            logger.warning("end not delivered request_id=%s error=%s", request_id, exc)
+            self._log.log(
+                "end not delivered", "end not delivered request_id=%s error=%s", request_id, exc
+            )
 
     async def _abort(self, request_id: RequestId) -> None:
         self.in_flight.pop(request_id)
@@ -167,8 +192,12 @@ class DecodeRole(Role):
             return
         self.num_fallbacks += 1
         if isinstance(error, _EXPECTED):
-            logger.warning(
-                "remote prefill failed; prefilling here request_id=%s error=%r", rid, error
+            self._log.log(
+                "fallback",
+                "remote prefill failed; prefilling here request_id=%s error=%r num_fallbacks=%d",
+                rid,
+                error,
+                self.num_fallbacks,
             )
         else:
             logger.error(

@@ -1,14 +1,18 @@
-"""The worker's HTTP side: ``/health`` (the event loop answers), ``/ready`` (registered and not
-draining) and ``/metrics`` (what the shell and its role count), for probes and scrapes."""
+"""The worker's HTTP side: ``/health`` (the event loop answers), ``/ready`` (registered, not
+draining, connected to NATS, and the engine serves: a recent step or a one-token canary, see
+``canary``) and ``/metrics`` (what the shell and its role count), for probes and scrapes."""
 
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from services.worker.canary import CanaryResult
 from services.worker.decode import DecodeRole
 from services.worker.prefill import PrefillRole
 from services.worker.shell import WorkerShell
@@ -28,6 +32,7 @@ def worker_registry(shell: WorkerShell) -> CollectorRegistry:
 
     role = shell.role
     objectives = shell.objectives
+    canary = shell.canary
     gauge("baton_worker_running", "sequences in the batch", lambda: shell.loop.stats().num_running)
     gauge("baton_worker_waiting", "sequences queued", lambda: shell.loop.stats().num_waiting)
     gauge("baton_worker_kv_usage", "KV cache in use (0..1)", lambda: shell.loop.stats().kv_usage)
@@ -54,6 +59,39 @@ def worker_registry(shell: WorkerShell) -> CollectorRegistry:
         "measured cost of one prefilled token",
         lambda: objectives.speed_model.speed.per_token_s,
     )
+    gauge(
+        "baton_worker_reserved",
+        "requests waiting for their KV from a prefill worker",
+        lambda: shell.loop.stats().num_reserved,
+    )
+    gauge(
+        "baton_worker_waiting_tokens",
+        "prompt tokens queued for prefill",
+        lambda: shell.loop.stats().num_waiting_tokens,
+    )
+    gauge(
+        "baton_worker_handoffs",
+        "requests whose KV is on its way from a prefill worker",
+        lambda: role.num_handoffs,
+    )
+    gauge(
+        "baton_worker_step_per_seq_seconds",
+        "measured cost of one decoding sequence in a step",
+        lambda: objectives.speed_model.speed.per_seq_s,
+    )
+    gauge(
+        "baton_worker_last_step_age_seconds",
+        "time since the engine last completed a step (NaN: it never has)",
+        lambda: math.nan if canary.last_step_s is None else time.monotonic() - canary.last_step_s,
+    )
+    gauge("baton_worker_canaries", "canary requests run for /ready", lambda: canary.num_canaries)
+    gauge("baton_worker_canary_failures", "canaries that failed", lambda: canary.num_failures)
+    gauge(
+        "baton_worker_log_lines_suppressed",
+        "warnings left out by rate limiting",
+        lambda: shell.log.num_suppressed,
+    )
+    gauge("baton_worker_draining", "1 while draining", lambda: float(shell.is_draining))
     if isinstance(role, DecodeRole):
         remote = role.remote
         gauge(
@@ -81,8 +119,17 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     shell = request.app[SHELL]
-    is_ready = shell.is_registered and not shell.is_draining
-    body = {"ready": is_ready, "draining": shell.is_draining, "role": shell.role.kind.name.lower()}
+    is_serving = shell.is_registered and not shell.is_draining
+    canary = await shell.canary.check() if is_serving else CanaryResult(False, "not serving")
+    is_ready = is_serving and shell.bus.is_connected and canary.is_ok
+    body = {
+        "ready": is_ready,
+        "registered": shell.is_registered,
+        "draining": shell.is_draining,
+        "bus_connected": shell.bus.is_connected,
+        "engine": {"ok": canary.is_ok, "how": canary.how, "detail": canary.detail},
+        "role": shell.role.kind.name.lower(),
+    }
     return web.json_response(body, status=200 if is_ready else 503)
 
 

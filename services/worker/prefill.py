@@ -21,6 +21,7 @@ from shared.codec import encode
 from shared.engine.interface import EngineRequest, RequestOutput, StepResult, prefill_sampling
 from shared.engine.kv_connector import KVConnector
 from shared.errors import EngineError, InvalidRequest, ServingError, Shed, Unavailable
+from shared.logs import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,15 @@ class PrefillRole(Role):
         self._max_hold_s = max_hold_s
         self._sweep_interval_s = sweep_interval_s
         self.num_hold_timeouts = 0
+        self._log = RateLimitedLog(logger)
 
     async def admit(
         self, request: PrefillRequest, reply_subject: str, admission: Admission
     ) -> None:
         if not reply_subject:
             raise InvalidRequest("a PrefillRequest needs a reply subject")
+        if not request.hold_timeout_s > 0:  # also NaN: a hold that never ends leaks its blocks
+            raise InvalidRequest(f"hold_timeout_s must be > 0, got {request.hold_timeout_s}")
         rid = request.request_id
         await self.context.loop.add(
             EngineRequest(
@@ -94,7 +98,12 @@ class PrefillRole(Role):
             try:
                 await self.context.bus.publish_bytes(entry.reply_subject, encode(done))
             except ServingError as exc:
-                logger.warning("prefill not delivered request_id=%s error=%s", out.request_id, exc)
+                self._log.log(
+                    "not delivered",
+                    "prefill not delivered request_id=%s error=%s",
+                    out.request_id,
+                    exc,
+                )
                 await self.end(out.request_id, FinishReason.ERROR)
 
     def _done(self, out: RequestOutput, entry: _Prefill, duration_s: float) -> PrefillDone:
@@ -132,7 +141,12 @@ class PrefillRole(Role):
             try:
                 await self.context.bus.publish_bytes(entry.reply_subject, encode(reply))
             except ServingError as exc:
-                logger.warning("prefill error not sent request_id=%s error=%s", request_id, exc)
+                self._log.log(
+                    "error not sent",
+                    "prefill error not sent request_id=%s error=%s",
+                    request_id,
+                    exc,
+                )
 
     async def run(self) -> None:
         """Free holds no decode worker released in time (it died, say)."""
@@ -148,5 +162,10 @@ class PrefillRole(Role):
             ]
             for rid in expired:
                 self.num_hold_timeouts += 1
-                logger.warning("KV hold timed out; releasing request_id=%s", rid)
+                self._log.log(
+                    "hold timeout",
+                    "KV hold timed out; releasing request_id=%s num_hold_timeouts=%d",
+                    rid,
+                    self.num_hold_timeouts,
+                )
                 await self.end(rid, FinishReason.STOP)

@@ -38,6 +38,7 @@ from proto.messages import (
     PrefillRequest,
     WorkerInfo,
 )
+from services.worker.canary import EngineCanary
 from services.worker.objectives import Objectives
 from services.worker.role import Role, WorkerContext
 from shared.codec import encode, worker_inbound_decoder
@@ -45,6 +46,7 @@ from shared.discovery import Discovery
 from shared.engine.config import WorkerConfig
 from shared.engine.interface import Engine, StepResult
 from shared.errors import InvalidRequest, Overloaded, ServingError, Unavailable
+from shared.logs import BadMessages, RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,9 @@ class WorkerShell:
         self.inbox = subjects.worker_inbox(context.namespace, context.worker_id)
         self.is_draining = False
         self.is_registered = False
-        self.num_bad_messages = 0
+        self.log = RateLimitedLog(logger)
+        self.bad_messages = BadMessages(self.log, "worker message")
+        self.canary = EngineCanary(self.loop, context.worker_id)
         self.num_delivery_failures = 0
         self._kv_event_seq = 0
 
@@ -79,15 +83,15 @@ class WorkerShell:
         """Subscribe to the inbox (the engine loop calls ``on_step`` once it runs)."""
         await self.bus.subscribe(self.inbox, self._on_message)
 
+    @property
+    def num_bad_messages(self) -> int:
+        return self.bad_messages.num_bad
+
     async def _on_message(self, msg: Msg) -> None:
-        try:
-            message = worker_inbound_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            self.num_bad_messages += 1
-            logger.warning("bad worker message subject=%s error=%s", msg.subject, exc)
+        message = self.bad_messages.decode_or_error(worker_inbound_decoder, msg.data, msg.subject)
+        if isinstance(message, InvalidRequest):
             if msg.reply:
-                error = InvalidRequest(f"malformed message: {exc}")
-                await self.bus.publish_bytes(msg.reply, encode(error.to_reply()))
+                await self._reply(msg.reply, message)
             return
         match message:
             case GenerateRequest() | PrefillRequest():
@@ -128,20 +132,28 @@ class WorkerShell:
             await role.admit(request, reply_subject, admission)
         except ServingError as exc:
             if reply_subject:
-                await self.bus.publish_bytes(reply_subject, encode(exc.to_reply()))
+                await self._reply(reply_subject, exc)
+
+    async def _reply(self, reply_subject: str, error: ServingError) -> None:
+        """Answer a request with its error; a lost bus is logged (rate-limited), not raised."""
+        try:
+            await self.bus.publish_bytes(reply_subject, encode(error.to_reply()))
+        except ServingError as exc:
+            self.log.log("reply", "error reply not sent error=%s", exc)
 
     # --- engine steps --------------------------------------------------------------------------
 
     async def on_step(self, result: StepResult) -> None:
         """The engine loop's callback, outside its lock: KV events first (a router learns of
         the prompt's blocks no later than the client of its first token), then the outputs."""
+        self.canary.observe(result)
         budget = self.objectives.after_step(result, self.loop.stats())
         try:
             async with self.loop.exclusive() as engine:
                 engine.set_budget(budget)
                 await self._publish_kv_events(engine)
         except ServingError as exc:  # routers notice the gap and resync
-            logger.warning("KV events not published error=%s", exc)
+            self.log.log("kv events", "KV events not published error=%s", exc)
         try:
             await self.role.deliver(result)
         except Exception as exc:
@@ -200,6 +212,7 @@ class WorkerShell:
             predicted_wait_s=objectives.predicted_wait_s(stats, self.loop.num_tokens_ahead(0)),
             max_num_running=objectives.budget.max_num_running or 0,
             wait_per_token_s=objectives.wait_per_token_s(stats),
+            max_waiting=self.config.max_waiting,
         )
 
     async def publish_load(self) -> None:
@@ -209,7 +222,7 @@ class WorkerShell:
             try:
                 await self.bus.publish(subject, self.load_metrics())
             except ServingError as exc:
-                logger.warning("load not published error=%s", exc)
+                self.log.log("load", "load not published error=%s", exc)
             await asyncio.sleep(self.config.load_interval_s)
 
     # --- lifecycle -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ that a prefill or a transfer may take, and leave no block reserved or held.
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -31,13 +32,14 @@ from proto.messages import (
     WorkerInfo,
     WorkerRole,
 )
+from services.worker.canary import EngineCanary
 from services.worker.decode import DecodeRole
 from services.worker.handoff import RemotePrefill
 from services.worker.prefill import PrefillRole
 from services.worker.role import Role, WorkerContext
 from services.worker.shell import WorkerShell
 from shared.bus import Bus
-from shared.codec import encode, generate_reply_decoder, token_batch_decoder
+from shared.codec import encode, generate_reply_decoder, prefill_reply_decoder, token_batch_decoder
 from shared.engine.config import WorkerConfig
 from shared.engine.kv_connector import RegionConnector
 from shared.engine.loop import EngineLoop
@@ -594,3 +596,74 @@ async def test_tpot_objective_caps_the_batch_from_measured_speed(bus, start_work
     load = decode.shell.load_metrics()
     assert load.max_num_running == budget.max_num_running
     assert load.step_per_seq_s == speed.per_seq_s
+
+
+async def test_canary_proves_an_idle_engine_serves_and_fails_when_its_loop_is_stuck(
+    bus, start_worker, stream
+):
+    decode = await start_worker(WorkerRole.DECODE)
+    canary = decode.shell.canary
+    first = await canary.check()  # never stepped: a one-token request goes through the engine
+    assert (first.is_ok, first.how) == (True, "canary")
+    assert canary.num_canaries == 1
+    assert canary.last_step_s is not None
+    assert (await canary.check()).how == "step"  # that step is recent: no second canary
+    assert canary.num_canaries == 1
+    assert not stream.chunks  # the canary's output reached no one
+    assert_no_blocks_in_use(decode)
+
+    # An engine whose loop does not run (no step ever completes) fails its canary in time.
+    engine = SimEngine(SimEngineConfig(num_kv_blocks=NUM_BLOCKS, vocab_size=1000))
+    stuck = EngineCanary(EngineLoop(engine, step_in_thread=False), decode.worker_id, timeout_s=0.3)
+    async with asyncio.timeout(FAST):
+        result = await stuck.check()
+    assert (result.is_ok, result.how) == (False, "canary")
+    assert stuck.num_failures == 1
+    assert not engine.has_unfinished()  # the failed canary was aborted
+    assert engine.stats().num_free_blocks == NUM_BLOCKS
+
+
+async def test_decode_refuses_a_stream_subject_that_is_not_a_stream_inbox(
+    bus, start_worker, stream, namespace
+):
+    decode = await start_worker(WorkerRole.DECODE)
+    bad_subjects = [
+        "",
+        "baton.x stream",  # NATS clients refuse whitespace (a step's other requests would fail)
+        f"{stream.subject}\r\nPUB x 1",  # protocol injection
+        f"baton.{namespace}.stream.>",  # a wildcard
+        subjects.worker_inbox(namespace, "other"),  # not a stream inbox
+        subjects.stream_inbox("elsewhere", "fe"),  # another namespace
+        subjects.stream_inbox(namespace, "f" * 5000),  # past NATS' control line limit
+    ]
+    for i, subject in enumerate(bad_subjects):
+        request = GenerateRequest(
+            request_id=RequestId(f"bad-{i}"),
+            model="baton-sim",
+            token_ids=PROMPT,
+            sampling=SAMPLING,
+            stream_subject=subject,
+        )
+        reply = generate_reply_decoder.decode(
+            await bus.request(decode.inbox, request, timeout_s=FAST)
+        )
+        assert isinstance(reply, ErrorReply), subject
+        assert reply.code == ErrorCode.INVALID_REQUEST
+    assert isinstance(await generate(bus, decode, stream, "good"), GenerateAccepted)
+    assert (await finish(stream, "good")).finish_reason == FinishReason.LENGTH
+    assert_no_blocks_in_use(decode)
+
+
+async def test_prefill_refuses_a_hold_timeout_that_never_ends(bus, start_worker):
+    prefill = await start_worker(WorkerRole.PREFILL)
+    for hold_s in (math.nan, 0.0, -1.0):
+        request = PrefillRequest(
+            request_id=RequestId(f"hold-{hold_s}"), token_ids=PROMPT, hold_timeout_s=hold_s
+        )
+        reply = prefill_reply_decoder.decode(
+            await bus.request(prefill.inbox, request, timeout_s=FAST)
+        )
+        assert isinstance(reply, ErrorReply)
+        assert reply.code == ErrorCode.INVALID_REQUEST
+        assert "hold_timeout_s" in reply.message
+    assert_no_blocks_in_use(prefill)
