@@ -9,6 +9,7 @@ promised, and a client may only ask for better. With no objective at all a reque
 shed; it waits its turn.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,9 +48,12 @@ def _header_float(headers: Mapping[str, str], name: str) -> float | None:
     if raw is None:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise InvalidRequest(f"header {name} must be a number of milliseconds") from None
+        value = math.nan
+    if not math.isfinite(value):  # "inf" and "nan" parse, but are no objective
+        raise InvalidRequest(f"header {name} must be a number of milliseconds, got {raw!r}")
+    return value
 
 
 def _priority(body_priority: int, headers: Mapping[str, str]) -> int:

@@ -6,14 +6,43 @@ Unknown fields are ignored (clients send many we do not use); fields we cannot h
 value other than their default are refused, never silently dropped.
 """
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from proto.messages import SamplingParams
 from shared.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+
+
+class FieldError(InvalidRequest):
+    """An invalid request blamed on one field, which the OpenAI error names in ``param``."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestLimits:
+    """Bounds on one completion request's body, checked before any tokenizing."""
+
+    max_messages: int = 2048
+    max_prompt_chars: int = 1_000_000
+    max_stop_strings: int = MAX_STOP_STRINGS
+
+
+# Ranges msgspec checks on decode; they also go into the OpenAPI description (openapi.py).
+PositiveInt = Annotated[int, Meta(ge=1)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Unsupported = Annotated[float, Meta(ge=0.0, le=0.0, description="only 0 is supported")]
+Priority = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
+Milliseconds = Annotated[float, Meta(gt=0.0, le=86_400_000.0)]
+TokenId = Annotated[int, Meta(ge=0)]
 
 
 class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,34 +64,37 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     """The fields chat and text completions share."""
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: Unsupported = 0.0
+    frequency_penalty: Unsupported = 0.0
     logprobs: bool | int | None = None
     # Baton's extensions (docs/admission.md): lower priority is served first and shed last
     # (vLLM's convention); objectives may only tighten the server's.
-    priority: int = 0
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
+    priority: Priority = 0
+    slo_ttft_ms: Milliseconds | None = None
+    slo_tpot_ms: Milliseconds | None = None
 
 
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
-    prompt: str | list[int | str | list[int]]
+    prompt: (
+        Annotated[str, Meta(min_length=1)]
+        | Annotated[list[TokenId | str | list[TokenId]], Meta(min_length=1)]
+    )
     echo: bool = False
 
 
@@ -95,6 +127,8 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
 
 def completion_prompt(request: CompletionRequest) -> str | list[int]:
     """The one prompt of a text completion: a string or a list of token ids."""
+    if request.echo:
+        raise FieldError("echo is not supported", param="echo")
     prompt = request.prompt
     if isinstance(prompt, str):
         return prompt
@@ -110,15 +144,54 @@ def completion_prompt(request: CompletionRequest) -> str | list[int]:
     raise InvalidRequest(f"prompt: one prompt per request is supported, got {len(prompt)}")
 
 
-def stop_strings(stop: str | list[str] | None) -> list[str]:
+def stop_strings(
+    stop: str | list[str] | None, max_stop_strings: int = MAX_STOP_STRINGS
+) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    if len(stops) > max_stop_strings:
+        raise FieldError(
+            f"stop: at most {max_stop_strings} strings, got {len(stops)}", param="stop"
+        )
     if any(not s for s in stops):
         raise InvalidRequest("stop: strings must not be empty")
     return stops
+
+
+def _prompt_chars(request: SamplingFields) -> int:
+    """Characters of text in the prompt (token ids count none: the context bounds them)."""
+    if isinstance(request, CompletionRequest):
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            return len(prompt)
+        return sum(len(p) for p in prompt if isinstance(p, str))
+    assert isinstance(request, ChatCompletionRequest)
+    size = 0
+    for message in request.messages:
+        if isinstance(message.content, str):
+            size += len(message.content)
+        elif message.content is not None:
+            size += sum(len(part.text or "") for part in message.content)
+    return size
+
+
+def check_limits(request: SamplingFields, limits: RequestLimits) -> None:
+    """Refuse a request past the server's limits, cheaply, before it is tokenized."""
+    if isinstance(request, ChatCompletionRequest) and len(request.messages) > limits.max_messages:
+        raise FieldError(
+            f"messages: at most {limits.max_messages} messages, got {len(request.messages)}",
+            param="messages",
+        )
+    num_chars = _prompt_chars(request)
+    if num_chars > limits.max_prompt_chars:
+        raise FieldError(
+            f"the prompt has {num_chars} characters; the limit is {limits.max_prompt_chars}",
+            param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+        )
+    stop_strings(request.stop, limits.max_stop_strings)
+    if request.n != 1:
+        raise FieldError(f"n: only n=1 is supported, got {request.n}", param="n")
 
 
 def sampling_params(

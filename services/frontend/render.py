@@ -26,14 +26,16 @@ FINISH_REASONS: dict[FinishReason, str] = {
 }
 
 
-def error_body(error: ServingError, param: str | None = None) -> dict[str, Any]:
-    """The OpenAI error object for an error."""
+def error_body(
+    error: ServingError, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    """The OpenAI error object for an error; ``code`` defaults to the HTTP status."""
     return {
         "error": {
             "message": error.message,
             "type": error.openai_type,
             "param": param,
-            "code": error.http_status,
+            "code": error.http_status if code is None else code,
         }
     }
 
