@@ -34,6 +34,9 @@ class LoadSpec:
     ramp_s: float
     stream_timeout_s: float
     deadline_s: float
+    # Loopback only: client process i connects from 127.0.0.(i + 1), so that each has its own
+    # ~28,000 ephemeral ports (one address runs out near 28,000 open streams).
+    spread_sources: bool = False
 
 
 class _Delta(msgspec.Struct):
@@ -148,7 +151,8 @@ async def _client(
     proc_index: int, spec: LoadSpec, counters: Any, go: Any, start_at: Any, events: Any
 ) -> list[Row]:
     slot = 2 * proc_index
-    connector = aiohttp.TCPConnector(limit=0)
+    local_addr = (f"127.0.0.{proc_index % 254 + 1}", 0) if spec.spread_sources else None
+    connector = aiohttp.TCPConnector(limit=0, local_addr=local_addr)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         events.put(("ready", proc_index))

@@ -78,6 +78,7 @@ def local_cluster(args: argparse.Namespace) -> Iterator[Servers]:
     up = UpConfig(
         port=0,
         num_workers=args.workers,
+        num_frontends=args.frontends,
         speedup=args.speedup,
         log_dir=args.log_dir,
         namespace=f"bench{uuid.uuid4().hex[:6]}",
@@ -118,8 +119,18 @@ def cpu_by_process(pids: list[int]) -> dict[int, tuple[str, float]]:
     return out
 
 
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of a process and its children (the frontend's serving processes)."""
+    total = 0
+    for each in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += each.memory_info().rss
+    return total
+
+
 class RssSampler(threading.Thread):
-    """Samples the frontend's RSS and the clients' open-stream counters every ``interval_s``."""
+    """Samples the frontend's RSS (all its processes) and the clients' open-stream counters
+    every ``interval_s``."""
 
     def __init__(self, frontend_pid: int | None, counters: Any, interval_s: float = 0.1) -> None:
         super().__init__(daemon=True)
@@ -136,7 +147,7 @@ class RssSampler(threading.Thread):
             self.peak_streaming = max(self.peak_streaming, sum(values[1::2]))
             if self.proc is not None:
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+                    self.peak_rss = max(self.peak_rss, tree_rss(self.proc))
             self.num_samples += 1
 
 
@@ -201,9 +212,7 @@ def run_load(spec: LoadSpec, servers: Servers) -> dict[str, Any]:
             _next_event(events, procs, 120)
         _warm_up(spec)
         time.sleep(0.5)
-        rss_before = (
-            psutil.Process(servers.frontend_pid).memory_info().rss if servers.frontend_pid else 0
-        )
+        rss_before = tree_rss(psutil.Process(servers.frontend_pid)) if servers.frontend_pid else 0
         cpu_before = cpu_by_process(servers.pids)
         overflows_before = listen_overflows()
         sampler.start()
@@ -325,6 +334,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frontend-pid", type=int, default=0, help="the frontend's pid")
     p.add_argument("--start-cluster", action="store_true", help="start one (default, no --url)")
     p.add_argument("--workers", type=int, default=2, help="decode workers to start")
+    p.add_argument(
+        "--frontends", type=int, default=0, help="frontend processes (0: as baton up chooses)"
+    )
+    p.add_argument(
+        "--spread-sources",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on loopback, each client process connects from its own 127.0.0.x",
+    )
     p.add_argument("--speedup", type=float, default=0.1, help="sim engine time divisor")
     p.add_argument(
         "--worker-max-num-seqs",
@@ -380,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             ramp_s=args.ramp_s,
             stream_timeout_s=args.stream_timeout_s,
             deadline_s=args.deadline_s,
+            spread_sources=args.spread_sources and "//127." in servers.url,
         )
         result = run_load(spec, servers)
     print(format_report(spec, result))

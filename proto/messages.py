@@ -266,6 +266,7 @@ class LoadMetrics(Message, frozen=True, tag="load"):
     predicted_wait_s: float = 0.0  # time a new normal-priority request waits to be prefilled
     max_num_running: int = 0  # the batch cap the TPOT objective sets now (0: none)
     wait_per_token_s: float = 0.0  # how much longer the wait gets per prompt token queued
+    max_waiting: int = 0  # queued requests past which it refuses new ones (0: no cap known)
 
 
 # --- KV cache events (consumed by the KV-aware router) -------------------------------------------
@@ -307,3 +308,19 @@ class KVEventBatch(Message, frozen=True, tag="kv_events"):
     worker_id: InstanceId
     seq: int
     events: list[KVEvent]
+
+
+# --- planner (autoscaler) -----------------------------------------------------------------------
+
+
+class ScaleCommand(Message, frozen=True, tag="scale"):
+    """The planner's target for one pool: run ``num_replicas`` workers of ``role``. A target,
+    not a step, so it is idempotent: whoever starts and stops workers (the launcher)
+    reconciles to the latest one, within its own limits. Sent when the target changes;
+    ``seq`` counts the commands (a restarted planner starts again from 1)."""
+
+    planner_id: InstanceId
+    role: WorkerRole
+    num_replicas: int
+    reason: str = ""
+    seq: int = 0

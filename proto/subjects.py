@@ -79,3 +79,8 @@ def etcd_model(namespace: str, model: str) -> str:
     if not model or any(c.isspace() for c in model):
         raise ValueError(f"model name must be non-empty without spaces, got {model!r}")
     return f"{etcd_models(namespace)}{model}"
+
+
+def planner_scale(namespace: str) -> str:
+    """ScaleCommand published by the planner: each pool's target number of workers."""
+    return f"baton.{check_token(namespace, 'namespace')}.planner.scale"

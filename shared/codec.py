@@ -24,6 +24,7 @@ from proto.messages import (
     PrefillRequest,
     RouteDecision,
     RouteRequest,
+    ScaleCommand,
     TokenBatch,
     WorkerInfo,
 )
@@ -50,6 +51,7 @@ load_metrics_decoder: Final[Decoder[LoadMetrics]] = Decoder(LoadMetrics)
 kv_event_batch_decoder: Final[Decoder[KVEventBatch]] = Decoder(KVEventBatch)
 worker_info_decoder: Final[Decoder[WorkerInfo]] = Decoder(WorkerInfo)
 model_card_decoder: Final[Decoder[ModelCard]] = Decoder(ModelCard)
+scale_command_decoder: Final[Decoder[ScaleCommand]] = Decoder(ScaleCommand)
 
 
 def encode(message: msgspec.Struct) -> bytes:

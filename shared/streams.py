@@ -11,15 +11,15 @@ Built for tens of thousands of concurrent streams:
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-import msgspec
 from nats.aio.msg import Msg
 
 from proto.messages import InstanceId, RequestId, TokenBatch, TokenChunk
 from shared.bus import Bus
 from shared.codec import encode, token_batch_decoder
 from shared.errors import DeadlineExceeded, PayloadTooLarge, ServingError
+from shared.logs import BadMessages, RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ class StreamDemux:
         self._streams: dict[RequestId, TokenStream] = {}
         self.num_orphan_chunks = 0
         self.num_stale_chunks = 0
-        self.num_bad_messages = 0
+        self.bad_messages = BadMessages(RateLimitedLog(logger), "token batch")
+        # Told the sender of every batch (the frontend: that worker is alive).
+        self.on_batch: Callable[[InstanceId], None] | None = None
 
     async def start(self) -> None:
         await self._bus.subscribe(self.subject, self._on_message)
@@ -172,16 +174,19 @@ class StreamDemux:
             if failed:
                 logger.warning("silent streams failed num_streams=%d", failed)
 
+    @property
+    def num_bad_messages(self) -> int:
+        return self.bad_messages.num_bad
+
     async def _on_message(self, msg: Msg) -> None:
-        try:
-            batch = token_batch_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            self.num_bad_messages += 1
-            logger.warning("bad token batch subject=%s error=%s", msg.subject, exc)
+        batch = self.bad_messages.decode(token_batch_decoder, msg.data, msg.subject)
+        if batch is None:
             return
         streams = self._streams
         now_s = asyncio.get_running_loop().time()
         worker_id = batch.worker_id
+        if self.on_batch is not None:
+            self.on_batch(worker_id)
         for chunk in batch.chunks:
             stream = streams.get(chunk.request_id)
             if stream is None:

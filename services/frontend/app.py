@@ -1,33 +1,44 @@
 """HTTP handlers: parse and check, hand to the generator, render. State lives under AppKeys."""
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.messages import FinishReason, ModelCard, RequestId, SamplingParams, TTFTBreakdown
+from services.frontend.auth import api_key_auth, load_api_keys
+from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator, new_request_id
 from services.frontend.goodput import Outcome
+from services.frontend.http_errors import header_limit, openai_errors
 from services.frontend.metrics import FrontendMetrics
+from services.frontend.metrics_merge import merged_metrics
 from services.frontend.models import ModelRegistry
 from services.frontend.objectives import RequestObjectives, request_objectives
 from services.frontend.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
+    FieldError,
+    RequestLimits,
     SamplingFields,
     chat_decoder,
     chat_messages,
+    check_limits,
     completion_decoder,
     completion_prompt,
     sampling_params,
     stop_strings,
 )
+from services.frontend.openapi import openapi_document
 from services.frontend.pressure import LoopPressure
 from services.frontend.render import DONE, FINISH_REASONS, Kind, Renderer, error_body, usage
 from services.frontend.worker_pool import WorkerPool
@@ -37,6 +48,12 @@ from shared.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenize
 logger = logging.getLogger(__name__)
 
 _PATH_IN_ERROR = re.compile(r"at `\$\.?([^`]*)`")
+# Unread bytes of a stream past which its writes get a deadline (aiohttp waits for the
+# client itself once 64 KiB are pending: the buffer never grows past about that).
+SLOW_READER_BYTES = 16 * 1024
+# The kernel's send buffer of a stream (it doubles what is asked): room for thousands of
+# events, so a reading client never waits on it.
+STREAM_SEND_BUFFER_BYTES = 64 * 1024
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -58,13 +75,23 @@ class FrontendState:
     is_ready: bool = False
     is_draining: bool = False
     num_in_flight: int = 0
+    frontend_id: str = ""
+    metrics_dir: str = ""  # where sibling processes share their metrics (--procs); "" alone
+    write_timeout_s: float = 30.0  # a client reading nothing for this long is cut
 
 
 STATE = web.AppKey("state", FrontendState)
+LIMITS = web.AppKey("limits", RequestLimits)
+OPENAPI = web.AppKey("openapi", bytes)
+# Label of requests for a model the registry does not know: a client's invented name never
+# becomes a label value (each would be a new series on /metrics, kept forever).
+UNKNOWN_MODEL = "_unknown"
 
 
 def error_response(error: ServingError, param: str | None = None) -> web.Response:
     headers = {}
+    if param is None and isinstance(error, FieldError):
+        param = error.param
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
     return web.Response(
@@ -91,13 +118,21 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ok = state.is_ready and not state.is_draining
-    return web.json_response({"ready": ok, "workers": len(state.pool)}, status=200 if ok else 503)
+    body = {"ready": ok, "workers": len(state.pool), "frontend_id": state.frontend_id}
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = await asyncio.to_thread(generate_latest, state.metrics.registry)
+    if state.metrics_dir:  # one of several processes on this port: answer for all of them
+        body = await asyncio.to_thread(merged_metrics, state.metrics.registry, state.metrics_dir)
+    else:
+        body = await asyncio.to_thread(generate_latest, state.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -219,7 +254,9 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
     state.num_in_flight += 1
     state.metrics.in_flight.inc()
     card: ModelCard | None = None
+    call: _Call | None = None
     try:
+        check_limits(body, request.app[LIMITS])
         card = state.models.card(body.model)
         if card is None:
             raise NotFound(f"model {body.model!r} does not exist")
@@ -249,7 +286,7 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         sampling = sampling_params(body, max_tokens, len(prompt_ids), card.context_length)
-        stops = stop_strings(body.stop)
+        stops = stop_strings(body.stop, request.app[LIMITS].max_stop_strings)
         state.metrics.prompt_tokens.inc(len(prompt_ids))
         call = _Call(
             request, state, kind, body, card, tokenizer, prompt_ids, sampling, stops, started
@@ -272,12 +309,13 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
                 state.metrics.record_outcome(card.name, Outcome.ERROR)
         return error_response(exc)
     except asyncio.CancelledError:
-        status = "cancelled"
+        status = "cut" if call is not None and call.is_cut else "cancelled"
         raise
     finally:
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
-        state.metrics.requests.labels(body.model, endpoint, status).inc()
+        model = UNKNOWN_MODEL if card is None else card.name
+        state.metrics.requests.labels(model, endpoint, status).inc()
 
 
 class _Call:
@@ -313,17 +351,25 @@ class _Call:
         self.objectives = RequestObjectives()
         self.deadline_s: float | None = None
         self.error: ServingError | None = None  # a stream that ended with an error event
+        self.is_cut = False  # a client that stopped reading, cut after write_timeout_s
         self._first_token_at = 0.0
         self._last_token_at = 0.0
 
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first; None for fewer than two tokens."""
+        if self.num_output_tokens < 2:
+            return None
+        return (self._last_token_at - self._first_token_at) / (self.num_output_tokens - 1)
+
     def outcome(self) -> Outcome:
-        """Good if the first token and the pace met the objectives."""
+        """Good if the first token and the pace met the objectives (and the TPOT histogram
+        gets this request's pace: one observation per request, none per token)."""
         if self.num_output_tokens == 0:
             return Outcome.ERROR
         ttft_s = self._first_token_at - self.started
-        tpot_s = None
-        if self.num_output_tokens > 1:
-            tpot_s = (self._last_token_at - self._first_token_at) / (self.num_output_tokens - 1)
+        tpot_s = self.tpot_s()
+        if tpot_s is not None:
+            self.state.metrics.tpot.observe(tpot_s)
         return Outcome.GOOD if self.objectives.is_good(ttft_s, tpot_s) else Outcome.SLO_MISS
 
     def _text(self, token_ids: list[int]) -> tuple[str, bool]:
@@ -356,11 +402,9 @@ class _Call:
                 phases.labels("other").observe(max(0.0, rest))
                 if ttft.is_remote_prefill:
                     metrics.remote_prefills.inc()
-        elif num_new:
-            metrics.itl.observe((now - self._last_token_at) / num_new)
         self._last_token_at = now
         self.num_output_tokens += num_new
-        metrics.output_tokens.inc(num_new)
+        metrics.num_output_tokens += num_new
 
     async def _chunks(self) -> AsyncGenerator[tuple[str, bool], None]:
         """(text, finish reason or None) per batch of arrived chunks."""
@@ -408,6 +452,33 @@ class _Call:
         body = self.renderer.full_response("".join(parts), self.finish_reason, self._usage())
         return web.Response(body=body, content_type="application/json")
 
+    async def _send(self, response: web.StreamResponse, data: bytes) -> None:
+        """Write ``data``; a client that has left more than ``SLOW_READER_BYTES`` unread may
+        take at most ``write_timeout_s`` to read enough for it, then it is cut (its stream is
+        aborted on the worker). Below that, a write never waits, and costs no timer.
+
+        A client that is gone (or cut) ends the handler as a disconnect does: cancelled, the
+        request aborted on its worker, no traceback in the log."""
+        transport = self.request.transport
+        try:
+            if transport is None or transport.get_write_buffer_size() < SLOW_READER_BYTES:
+                await response.write(data)
+                return
+            async with asyncio.timeout(self.state.write_timeout_s):
+                await response.write(data)
+        except TimeoutError:
+            assert transport is not None
+            logger.warning(
+                "client not reading; stream cut request_id=%s unread_bytes=%d",
+                self.request_id,
+                transport.get_write_buffer_size(),
+            )
+            self.is_cut = True
+            transport.abort()
+            raise asyncio.CancelledError from None
+        except ConnectionResetError:  # the client closed the connection
+            raise asyncio.CancelledError from None
+
     async def stream(self) -> web.StreamResponse:
         chunks = self._chunks()
         # Place the request before answering 200, so refusals still get a proper status.
@@ -416,6 +487,7 @@ class _Call:
         except StopAsyncIteration:
             first = ("", True)
         response = web.StreamResponse(headers=_SSE_HEADERS)
+        _bound_send_buffer(self.request)
         await response.prepare(self.request)
         renderer = self.renderer
         out = bytearray(renderer.first_event())
@@ -430,10 +502,10 @@ class _Call:
                     if renderer.include_usage:
                         out += renderer.usage_event(self._usage())
                     out += DONE
-                    await response.write(bytes(out))
+                    await self._send(response, bytes(out))
                     break
                 if out:
-                    await response.write(bytes(out))
+                    await self._send(response, bytes(out))
                     out.clear()
                 item = await chunks.__anext__()
         except ServingError as exc:
@@ -442,16 +514,43 @@ class _Call:
             logger.warning("stream ended with error request_id=%s error=%s", self.request_id, exc)
             self.error = exc
             out += renderer.error_event(exc) + DONE
-            await response.write(bytes(out))
+            await self._send(response, bytes(out))
         finally:
             await chunks.aclose()
         await response.write_eof()
         return response
 
 
-def build_app(state: FrontendState) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+def _bound_send_buffer(request: web.Request) -> None:
+    """Cap the kernel's send buffer of a streaming connection: by default it grows to 4 MiB
+    for a client that does not read, per connection, before the write deadline can see it."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER_BYTES)
+
+
+def build_app(state: FrontendState, config: FrontendConfig | None = None) -> web.Application:
+    """The HTTP application; ``config`` sets its limits and API keys (None: the defaults,
+    no keys)."""
+    config = config or FrontendConfig()
+    middlewares: list[Middleware] = [openai_errors, header_limit(config.max_header_bytes)]
+    keys = load_api_keys(config.api_key, config.api_key_file)
+    if keys:
+        middlewares.append(api_key_auth(keys, is_metrics_open=not config.metrics_require_key))
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[STATE] = state
+    app[LIMITS] = RequestLimits(
+        max_messages=config.max_messages,
+        max_prompt_chars=config.max_prompt_chars,
+        max_stop_strings=config.max_stop_strings,
+    )
+    is_metrics_open = not (keys and config.metrics_require_key)
+    app[OPENAPI] = msgspec.json.encode(
+        openapi_document(has_api_keys=bool(keys), is_metrics_open=is_metrics_open)
+    )
+    app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from proto.subjects import check_token
 from shared.config import doc
+from shared.security import ClusterSecurity
 from shared.slo import SLOConfig
 
 
@@ -15,6 +16,38 @@ class FrontendConfig:
     host: str = field(default="127.0.0.1", metadata=doc("HTTP listen address"))
     port: int = field(default=8000, metadata=doc("HTTP port (0 picks a free one)"))
     frontend_id: str = field(default="", metadata=doc("instance id (default: host-pid-random)"))
+    procs: int = field(
+        default=1,
+        metadata=doc(
+            "processes serving this port together (SO_REUSEPORT, each with its own NATS "
+            "connection); 0: one per core, at least 2"
+        ),
+    )
+    reuse_port: bool = field(
+        default=False,
+        metadata=doc("share the port with other frontend processes (set for you by --procs)"),
+    )
+    metrics_dir: str = field(
+        default="",
+        metadata=doc(
+            "directory where the processes of one frontend share their metrics, so that "
+            "each /metrics answers for all (set for you by --procs)"
+        ),
+    )
+    queue_timeout_s: float = field(
+        default=120.0,
+        metadata=doc(
+            "without a TTFT objective: how long a request may wait in this process for a "
+            "worker with room before it gets 503 (0: refuse at once)"
+        ),
+    )
+    write_timeout_s: float = field(
+        default=30.0,
+        metadata=doc(
+            "a client that reads nothing of its stream for this long is cut (its buffer is "
+            "bounded by the transport's high-water mark meanwhile)"
+        ),
+    )
     max_in_flight: int = field(
         default=50000, metadata=doc("requests served at once before new ones get 503")
     )
@@ -62,7 +95,45 @@ class FrontendConfig:
     goodput_window_s: float = field(
         default=60.0, metadata=doc("window of the goodput ratio on /metrics")
     )
+    # HTTP hardening (docs/security.md#http): limits, API keys.
+    max_body_bytes: int = field(
+        default=16 * 1024 * 1024, metadata=doc("largest request body; larger gets 413")
+    )
+    max_header_bytes: int = field(
+        default=16 * 1024,
+        metadata=doc(
+            "largest total size of a request's headers; larger gets 431 (one header or the "
+            "request line over 4x this is cut off by the HTTP parser with a plain 400)"
+        ),
+    )
+    max_messages: int = field(
+        default=2048, metadata=doc("most messages in one chat request; more gets 400")
+    )
+    max_prompt_chars: int = field(
+        default=1_000_000,
+        metadata=doc(
+            "most characters of prompt text in one request, checked before tokenizing; more "
+            "gets 400 (tokens are bounded by the model's context)"
+        ),
+    )
+    max_stop_strings: int = field(
+        default=16, metadata=doc("most stop strings in one request; more gets 400")
+    )
+    api_key: str = field(
+        default="",
+        metadata={
+            **doc("API keys clients must send as 'Authorization: Bearer KEY', comma-separated"),
+            "secret": True,
+        },
+    )
+    api_key_file: str = field(
+        default="", metadata=doc("file of API keys, one a line (# starts a comment)")
+    )
+    metrics_require_key: bool = field(
+        default=False, metadata=doc("with API keys: /metrics needs one too")
+    )
     slo: SLOConfig = field(default_factory=SLOConfig)
+    security: ClusterSecurity = field(default_factory=ClusterSecurity)  # NATS and etcd
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -70,7 +141,20 @@ class FrontendConfig:
             check_token(self.frontend_id, "frontend_id")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_in_flight", "tokenize_in_thread_chars"):
+        if self.procs < 0:
+            raise ValueError(f"procs must be >= 0, got {self.procs}")
+        for name in ("queue_timeout_s", "write_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in (
+            "max_in_flight",
+            "tokenize_in_thread_chars",
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_messages",
+            "max_prompt_chars",
+            "max_stop_strings",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.route_timeout_s < 0:

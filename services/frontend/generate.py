@@ -22,6 +22,7 @@ from proto.messages import (
     TokenChunk,
 )
 from services.frontend.objectives import RequestObjectives
+from services.frontend.waiting_room import WaitingRoom
 from services.frontend.worker_pool import WorkerPool, WorkerState
 from shared.bus import Bus
 from shared.codec import generate_reply_decoder, route_reply_decoder
@@ -51,6 +52,10 @@ class FrontendShed(Shed):
     """Shed by this frontend, from the workers' load reports, before any worker saw it."""
 
     stage = "frontend"
+
+
+class WorkersFull(Overloaded):
+    """Every worker tried refused the request because its queue is full."""
 
 
 class WaitingShed(Shed):
@@ -86,7 +91,10 @@ class Generator:
         admit_fraction: float = 1.0,
         migration_limit: int = 3,
         on_migration: Callable[[], None] = lambda: None,
+        queue_timeout_s: float = 0.0,
     ) -> None:
+        self._queue_timeout_s = queue_timeout_s
+        self._room = WaitingRoom()
         self._migration_limit = migration_limit
         self._on_migration = on_migration
         self._bus = bus
@@ -98,6 +106,17 @@ class Generator:
         self._route_timeout_s = route_timeout_s
         self._router_subject = subjects.router_requests(namespace)
         self._on_route_fallback = on_route_fallback
+
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting in this process for a worker with room."""
+        return len(self._room)
+
+    def on_worker_report(self, worker: WorkerState) -> None:
+        """A worker reported its load: let through as many queued requests as it has room."""
+        room = worker.room
+        if room > 0 and worker.is_usable:
+            self._room.admit(worker.info.model, room)
 
     def check_capacity(
         self, model: str, objectives: RequestObjectives, num_tokens: int, budget_s: float
@@ -236,6 +255,49 @@ class Generator:
         resume_token_ids: Sequence[int],
         left_behind: set[InstanceId],
     ) -> WorkerState:
+        """Place the request on a worker. With a deadline, a full fleet sheds it; without
+        one, it waits its turn in the waiting room (behind those already there) until a
+        worker reports room, for up to ``queue_timeout_s``."""
+        if deadline_s is not None or self._queue_timeout_s <= 0:
+            return await self._try_place(
+                stream, request_id, model, token_ids, sampling, objectives, deadline_s,
+                resume_token_ids, left_behind,
+            )  # fmt: skip
+        queued_until = time.monotonic() + self._queue_timeout_s
+        if self._room.is_queued(model):
+            await self._queue(model, queued_until, first=False)
+        while True:
+            try:
+                return await self._try_place(
+                    stream, request_id, model, token_ids, sampling, objectives, None,
+                    resume_token_ids, left_behind,
+                )  # fmt: skip
+            except WorkersFull:
+                # Let through but refused all the same (another frontend took the room):
+                # keep its place at the head.
+                await self._queue(model, queued_until, first=True)
+
+    async def _queue(self, model: str, queued_until: float, *, first: bool) -> None:
+        try:
+            await self._room.wait(model, queued_until - time.monotonic(), first=first)
+        except TimeoutError:
+            raise Overloaded(
+                f"every worker for {model!r} stayed full for {self._queue_timeout_s:g} s",
+                retry_after_s=1.0,
+            ) from None
+
+    async def _try_place(
+        self,
+        stream: TokenStream,
+        request_id: RequestId,
+        model: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        objectives: RequestObjectives,
+        deadline_s: float | None,
+        resume_token_ids: Sequence[int],
+        left_behind: set[InstanceId],
+    ) -> WorkerState:
         candidates = [
             c for c in self._pool.candidates(model) if c.info.worker_id not in left_behind
         ]
@@ -285,10 +347,15 @@ class Generator:
             except (Unavailable, DeadlineExceeded) as exc:
                 worker.in_flight -= 1
                 last_error = exc
+                if isinstance(exc, DeadlineExceeded):
+                    # A busy worker may still take it from its inbox: this abort follows it
+                    # there (same subject and connection: NATS keeps them in order).
+                    await self._abort(worker, request_id)
                 continue
             except BaseException:
                 worker.in_flight -= 1
                 raise
+            worker.last_heard_s = time.monotonic()
             match reply:
                 case GenerateAccepted():
                     return worker
@@ -298,8 +365,13 @@ class Generator:
                     if isinstance(error, InvalidRequest):
                         raise error
                     last_error = error
-        if isinstance(last_error, (Unavailable, DeadlineExceeded)):
+        if isinstance(last_error, DeadlineExceeded):
+            # Too busy to answer in admission_timeout_s: as full as a refusal says.
+            raise WorkersFull(f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0)
+        if isinstance(last_error, Unavailable):
             raise Overloaded(f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0)
+        if type(last_error) is Overloaded:
+            raise WorkersFull(last_error.message, retry_after_s=last_error.retry_after_s)
         raise last_error
 
     async def _route(

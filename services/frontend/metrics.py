@@ -1,8 +1,12 @@
 """The frontend's Prometheus metrics, in a registry of its own (no module-level state)."""
 
+import functools
 import time
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.frontend.goodput import GoodputWindow, Outcome
 
@@ -24,6 +28,22 @@ _LATENCY_BUCKETS = (
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def _window_count(window: GoodputWindow, outcome: Outcome) -> float:
+    return window.counts(time.monotonic())[outcome]
+
+
+class _OutputTokens(Collector):
+    def __init__(self, metrics: "FrontendMetrics") -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "baton_frontend_output_tokens",
+            "tokens generated",
+            value=self._metrics.num_output_tokens,
+        )
+
+
 class FrontendMetrics:
     def __init__(self, goodput_window_s: float = 60.0) -> None:
         self.registry = CollectorRegistry()
@@ -40,6 +60,12 @@ class FrontendMetrics:
             "baton_frontend_goodput_ratio",
             "good requests over all outcomes in the last goodput_window_s seconds",
             ["model"],
+            registry=self.registry,
+        )
+        self.goodput_window = Gauge(
+            "baton_frontend_goodput_window_requests",
+            "requests by outcome in the last goodput_window_s seconds (the ratio's terms)",
+            ["model", "outcome"],
             registry=self.registry,
         )
         self.shed_latency = Histogram(
@@ -93,7 +119,7 @@ class FrontendMetrics:
         )
         self.silent_workers = Counter(
             "baton_frontend_silent_workers",
-            "workers presumed dead because their load reports stopped",
+            "workers found dead: quiet, and no longer subscribed to their inbox on the bus",
             registry=self.registry,
         )
         self.route_fallbacks = Counter(
@@ -101,18 +127,20 @@ class FrontendMetrics:
             "requests placed by load because no router answered in time",
             registry=self.registry,
         )
-        self.itl = Histogram(
-            "baton_frontend_inter_token_latency_seconds",
-            "mean time between tokens of one arriving chunk",
+        self.tpot = Histogram(
+            "baton_frontend_time_per_output_token_seconds",
+            "per request: time from its first token to its last, over the tokens after the "
+            "first (observed once, when it ends)",
             buckets=_ITL_BUCKETS,
             registry=self.registry,
         )
         self.prompt_tokens = Counter(
             "baton_frontend_prompt_tokens", "prompt tokens received", registry=self.registry
         )
-        self.output_tokens = Counter(
-            "baton_frontend_output_tokens", "tokens generated", registry=self.registry
-        )
+        # Added to on the token path as a plain int (no lock, no label lookup per chunk);
+        # read when scraped.
+        self.num_output_tokens = 0
+        self.registry.register(_OutputTokens(self))
 
     def record_outcome(self, model: str, outcome: Outcome) -> None:
         """Count one finished request of a known model (names come from the model registry,
@@ -122,4 +150,8 @@ class FrontendMetrics:
         if window is None:
             window = self._windows[model] = GoodputWindow(self._goodput_window_s)
             self.goodput_ratio.labels(model).set_function(lambda: window.ratio(time.monotonic()))
+            for each in Outcome:
+                self.goodput_window.labels(model, each.value).set_function(
+                    functools.partial(_window_count, window, each)
+                )
         window.record(outcome, time.monotonic())

@@ -6,19 +6,22 @@ import logging
 import time
 
 from aiohttp import web
+from prometheus_client import disable_created_metrics
 
 from proto import subjects
-from proto.messages import InstanceId
+from proto.messages import AbortRequest, InstanceId, RequestId
 from services.frontend.app import FrontendState, build_app
 from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator
+from services.frontend.http_errors import parser_limits
 from services.frontend.metrics import FrontendMetrics
+from services.frontend.metrics_merge import SNAPSHOT_INTERVAL_S, write_snapshot
 from services.frontend.models import ModelRegistry
 from services.frontend.pressure import LoopPressure
 from services.frontend.worker_pool import WorkerPool
 from shared.bus import Bus
 from shared.discovery import Discovery
-from shared.errors import Unavailable
+from shared.errors import DeadlineExceeded, Unavailable
 from shared.lifecycle import shutdown_event
 from shared.streams import StreamDemux
 
@@ -31,8 +34,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
     frontend_id = InstanceId(config.frontend_id)
     inbox = subjects.stream_inbox(config.namespace, frontend_id)
     async with (
-        Bus.connect(config.nats_url, name=frontend_id) as bus,
-        Discovery.connect(config.etcd_url) as discovery,
+        Bus.connect(config.nats_url, name=frontend_id, security=config.security.nats) as bus,
+        Discovery.connect(config.etcd_url, security=config.security.etcd) as discovery,
         discovery.watch_workers(config.namespace) as worker_view,
         discovery.watch_models(config.namespace) as model_view,
     ):
@@ -42,6 +45,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         models = ModelRegistry()
         await demux.start()
         await pool.start()
+        # No *_created series: summed across processes they would add up timestamps.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         metrics = FrontendMetrics(config.goodput_window_s)
         state = FrontendState(
             models=models,
@@ -57,6 +62,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 admit_fraction=config.slo.slo_admit_fraction,
                 migration_limit=config.migration_limit,
                 on_migration=metrics.migrations.inc,
+                queue_timeout_s=config.queue_timeout_s,
             ),
             metrics=metrics,
             ttft_s=config.slo.ttft_s,
@@ -66,12 +72,18 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             else None,
             max_in_flight=config.max_in_flight,
             tokenize_in_thread_chars=config.tokenize_in_thread_chars,
+            frontend_id=frontend_id,
+            write_timeout_s=config.write_timeout_s,
+            metrics_dir=config.metrics_dir,
         )
+        pool.on_load = state.generator.on_worker_report
+        demux.on_batch = lambda worker_id: pool.heard_from(worker_id, time.monotonic())
         runner = web.AppRunner(
-            build_app(state),
+            build_app(state, config),
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=config.drain_timeout_s,
+            **parser_limits(config.max_header_bytes),
         )
         await runner.setup()
         async with asyncio.TaskGroup() as tg:
@@ -80,13 +92,20 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 tg.create_task(model_view.follow(models.sync), name="follow-models"),
                 tg.create_task(demux.expire_idle(config.stream_idle_timeout_s), name="idle"),
                 tg.create_task(
-                    _watch_silence(pool, demux, metrics, config.worker_silence_s), name="silence"
+                    _watch_silence(bus, pool, demux, metrics, config.worker_silence_s),
+                    name="silence",
                 ),
             ]
             if state.pressure is not None:
                 followers.append(tg.create_task(state.pressure.run(), name="pressure"))
+            if config.metrics_dir:
+                followers.append(
+                    tg.create_task(_share_metrics(metrics, config.metrics_dir), name="metrics")
+                )
             try:
-                site = web.TCPSite(runner, config.host, config.port, backlog=4096)
+                site = web.TCPSite(
+                    runner, config.host, config.port, backlog=4096, reuse_port=config.reuse_port
+                )
                 await site.start()
                 url = f"http://{config.host}:{runner.addresses[0][1]}"
                 gc.freeze()  # start-up objects live forever: keep them out of every collection
@@ -103,6 +122,13 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
     logger.info("[shutdown] frontend stopped frontend_id=%s", frontend_id)
 
 
+async def _share_metrics(metrics: FrontendMetrics, directory: str) -> None:
+    """Keep this process's snapshot fresh for its siblings' /metrics."""
+    while True:
+        await asyncio.to_thread(write_snapshot, metrics.registry, directory)
+        await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+
+
 def _fail_streams(demux: StreamDemux, worker_id: InstanceId) -> None:
     failed = demux.fail_worker(worker_id, Unavailable(f"worker {worker_id} went away"))
     if failed:
@@ -110,12 +136,21 @@ def _fail_streams(demux: StreamDemux, worker_id: InstanceId) -> None:
 
 
 async def _watch_silence(
-    pool: WorkerPool, demux: StreamDemux, metrics: FrontendMetrics, silence_s: float
+    bus: Bus, pool: WorkerPool, demux: StreamDemux, metrics: FrontendMetrics, silence_s: float
 ) -> None:
-    """Find workers whose load reports stopped (dead, hung, cut off) within ~1.2 x
-    ``silence_s`` and move their streams, rather than wait for their etcd lease to expire."""
+    """Find dead workers within about ``silence_s`` and move their streams, rather than wait
+    for their etcd lease to expire.
+
+    A worker gone quiet (``WorkerPool.find_silent``) gets no new requests, and is probed: a
+    request on its inbox that NATS answers at once with "no responders" when its
+    subscription is gone (the process died or lost the bus). Only then do its streams move.
+    A worker that is still subscribed is alive but slow (a loaded machine, huge steps): its
+    streams stay, since moving thousands of them onto the other workers would overload those
+    too. It is probed again each round while quiet; a hung one is dropped when its lease
+    expires."""
     interval_s = silence_s / 5
     woke_s = time.monotonic()
+    gone: set[InstanceId] = set()
     while True:
         await asyncio.sleep(interval_s)
         now_s = time.monotonic()
@@ -124,11 +159,40 @@ async def _watch_silence(
             # This loop was busy: load reports may be waiting unread, so silence proves
             # nothing now. Look again next time.
             continue
-        for worker_id in pool.find_silent(silence_s, now_s):
+        pool.find_silent(silence_s, now_s)
+        suspects = [w for w in pool.silent_ids() if w not in gone]
+        gone &= set(pool.silent_ids())  # heard again, or removed: forget it
+        if not suspects:
+            continue
+        probes = [_is_gone(bus, pool, worker_id, interval_s) for worker_id in suspects]
+        for worker_id, is_gone in zip(suspects, await asyncio.gather(*probes), strict=True):
+            if not is_gone:
+                continue
+            gone.add(worker_id)
             metrics.silent_workers.inc()
             failed = demux.fail_worker(
-                worker_id, Unavailable(f"worker {worker_id} stopped reporting for {silence_s} s")
+                worker_id, Unavailable(f"worker {worker_id} went quiet and left the bus")
             )
             logger.warning(
-                "worker silent; its streams move worker_id=%s num_streams=%d", worker_id, failed
+                "worker gone from the bus; its streams move worker_id=%s num_streams=%d",
+                worker_id,
+                failed,
             )
+
+
+# Sent to probe a quiet worker: any message would do (what matters is whether NATS finds a
+# subscriber); an abort of a request that does not exist changes nothing there.
+_PROBE = AbortRequest(request_id=RequestId("liveness-probe"))
+
+
+async def _is_gone(bus: Bus, pool: WorkerPool, worker_id: InstanceId, timeout_s: float) -> bool:
+    state = pool.get(worker_id)
+    if state is None:
+        return False  # removed meanwhile: its streams were failed on removal
+    try:
+        await bus.request(state.info.subject, _PROBE, timeout_s=timeout_s)
+    except Unavailable:
+        return True  # no responders: nobody is subscribed to its inbox
+    except DeadlineExceeded:
+        return False  # subscribed, did not answer (an abort has no answer): alive
+    return False

@@ -11,26 +11,47 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-import msgspec
 from nats.aio.msg import Msg
 
 from proto import subjects
 from proto.messages import SERVING_ROLES, InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder
+from shared.logs import BadMessages, RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
 
+# Quiet for this many times its longest recent gap (and at least silence_s): presumed dead.
+SILENCE_GAPS = 3.0
+GAP_DECAY = 0.9  # per message heard
+
+
+def _limit_s(state: "WorkerState", silence_s: float) -> float:
+    return max(silence_s, SILENCE_GAPS * state.gap_s)
+
+
 class WorkerState:
-    __slots__ = ("in_flight", "info", "is_silent", "last_report_s", "load", "sent_since_report")
+    __slots__ = (
+        "gap_s",
+        "in_flight",
+        "info",
+        "is_silent",
+        "last_heard_s",
+        "load",
+        "sent_since_report",
+    )
 
     def __init__(self, info: WorkerInfo, now_s: float) -> None:
         self.info = info
         self.load: LoadMetrics | None = None
         self.in_flight = 0  # requests this frontend has open on it
         self.sent_since_report = 0
-        self.last_report_s = now_s  # when its last load report arrived (monotonic)
+        # When it was last heard from (monotonic): a load report, a token batch, an answer.
+        self.last_heard_s = now_s
+        # The longest recent wait between two messages from it (decays by GAP_DECAY per
+        # message): a worker busy with huge steps is quiet longer without being dead.
+        self.gap_s = 0.0
         self.is_silent = False  # no report for too long: presumed dead until one comes
 
     @property
@@ -50,6 +71,15 @@ class WorkerState:
         return load.predicted_wait_s + unreported * load.wait_per_token_s
 
     @property
+    def room(self) -> int:
+        """Requests it would still queue, by its last report and what was sent it since
+        (0 where it reports no cap: no room is promised)."""
+        load = self.load
+        if load is None or not load.max_waiting:
+            return 0
+        return load.max_waiting - load.num_waiting - self.sent_since_report
+
+    @property
     def is_draining(self) -> bool:
         return self.info.is_draining or (self.load is not None and self.load.is_draining)
 
@@ -67,6 +97,8 @@ class WorkerPool:
         self._workers: dict[InstanceId, WorkerState] = {}
         self._rotation = itertools.count()
         self.on_removed: Callable[[InstanceId], None] | None = None
+        self.bad_loads = BadMessages(RateLimitedLog(logger), "load metrics")
+        self.on_load: Callable[[WorkerState], None] | None = None  # after each report
 
     async def start(self) -> None:
         await self._bus.subscribe(subjects.load_metrics_all(self._namespace), self._on_load)
@@ -89,34 +121,52 @@ class WorkerPool:
                 self.on_removed(worker_id)
 
     async def _on_load(self, msg: Msg) -> None:
-        try:
-            load = load_metrics_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            logger.warning("bad load metrics subject=%s error=%s", msg.subject, exc)
+        load = self.bad_loads.decode(load_metrics_decoder, msg.data, msg.subject)
+        if load is None:
             return
         state = self._workers.get(load.worker_id)
         if state is not None:
             state.load = load
             state.sent_since_report = 0
-            state.last_report_s = time.monotonic()
-            if state.is_silent:
-                state.is_silent = False
-                logger.info("worker reports again worker_id=%s", load.worker_id)
+            self._heard(state, time.monotonic())
+            if self.on_load is not None:
+                self.on_load(state)
+
+    def heard_from(self, worker_id: InstanceId, now_s: float) -> None:
+        """Something came from the worker (its token batches, its answers): it is alive even
+        if a busy loop delays its load reports."""
+        state = self._workers.get(worker_id)
+        if state is not None:
+            self._heard(state, now_s)
+
+    @staticmethod
+    def _heard(state: WorkerState, now_s: float) -> None:
+        state.gap_s = max(now_s - state.last_heard_s, state.gap_s * GAP_DECAY)
+        state.last_heard_s = now_s
+        if state.is_silent:
+            state.is_silent = False
+            logger.info("worker heard from again worker_id=%s", state.info.worker_id)
 
     def find_silent(self, silence_s: float, now_s: float) -> list[InstanceId]:
-        """Mark, and return, the workers that just went ``silence_s`` without a load report
-        (they report every ~100 ms: one that stops has died, hung or lost the bus) while
-        another worker still reports, so that a lost bus is not taken for dead workers. The
-        etcd lease remains the backstop."""
+        """Mark, and return, the workers that just went quiet (nothing heard for ``silence_s``,
+        or for ``SILENCE_GAPS`` times the longest recent gap between their messages if that
+        is longer: a loaded worker reports late, not never) while another worker is still
+        heard, so that a lost bus is not taken for dead workers. Idle workers report every
+        ~100 ms, so a dead one is found in about ``silence_s``. The etcd lease remains the
+        backstop."""
         states = list(self._workers.values())
-        if not any(now_s - s.last_report_s <= silence_s for s in states):
+        if not any(now_s - s.last_heard_s <= _limit_s(s, silence_s) for s in states):
             return []
         gone = []
         for state in states:
-            if not state.is_silent and now_s - state.last_report_s > silence_s:
+            if not state.is_silent and now_s - state.last_heard_s > _limit_s(state, silence_s):
                 state.is_silent = True
                 gone.append(state.info.worker_id)
         return gone
+
+    def silent_ids(self) -> list[InstanceId]:
+        """Workers presumed quiet now (see :meth:`find_silent`)."""
+        return [w for w, s in self._workers.items() if s.is_silent]
 
     def models(self) -> set[str]:
         """Models that some worker taking GenerateRequests serves."""

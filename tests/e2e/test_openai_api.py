@@ -248,7 +248,12 @@ async def test_client_disconnect_aborts_the_request_on_the_worker(cluster):
 
 
 async def test_overloaded_workers_give_503_with_retry_after(start_cluster):
-    cluster = await start_cluster(num_workers=1, worker_args=("--max-waiting", "0"))
+    # A worker that queues nothing, and a frontend that does not wait for room either.
+    cluster = await start_cluster(
+        num_workers=1,
+        worker_args=("--max-waiting", "0"),
+        frontend_args=("--queue-timeout-s", "0"),
+    )
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{cluster.api}/chat/completions", json=body) as resp:

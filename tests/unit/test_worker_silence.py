@@ -25,7 +25,7 @@ def pool_of(*names: str) -> WorkerPool:
 def heard(pool: WorkerPool, name: str, at_s: float) -> None:
     state = pool.get(InstanceId(name))
     assert state is not None
-    state.last_report_s = at_s
+    state.last_heard_s = at_s
     state.is_silent = False
 
 
@@ -50,3 +50,25 @@ def test_silence_of_every_worker_at_once_proves_nothing():
     heard(pool, "b", 100.0)
     assert pool.find_silent(0.5, 105.0) == []
     assert len(pool.candidates("m")) == 2
+
+
+def test_a_worker_that_reports_late_under_load_gets_longer_before_it_is_presumed_dead():
+    pool = pool_of("a", "b")
+    # "b" answers every 100 ms; "a", busy with big steps, once every 0.8 s.
+    for i in range(12):
+        pool.heard_from(InstanceId("b"), 100.0 + 0.1 * i)
+    for at_s in (100.0, 100.8, 101.6):
+        pool.heard_from(InstanceId("a"), at_s)
+    pool.heard_from(InstanceId("b"), 102.0)
+    assert pool.find_silent(0.5, 102.2) == []  # 0.6 s quiet: in its rhythm, not dead
+    pool.heard_from(InstanceId("b"), 103.5)
+    pool.heard_from(InstanceId("b"), 103.6)
+    assert pool.find_silent(0.5, 104.1) == ["a"]  # 2.5 s: three of its gaps, and more
+    # A worker in its usual 100 ms rhythm is found after silence_s, as before.
+    pool.heard_from(InstanceId("a"), 104.2)
+    for i in range(1, 40):
+        pool.heard_from(InstanceId("a"), 104.2 + 0.1 * i)
+        pool.heard_from(InstanceId("b"), 104.2 + 0.1 * i)
+    assert pool.find_silent(0.5, 108.0) == []
+    pool.heard_from(InstanceId("a"), 108.7)
+    assert pool.find_silent(0.5, 108.75) == ["b"]
