@@ -20,13 +20,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from shared.servers import ServerProcess, free_port, start_etcd, start_nats
+from services.launcher.scaler import WorkerScaler
+from shared.config import load_config
+from shared.local_credentials import LocalCredentials
+from shared.security import BusSecurity, ClusterSecurity, EtcdSecurity
+from shared.servers import ServerProcess, check_port_free, free_port, start_etcd, start_nats
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +49,27 @@ class ClusterSpec:
     its command line and log file, a server it started on its port), waiting
     ``restart_backoff_s`` before the first attempt, doubling up to ``restart_backoff_max_s``;
     a process that stayed up ``restart_reset_s`` starts again from ``restart_backoff_s``. Off,
-    a process that exits stays dead (the e2e tests kill workers on purpose)."""
+    a process that exits stays dead (the e2e tests kill workers on purpose).
+
+    ``secure``: the servers it starts require a random password (NATS user ``baton``, etcd
+    ``root``) and TLS from a throwaway CA, all in a 0700 temp dir removed by stop(); every
+    child gets them as ``BATON_NATS_*``/``BATON_ETCD_*`` (docs/security.md).
+
+    ``planner``: also start ``baton-planner --connector local`` (with ``planner_args``) and
+    follow its scale commands: start decode workers (``decode_args``) or retire them by
+    SIGTERM (they drain), between 1 and ``max_workers`` (0: ``num_workers``); see
+    docs/planner.md."""
 
     namespace: str = "default"
     nats_url: str = ""  # empty: start a nats-server on a free port
     etcd_url: str = ""  # empty: start an etcd on a free port
+    secure: bool = False  # credentials and TLS for the servers it starts
     host: str = "127.0.0.1"  # the frontend's listen address
     port: int = 0  # the frontend's port; 0 picks a free one
     num_routers: int = 1
     num_prefill_workers: int = 0
     num_workers: int = 2  # decode workers
+    num_frontends: int = 1  # frontend processes sharing the port (baton-frontend --procs)
     router_args: tuple[str, ...] = ()
     prefill_args: tuple[str, ...] = ()
     decode_args: tuple[str, ...] = ()
@@ -67,10 +83,15 @@ class ClusterSpec:
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 10.0
     restart_reset_s: float = 30.0
+    planner: bool = False
+    max_workers: int = 0  # the planner's ceiling on decode workers (0: num_workers)
+    planner_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.num_frontends < 1:
+            raise ValueError(f"num_frontends must be >= 1, got {self.num_frontends}")
         if self.num_routers < 0 or self.num_prefill_workers < 0:
             raise ValueError(
                 f"num_routers and num_prefill_workers must be >= 0, "
@@ -85,6 +106,10 @@ class ClusterSpec:
             )
         if self.restart_reset_s < 0:
             raise ValueError(f"restart_reset_s must be >= 0, got {self.restart_reset_s}")
+        if self.max_workers and self.max_workers < self.num_workers:
+            raise ValueError(
+                f"max_workers must be >= num_workers ({self.num_workers}), got {self.max_workers}"
+            )
 
 
 @dataclass
@@ -96,6 +121,7 @@ class Child:
     role: str
     proc: asyncio.subprocess.Process
     command: tuple[str, ...] = ()
+    is_retiring: bool = False  # stopped at the planner's request: not to be restarted
 
 
 class LocalCluster:
@@ -121,6 +147,12 @@ class LocalCluster:
         self._restarted = asyncio.Condition()
         self._supervisor: asyncio.Task[None] | None = None
         self._is_stopped = False
+        self._server_options: dict[str, dict[str, Any]] = {"nats": {}, "etcd": {}}
+        self._security_env: dict[str, str] = {}  # what the children present to those servers
+        self._secrets_dir = ""
+        self.planner_urls: list[str] = []
+        self.retired: list[Child] = []  # decode workers retired at the planner's request
+        self._num_decode_started = spec.num_workers
 
     @property
     def api(self) -> str:
@@ -157,12 +189,22 @@ class LocalCluster:
         so); on failure, call :meth:`stop`. A process that exits during start-up is an error,
         not restarted: it is likely to exit again."""
         spec = self.spec
+        try:
+            check_port_free(spec.host, self.port)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve on {spec.host}:{self.port}: {exc}") from None
         if spec.log_dir:
             os.makedirs(spec.log_dir, exist_ok=True)
+        if spec.secure:
+            await asyncio.to_thread(self._create_credentials)
         if not self.nats_url:
-            self.nats_url = await self._start_server("nats", start_nats)
+            self.nats_url = await self._start_server(
+                "nats", start_nats, **self._server_options["nats"]
+            )
         if not self.etcd_url:
-            self.etcd_url = await self._start_server("etcd", start_etcd)
+            self.etcd_url = await self._start_server(
+                "etcd", start_etcd, **self._server_options["etcd"]
+            )
         for i in range(spec.num_routers):
             port = free_port()
             self.router_urls.append(f"http://127.0.0.1:{port}")
@@ -173,16 +215,20 @@ class LocalCluster:
         for i in range(spec.num_workers):
             await self._spawn(f"decode-{i}", "decode", ["--role", "decode", *spec.decode_args])
         frontend_args = ["--host", spec.host, "--port", str(self.port), *spec.frontend_args]
+        frontend_args += ["--procs", str(spec.num_frontends)]
         await self._spawn("frontend", "frontend", frontend_args)
         try:
             async with asyncio.timeout(spec.ready_timeout_s):
                 await self._wait_ready()
+                if spec.planner:  # once every worker is up: it plans from the pool it sees
+                    await self._start_planner()
+                    await self._wait_ready()
         except TimeoutError:
             raise TimeoutError(
                 f"cluster at {self.url} not ready with {self._num_workers} workers and "
                 f"{spec.num_routers} routers in {spec.ready_timeout_s} s"
             ) from None
-        if spec.supervise:
+        if spec.supervise or spec.planner:
             self._supervisor = asyncio.create_task(self._supervise_all(), name="supervisor")
 
     async def serve(self, stopping: asyncio.Event) -> None:
@@ -220,13 +266,23 @@ class LocalCluster:
             await asyncio.wait([self._supervisor])
             if not self._supervisor.cancelled() and self._supervisor.exception() is not None:
                 logger.error("supervision failed", exc_info=self._supervisor.exception())
-        for roles in (("frontend",), ("decode", "prefill"), ("router",)):
+        for roles in (("planner", "frontend"), ("decode", "prefill"), ("router",)):
             tier = [c for c in self.children if c.role in roles]
             await asyncio.gather(*(_stop(c, self.spec.stop_timeout_s) for c in tier))
         for server in reversed(self.servers):
             await asyncio.to_thread(server.stop)
             if server.data_dir:
                 await asyncio.to_thread(shutil.rmtree, server.data_dir, ignore_errors=True)
+        if self._secrets_dir:
+            await asyncio.to_thread(shutil.rmtree, self._secrets_dir, ignore_errors=True)
+
+    async def _start_planner(self) -> None:
+        port = free_port()
+        self.planner_urls.append(f"http://127.0.0.1:{port}")
+        max_workers = self.spec.max_workers or self.spec.num_workers
+        args = ["--port", str(port), "--connector", "local", "--min-decode-workers", "1"]
+        args += ["--max-decode-workers", str(max_workers), *self.spec.planner_args]
+        await self._spawn("planner", "planner", args)
 
     @property
     def _num_workers(self) -> int:
@@ -235,10 +291,25 @@ class LocalCluster:
     def _log(self, name: str) -> str | None:
         return os.path.join(self.spec.log_dir, f"{name}.log") if self.spec.log_dir else None
 
+    def _create_credentials(self) -> None:
+        """Secrets and certificates for the servers this cluster starts (``spec.secure``)."""
+        self._secrets_dir = tempfile.mkdtemp(prefix="baton-secure-")
+        credentials = LocalCredentials.create(self._secrets_dir)
+        secured = ClusterSecurity(
+            nats=credentials.nats_security() if not self.nats_url else BusSecurity(),
+            etcd=credentials.etcd_security() if not self.etcd_url else EtcdSecurity(),
+        )
+        if not self.nats_url:
+            self._server_options["nats"] = credentials.nats_server_options()
+        if not self.etcd_url:
+            self._server_options["etcd"] = credentials.etcd_server_options()
+        self._security_env = secured.env()
+
     def _env(self) -> dict[str, str]:
         return {
             **os.environ,
             **self.spec.env,
+            **self._security_env,
             "BATON_NAMESPACE": self.namespace,
             "BATON_NATS_URL": self.nats_url,
             "BATON_ETCD_URL": self.etcd_url,
@@ -298,15 +369,23 @@ class LocalCluster:
         """Poll until every router answers and the frontend has every worker; raise if a child
         exits first. The caller sets the deadline."""
         timeout = aiohttp.ClientTimeout(total=1.0)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            pending = [f"{url}/ready" for url in self.router_urls]
+        # A new connection per poll: the frontend processes share the port, and the kernel
+        # gives each connection to one of them; every one must have been seen ready.
+        connector = aiohttp.TCPConnector(force_close=True)
+        ready_frontends: set[str] = set()
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            pending = [f"{url}/ready" for url in [*self.router_urls, *self.planner_urls]]
             while True:
                 self._raise_if_exited()
                 pending = [url for url in pending if await _get_json(session, url) is None]
                 if not pending:
                     body = await _get_json(session, f"{self.url}/ready") or {}
                     if body.get("ready") and int(body.get("workers", 0)) >= self._num_workers:
-                        return
+                        ready_frontends.add(str(body.get("frontend_id", "")))
+                        if len(ready_frontends) >= self.spec.num_frontends:
+                            return
+                        await asyncio.sleep(_POLL_S / 10)  # soon: likely another process
+                        continue
                 await asyncio.sleep(_POLL_S)
 
     def _raise_if_exited(self) -> None:
@@ -318,22 +397,73 @@ class LocalCluster:
                 )
 
     async def _supervise_all(self) -> None:
-        """Watch every process until cancelled (by stop())."""
+        """Watch every process (``spec.supervise``) and follow the planner (``spec.planner``)
+        until cancelled (by stop())."""
         async with asyncio.TaskGroup() as tg:
-            for slot, name in enumerate(self._server_names):
-                tg.create_task(self._supervise_server(slot, name), name=f"supervise {name}")
-            for child in self.children:
-                tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
+            if self.spec.supervise:
+                for slot, name in enumerate(self._server_names):
+                    tg.create_task(self._supervise_server(slot, name), name=f"supervise {name}")
+                for child in self.children:
+                    tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
+            if self.spec.planner:
+                tg.create_task(self._follow_planner(tg), name="planner commands")
+
+    async def _follow_planner(self, tg: asyncio.TaskGroup) -> None:
+        """Start and retire decode workers as the planner's scale commands say."""
+
+        def live() -> list[Child]:
+            return [
+                c
+                for c in self.children
+                if c.role == "decode"
+                and not c.is_retiring
+                and (self.spec.supervise or c.proc.returncode is None)
+            ]
+
+        async def start() -> None:
+            name = f"decode-{self._num_decode_started}"
+            self._num_decode_started += 1
+            await self._spawn(name, "decode", ["--role", "decode", *self.spec.decode_args])
+            if self.spec.supervise:
+                tg.create_task(self._supervise_child(self.children[-1]), name=f"supervise {name}")
+
+        async def retire() -> None:
+            child = live()[-1]  # the newest
+            child.is_retiring = True
+            logger.info("retiring %s pid=%d (SIGTERM: it drains)", child.name, child.proc.pid)
+            tg.create_task(self._retire(child), name=f"retire {child.name}")
+
+        scaler = WorkerScaler(
+            min_workers=1,
+            max_workers=self.spec.max_workers or self.spec.num_workers,
+            count=lambda: len(live()),
+            start=start,
+            retire=retire,
+        )
+        security = load_config(ClusterSecurity, "up", [], env=self._env())
+        await scaler.follow(self.namespace, self.nats_url, security.nats)
+
+    async def _retire(self, child: Child) -> None:
+        await _stop(child, self.spec.stop_timeout_s)
+        self.children.remove(child)
+        self.retired.append(child)
+        logger.info("retired %s exit code=%s", child.name, child.proc.returncode)
 
     async def _supervise_child(self, child: Child) -> None:
         async def wait() -> int:
-            return await child.proc.wait()
+            code = await child.proc.wait()
+            if child.is_retiring:
+                raise _Retired
+            return code
 
         async def restart() -> int:
+            if child.is_retiring:  # retired while it waited to be restarted
+                raise _Retired
             child.proc = await self._exec(child.name, child.command)
             return child.proc.pid
 
-        await self._supervise(child.name, wait, restart)
+        with contextlib.suppress(_Retired):
+            await self._supervise(child.name, wait, restart)
 
     async def _supervise_server(self, slot: int, name: str) -> None:
         async def wait() -> int:
@@ -343,10 +473,17 @@ class LocalCluster:
             old = self.servers[slot]
             if name == "etcd":  # the same member: its data, and so the leases, survive
                 await self._start_server(
-                    name, start_etcd, slot, port=old.port, data_dir=old.data_dir
+                    name,
+                    start_etcd,
+                    slot,
+                    port=old.port,
+                    data_dir=old.data_dir,
+                    **self._server_options["etcd"],
                 )
             else:
-                await self._start_server(name, start_nats, slot, port=old.port)
+                await self._start_server(
+                    name, start_nats, slot, port=old.port, **self._server_options["nats"]
+                )
             return self.servers[slot].proc.pid
 
         await self._supervise(name, wait, restart)
@@ -386,6 +523,10 @@ class LocalCluster:
                 self.restarts[name] = self.restarts.get(name, 0) + 1
                 self._restarted.notify_all()
             logger.warning("%s restarted pid=%d (attempt %d)", name, pid, attempt)
+
+
+class _Retired(Exception):
+    """A child retired at the planner's request exited: its supervision ends."""
 
 
 @contextlib.asynccontextmanager

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from proto.subjects import check_token
 from services.launcher.cluster import ClusterSpec
 from shared.config import doc
+from shared.lifecycle import default_num_procs
+from shared.security import ClusterSecurity
 from shared.slo import SLOConfig
 
 
@@ -20,6 +22,12 @@ class UpConfig:
     host: str = field(default="127.0.0.1", metadata=doc("frontend listen address"))
     port: int = field(default=8000, metadata=doc("frontend HTTP port (0 picks a free one)"))
     num_workers: int = field(default=2, metadata=doc("decode workers to start"))
+    num_frontends: int = field(
+        default=0,
+        metadata=doc(
+            "frontend processes sharing the HTTP port (0: one per core, at least 2, at most 8)"
+        ),
+    )
     num_prefill_workers: int = field(
         default=0,
         metadata=doc("prefill workers to start (0: aggregated; more: disaggregated)"),
@@ -44,6 +52,32 @@ class UpConfig:
         ),
     )
     slo: SLOConfig = field(default_factory=SLOConfig)  # passed on to every service
+    secure: bool = field(
+        default=False,
+        metadata=doc(
+            "the NATS and etcd it starts require random passwords and TLS (a throwaway CA in "
+            "a temp dir); every process gets them"
+        ),
+    )
+    api_key: str = field(
+        default="",
+        metadata={
+            **doc("the frontend's API keys (its --api-key), comma-separated"),
+            "secret": True,
+        },
+    )
+    # Credentials for the NATS and etcd given by URL, passed on to every service.
+    security: ClusterSecurity = field(default_factory=ClusterSecurity)
+    planner: bool = field(
+        default=False,
+        metadata=doc(
+            "run the planner: add and retire decode workers with the load (docs/planner.md)"
+        ),
+    )
+    max_workers: int = field(
+        default=8, metadata=doc("with --planner: the most decode workers it may run")
+    )
+    planner_mode: str = field(default="load", metadata=doc("with --planner: load or sla"))
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -51,10 +85,16 @@ class UpConfig:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.num_routers < 0:
             raise ValueError(f"num_routers must be >= 0, got {self.num_routers}")
+        if self.num_frontends < 0:
+            raise ValueError(f"num_frontends must be >= 0, got {self.num_frontends}")
         if self.num_prefill_workers < 0:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.planner and self.max_workers < self.num_workers:
+            raise ValueError(
+                f"max_workers must be >= num_workers ({self.num_workers}), got {self.max_workers}"
+            )
 
     def cluster_spec(self) -> ClusterSpec:
         """The cluster these flags describe."""
@@ -68,6 +108,7 @@ class UpConfig:
             num_routers=self.num_routers,
             num_prefill_workers=self.num_prefill_workers,
             num_workers=self.num_workers,
+            num_frontends=self.num_frontends or default_num_procs(),
             router_args=("--mode", self.router_mode),
             prefill_args=engine,
             decode_args=engine,
@@ -75,10 +116,16 @@ class UpConfig:
             log_level=self.log_level,
             ready_timeout_s=self.ready_timeout_s,
             supervise=self.supervise,
+            secure=self.secure,
+            planner=self.planner,
+            max_workers=self.max_workers if self.planner else 0,
+            planner_args=("--mode", self.planner_mode),
             # Every service that has objectives reads these (the frontend and the workers).
             env={
                 "BATON_SLO_TTFT_MS": str(self.slo.slo_ttft_ms),
                 "BATON_SLO_TPOT_MS": str(self.slo.slo_tpot_ms),
                 "BATON_SLO_ADMIT_FRACTION": str(self.slo.slo_admit_fraction),
+                **self.security.env(),
+                **({"BATON_FRONTEND_API_KEY": self.api_key} if self.api_key else {}),
             },
         )

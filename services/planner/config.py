@@ -1,0 +1,126 @@
+"""The planner's configuration."""
+
+from dataclasses import dataclass, field
+
+from proto.subjects import check_token
+from services.planner.policy import Limits, Mode, PolicyConfig
+from services.planner.signals import Role, Thresholds
+from shared.config import doc
+from shared.security import ClusterSecurity
+from shared.slo import SLOConfig
+
+CONNECTORS = ("dry-run", "local", "kubernetes")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlannerConfig:
+    namespace: str = field(default="default", metadata=doc("cluster namespace"))
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata=doc("NATS server URL"))
+    etcd_url: str = field(default="http://127.0.0.1:2379", metadata=doc("etcd URL"))
+    planner_id: str = field(default="", metadata=doc("instance id (default: host-pid-random)"))
+    mode: str = field(
+        default="load",
+        metadata=doc("load: thresholds on the workers' reports; sla: size pools from demand"),
+    )
+    connector: str = field(
+        default="dry-run",
+        metadata=doc(
+            "what a decision does: dry-run (log it), local (publish ScaleCommand for baton up), "
+            "kubernetes (not built yet)"
+        ),
+    )
+    interval_s: float = field(default=1.0, metadata=doc("seconds between decisions"))
+    min_decode_workers: int = field(default=1, metadata=doc("fewest decode workers"))
+    max_decode_workers: int = field(default=8, metadata=doc("most decode workers"))
+    min_prefill_workers: int = field(default=0, metadata=doc("fewest prefill workers"))
+    max_prefill_workers: int = field(
+        default=0, metadata=doc("most prefill workers (0 with min 0: prefill is not planned)")
+    )
+    max_wait_fraction: float = field(
+        default=0.5,
+        metadata=doc("over: predicted wait past this fraction of the TTFT objective"),
+    )
+    max_waiting: float = field(default=4.0, metadata=doc("over: queued requests per worker"))
+    max_kv_usage: float = field(default=0.85, metadata=doc("over: KV cache usage per worker"))
+    max_batch_fraction: float = field(
+        default=0.9, metadata=doc("over: running sequences over the batch capacity")
+    )
+    down_fraction: float = field(
+        default=0.5,
+        metadata=doc("under: one worker fewer would stay below this fraction of every limit"),
+    )
+    up_intervals: int = field(default=3, metadata=doc("intervals over in a row before adding"))
+    down_intervals: int = field(
+        default=10, metadata=doc("intervals under in a row before removing")
+    )
+    up_cooldown_s: float = field(
+        default=10.0, metadata=doc("no increase this soon after an action")
+    )
+    down_cooldown_s: float = field(
+        default=30.0, metadata=doc("no decrease this soon after an action")
+    )
+    settle_timeout_s: float = field(
+        default=60.0, metadata=doc("longest wait for the pool to reach a new target")
+    )
+    target_utilization: float = field(
+        default=0.7, metadata=doc("sla: the share of a worker's capacity to plan for")
+    )
+    horizon_s: float = field(default=10.0, metadata=doc("sla: how far ahead the trend is followed"))
+    trend_window: int = field(default=10, metadata=doc("sla: intervals the trend is fitted over"))
+    report_stale_s: float = field(
+        default=1.0, metadata=doc("a worker's load report older than this is ignored")
+    )
+    slo: SLOConfig = field(default_factory=SLOConfig)  # the TTFT objective
+    host: str = field(default="127.0.0.1", metadata=doc("HTTP address (health, metrics)"))
+    port: int = field(default=0, metadata=doc("HTTP port (0 picks a free one)"))
+    log_level: str = field(default="info", metadata=doc("logging level"))
+    security: ClusterSecurity = field(default_factory=ClusterSecurity)  # NATS and etcd
+
+    def __post_init__(self) -> None:
+        check_token(self.namespace, "namespace")
+        if self.planner_id:
+            check_token(self.planner_id, "planner_id")
+        modes = [m.value for m in Mode]
+        if self.mode not in modes:
+            raise ValueError(f"mode must be one of {modes}, got {self.mode!r}")
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {list(CONNECTORS)}, got {self.connector!r}")
+        if self.interval_s <= 0 or self.report_stale_s <= 0:
+            raise ValueError(
+                f"interval_s and report_stale_s must be > 0, "
+                f"got {self.interval_s} and {self.report_stale_s}"
+            )
+        self.policy()  # raises ValueError naming a bad setting
+        self.limits()
+
+    def policy(self) -> PolicyConfig:
+        return PolicyConfig(
+            mode=Mode(self.mode),
+            ttft_s=self.slo.ttft_s,
+            thresholds=Thresholds(
+                max_wait_fraction=self.max_wait_fraction,
+                max_waiting=self.max_waiting,
+                max_kv_usage=self.max_kv_usage,
+                max_batch_fraction=self.max_batch_fraction,
+                down_fraction=self.down_fraction,
+            ),
+            up_intervals=self.up_intervals,
+            down_intervals=self.down_intervals,
+            up_cooldown_s=self.up_cooldown_s,
+            down_cooldown_s=self.down_cooldown_s,
+            settle_timeout_s=self.settle_timeout_s,
+            target_utilization=self.target_utilization,
+            horizon_s=self.horizon_s,
+            trend_window=self.trend_window,
+        )
+
+    def limits(self) -> dict[Role, Limits]:
+        """The pools it plans, with their limits (prefill only if it may have a worker)."""
+        pools = {Role.DECODE: Limits(self.min_decode_workers, self.max_decode_workers)}
+        if self.max_prefill_workers > 0:
+            pools[Role.PREFILL] = Limits(self.min_prefill_workers, self.max_prefill_workers)
+        elif self.min_prefill_workers > 0:
+            raise ValueError(
+                f"min_prefill_workers is {self.min_prefill_workers} but max_prefill_workers is 0"
+            )
+        return pools

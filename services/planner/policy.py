@@ -1,0 +1,197 @@
+"""The planner's decision: how many workers one pool should run (pure and synchronous).
+
+Each interval the service hands a :class:`PoolPlanner` the pool as the workers report it
+(:class:`~services.planner.signals.PoolView`) and the time; it answers a :class:`Decision`:
+the desired number of workers and why. The rules, in order:
+
+1. **Pending**: while the pool has not yet reached the last target (workers take seconds to
+   start and to drain), hold, up to ``settle_timeout_s``. Otherwise every decision starts
+   from the workers the pool has (not from an earlier target), so a planner that starts
+   or restarts, or whose connector does nothing (dry run), never acts on a stale count.
+2. **No reports**: without a fresh report from any worker of the pool, hold.
+3. **Reading**: load mode compares the reports with thresholds (``signals.pressure``); SLA
+   mode sizes the pool from its demand, forecast ``horizon_s`` ahead along its trend, over
+   what one worker holds at ``target_utilization`` (``signals.demand``).
+4. **Hysteresis**: act only when the reading has said "up" ``up_intervals`` times in a row, or
+   "down" ``down_intervals`` times in a row; anything else resets the count.
+5. **Cool-down**: no action within ``up_cooldown_s`` (for an increase) or ``down_cooldown_s``
+   (for a decrease) of the last one.
+6. **Limits**: never outside ``[min_replicas, max_replicas]``; a target outside is clamped at
+   once (reason ``min``/``max``), a step past a limit is held (``at_min``/``at_max``).
+
+Load mode moves one worker per action; SLA mode goes up to its target in one action and down
+one worker per action (a worker removed drains its requests, which takes a while).
+"""
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from services.planner.signals import PoolView, Thresholds, demand, pressure, slope_per_s
+
+
+class Mode(Enum):
+    LOAD = "load"
+    SLA = "sla"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    mode: Mode = Mode.LOAD
+    ttft_s: float | None = None  # the TTFT objective, if any
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    up_intervals: int = 3
+    down_intervals: int = 10
+    up_cooldown_s: float = 10.0
+    down_cooldown_s: float = 30.0
+    settle_timeout_s: float = 60.0
+    target_utilization: float = 0.7  # SLA mode: the share of a worker's capacity to plan for
+    horizon_s: float = 10.0  # SLA mode: how far ahead the trend is followed
+    trend_window: int = 10  # SLA mode: intervals the trend is fitted over
+
+    def __post_init__(self) -> None:
+        if self.up_intervals < 1 or self.down_intervals < 1:
+            raise ValueError(
+                f"up_intervals and down_intervals must be >= 1, "
+                f"got {self.up_intervals} and {self.down_intervals}"
+            )
+        for name in ("up_cooldown_s", "down_cooldown_s", "settle_timeout_s", "horizon_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.target_utilization <= 1:
+            raise ValueError(f"target_utilization must be in (0, 1], got {self.target_utilization}")
+        if self.trend_window < 2:
+            raise ValueError(f"trend_window must be >= 2, got {self.trend_window}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    min_replicas: int
+    max_replicas: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(
+                f"need 0 <= min_replicas <= max_replicas, "
+                f"got {self.min_replicas} and {self.max_replicas}"
+            )
+
+    def clamp(self, n: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, n))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``desired`` workers (``previous`` before this decision); ``reason`` is one word from a
+    small set (a metrics label: up/down by ``queue``, ``wait``, ``kv``, ``batch``, ``idle``,
+    ``sla``, ``min``, ``max``; held by ``steady``, ``streak``, ``cooldown``, ``pending``,
+    ``no_reports``, ``at_min``, ``at_max``, ``no_capacity``), ``detail`` a sentence with the
+    numbers."""
+
+    desired: int
+    previous: int
+    reason: str
+    detail: str
+
+    @property
+    def is_change(self) -> bool:
+        return self.desired != self.previous
+
+
+class PoolPlanner:
+    """The decision state of one pool: its target, the streaks and the last action."""
+
+    def __init__(self, config: PolicyConfig, limits: Limits) -> None:
+        self.config = config
+        self.limits = limits
+        self.desired: int | None = None  # set from the pool at the first decision
+        self._num_up = 0  # consecutive intervals that said "up"
+        self._num_down = 0
+        self._last_action_s = -math.inf
+        self._history: deque[tuple[float, float]] = deque(maxlen=config.trend_window)
+
+    def decide(self, view: PoolView, now_s: float) -> Decision:
+        """The desired number of workers for ``view`` at ``now_s`` (a monotonic clock)."""
+        target = self.desired
+        is_settling = now_s - self._last_action_s < self.config.settle_timeout_s
+        if target is not None and view.num_workers != target and is_settling:
+            return self._hold(target, "pending", f"{view.num_workers} of {target} workers")
+        # Plan from the pool as it is: a target it did not reach in time is given up.
+        previous = self.desired = view.num_workers
+        clamped = self.limits.clamp(previous)
+        if clamped != previous:
+            reason = "min" if clamped > previous else "max"
+            return self._act(clamped, previous, reason, f"limits {self.limits}", now_s)
+        if not view.loads:
+            self._num_up = self._num_down = 0
+            return self._hold(previous, "no_reports", "no fresh load report from the pool")
+        if self.config.mode is Mode.LOAD:
+            return self._decide_load(view, previous, now_s)
+        return self._decide_sla(view, previous, now_s)
+
+    def _decide_load(self, view: PoolView, previous: int, now_s: float) -> Decision:
+        reading = pressure(view, self.config.thresholds, self.config.ttft_s)
+        direction = 1 if reading.is_over else -1 if reading.is_under else 0
+        return self._step(direction, previous + direction, reading.label, reading.detail, now_s)
+
+    def _decide_sla(self, view: PoolView, previous: int, now_s: float) -> Decision:
+        config = self.config
+        need = demand(view, config.ttft_s, config.thresholds.max_wait_fraction)
+        self._history.append((now_s, need.amount))
+        if need.per_worker <= 0:
+            self._num_up = self._num_down = 0
+            return self._hold(previous, "no_capacity", "worker capacity not measured yet")
+        trend = slope_per_s(list(self._history))
+        forecast = max(0.0, need.amount + trend * config.horizon_s)
+        target = math.ceil(forecast / (need.per_worker * config.target_utilization))
+        target = self.limits.clamp(target)
+        detail = (
+            f"{need.amount:.0f} {need.unit} (trend {trend:+.2f}/s, forecast {forecast:.0f}), "
+            f"{need.per_worker:.0f} per worker at {config.target_utilization:.0%}: "
+            f"{target} workers"
+        )
+        direction = (target > previous) - (target < previous)
+        # Up to the target at once; down one worker at a time (each drains first).
+        return self._step(
+            direction, target if direction > 0 else previous - 1, "sla", detail, now_s
+        )
+
+    def _step(
+        self, direction: int, candidate: int, label: str, detail: str, now_s: float
+    ) -> Decision:
+        """Count the streak of ``direction`` (+1 up, -1 down, 0 neither) and act on it when
+        it is long enough, the cool-down has passed and the limits allow."""
+        config = self.config
+        previous = self.desired
+        assert previous is not None  # set by decide()
+        self._num_up = self._num_up + 1 if direction > 0 else 0
+        self._num_down = self._num_down + 1 if direction < 0 else 0
+        if direction == 0:
+            return self._hold(previous, "steady", detail)
+        streak, needed = (
+            (self._num_up, config.up_intervals)
+            if direction > 0
+            else (self._num_down, config.down_intervals)
+        )
+        if streak < needed:
+            return self._hold(previous, "streak", f"{detail} ({streak}/{needed} intervals)")
+        bounded = self.limits.clamp(candidate)
+        if bounded == previous:
+            edge = "at_max" if direction > 0 else "at_min"
+            return self._hold(previous, edge, f"{detail}; limits {self.limits}")
+        cooldown_s = config.up_cooldown_s if direction > 0 else config.down_cooldown_s
+        since_s = now_s - self._last_action_s
+        if since_s < cooldown_s:
+            return self._hold(previous, "cooldown", f"{detail}; {since_s:.1f} of {cooldown_s} s")
+        return self._act(bounded, previous, label, detail, now_s)
+
+    def _act(self, desired: int, previous: int, reason: str, detail: str, now_s: float) -> Decision:
+        self.desired = desired
+        self._last_action_s = now_s
+        self._num_up = self._num_down = 0
+        return Decision(desired, previous, reason, detail)
+
+    @staticmethod
+    def _hold(desired: int, reason: str, detail: str) -> Decision:
+        return Decision(desired, desired, reason, detail)

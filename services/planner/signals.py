@@ -1,0 +1,149 @@
+"""What one pool's load reports say, reduced to the planner's two questions (pure).
+
+Load mode asks "is this pool over its thresholds, or would it fit on one worker fewer?";
+SLA mode asks "how many workers does the demand, and where it is heading, need?". Both read
+only the workers' own ``LoadMetrics`` (queue, predicted wait, KV usage, running batch and the
+measured speed behind the batch cap and the wait per token).
+"""
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Role(Enum):
+    """The pools the planner sizes (the worker's ``--role``)."""
+
+    DECODE = "decode"
+    PREFILL = "prefill"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerLoad:
+    """One worker's latest report, as the policy reads it."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_waiting_tokens: int = 0
+    kv_usage: float = 0.0
+    predicted_wait_s: float = 0.0
+    wait_per_token_s: float = 0.0  # measured: how much longer the wait gets per queued token
+    max_num_running: int = 0  # the batch cap its TPOT objective sets now (0: none)
+    max_num_seqs: int = 0  # its configured batch limit (WorkerInfo), the cap without one
+
+    @property
+    def batch_capacity(self) -> int:
+        """The most sequences it runs at once now (0: unknown)."""
+        return self.max_num_running or self.max_num_seqs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolView:
+    """One pool at one instant: ``num_workers`` registered and not draining, and the fresh
+    reports of those workers (a worker that has not reported lately is missing from
+    ``loads``: it counts as a worker but says nothing about the load)."""
+
+    role: Role
+    num_workers: int
+    loads: tuple[WorkerLoad, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thresholds:
+    """Load mode's limits. A pool is over when, on average per worker, any one is passed;
+    it is under when all of them, spread over one worker fewer, stay below
+    ``down_fraction`` of the limit (the gap between the two is the hysteresis)."""
+
+    max_wait_fraction: float = 0.5  # predicted wait over this fraction of the TTFT objective
+    max_waiting: float = 4.0  # queued requests per worker
+    max_kv_usage: float = 0.85
+    max_batch_fraction: float = 0.9  # running sequences over the batch capacity
+    down_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_wait_fraction", "max_kv_usage", "max_batch_fraction", "down_fraction"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.max_waiting <= 0:
+            raise ValueError(f"max_waiting must be > 0, got {self.max_waiting}")
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """Load mode's reading: ``label`` names the signal that decided (``queue``, ``wait``,
+    ``kv``, ``batch``; ``idle`` when under; ``ok`` when neither), ``detail`` the numbers."""
+
+    is_over: bool
+    is_under: bool
+    label: str
+    detail: str
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def pressure(view: PoolView, limits: Thresholds, ttft_s: float | None) -> Pressure:
+    """Whether ``view`` is over its limits, under them, or neither."""
+    loads = view.loads
+    waiting = _mean([load.num_waiting for load in loads])
+    wait_s = _mean([load.predicted_wait_s for load in loads])
+    kv = _mean([load.kv_usage for load in loads])
+    batch = _mean([load.num_running / load.batch_capacity for load in loads if load.batch_capacity])
+    readings = [
+        ("queue", waiting, limits.max_waiting, f"waiting {waiting:.1f}/worker"),
+        ("kv", kv, limits.max_kv_usage, f"kv usage {kv:.2f}"),
+        ("batch", batch, limits.max_batch_fraction, f"batch {batch:.2f} of capacity"),
+    ]
+    if ttft_s is not None:
+        max_wait_s = limits.max_wait_fraction * ttft_s
+        readings.insert(1, ("wait", wait_s, max_wait_s, f"predicted wait {wait_s:.3f} s"))
+    for label, value, limit, text in readings:
+        if value >= limit:
+            return Pressure(True, False, label, f"{text} >= {limit:.3g}")
+    # Under: the same total load on one worker fewer stays well below every limit.
+    fewer = view.num_workers - 1
+    spread = view.num_workers / fewer if fewer > 0 else math.inf
+    for label, value, limit, text in readings:
+        if value > 0 and value * spread >= limits.down_fraction * limit:
+            return Pressure(False, False, "ok", f"{text}: {fewer} workers would hold {label}")
+    return Pressure(False, True, "idle", f"load fits on {fewer} workers")
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """SLA mode's reading: the work in the pool (``amount``, in ``unit``) and what one worker
+    holds within the objectives (``per_worker``; 0: not measured yet)."""
+
+    amount: float
+    per_worker: float
+    unit: str
+
+
+def demand(view: PoolView, ttft_s: float | None, max_wait_fraction: float) -> Demand:
+    """Decode: sequences in the pool (running and waiting), against each worker's batch
+    capacity (the cap its TPOT objective and measured speed set). Prefill: prompt tokens
+    queued, against the tokens one worker clears within ``max_wait_fraction`` of the TTFT
+    objective (one second without one), from its measured wait per token."""
+    loads = view.loads
+    if view.role is Role.DECODE:
+        amount = float(sum(load.num_running + load.num_waiting for load in loads))
+        per_worker = _mean([float(load.batch_capacity) for load in loads if load.batch_capacity])
+        return Demand(amount, per_worker, "sequences")
+    amount = float(sum(load.num_waiting_tokens for load in loads))
+    window_s = max_wait_fraction * ttft_s if ttft_s is not None else 1.0
+    rates = [1.0 / load.wait_per_token_s for load in loads if load.wait_per_token_s > 0]
+    return Demand(amount, window_s * _mean(rates), "prompt tokens")
+
+
+def slope_per_s(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``(time_s, value)`` samples (0 with fewer than two times)."""
+    if len(samples) < 2:
+        return 0.0
+    mean_t = _mean([t for t, _ in samples])
+    mean_v = _mean([v for _, v in samples])
+    var_t = sum((t - mean_t) ** 2 for t, _ in samples)
+    if var_t <= 0:
+        return 0.0
+    return sum((t - mean_t) * (v - mean_v) for t, v in samples) / var_t

@@ -1,0 +1,91 @@
+"""The planner's view of the pools, and the launcher's reconciliation to its targets."""
+
+import asyncio
+
+from proto.messages import InstanceId, LoadMetrics, ScaleCommand, WorkerInfo, WorkerRole
+from services.launcher.scaler import WorkerScaler
+from services.planner.observer import PoolObserver
+from services.planner.signals import Role
+
+
+def info(worker_id: str, role: WorkerRole = WorkerRole.DECODE, **kw) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=InstanceId(worker_id),
+        model="m",
+        role=role,
+        subject=f"s.{worker_id}",
+        max_num_seqs=8,
+        num_kv_blocks=100,
+        **kw,
+    )
+
+
+def load(worker_id: str, num_waiting: int = 0, **kw) -> LoadMetrics:
+    return LoadMetrics(
+        worker_id=InstanceId(worker_id),
+        num_running=2,
+        num_waiting=num_waiting,
+        num_free_blocks=50,
+        num_total_blocks=100,
+        kv_usage=0.5,
+        **kw,
+    )
+
+
+def test_view_counts_serving_workers_and_their_fresh_reports_only():
+    observer = PoolObserver(stale_s=1.0)
+    observer.sync_workers(
+        {
+            InstanceId("a"): info("a"),
+            InstanceId("b"): info("b"),
+            InstanceId("c"): info("c", is_draining=True),
+            InstanceId("p"): info("p", WorkerRole.PREFILL),
+            InstanceId("g"): info("g", WorkerRole.AGGREGATED),
+        }
+    )
+    observer.record(load("a", num_waiting=3), now_s=10.0)
+    observer.record(load("b"), now_s=8.0)  # stale at 10.5
+    observer.record(load("c"), now_s=10.0)  # draining
+    observer.record(load("g", is_draining=True), now_s=10.0)  # says it drains
+    decode = observer.view(Role.DECODE, now_s=10.5)
+    assert decode.num_workers == 3  # a, b, g
+    assert [(w.num_waiting, w.max_num_seqs) for w in decode.loads] == [(3, 8)]
+    assert observer.view(Role.PREFILL, now_s=10.5).num_workers == 1
+
+
+def test_reports_of_workers_that_left_are_forgotten():
+    observer = PoolObserver(stale_s=1.0)
+    observer.sync_workers({InstanceId("a"): info("a")})
+    observer.record(load("a"), now_s=1.0)
+    observer.sync_workers({})
+    observer.sync_workers({InstanceId("a"): info("a")})
+    assert observer.view(Role.DECODE, now_s=1.0).loads == ()
+
+
+def command(n: int, role: WorkerRole = WorkerRole.DECODE) -> ScaleCommand:
+    return ScaleCommand(planner_id=InstanceId("p"), role=role, num_replicas=n, reason="test")
+
+
+async def test_scaler_reconciles_to_the_target_within_its_limits():
+    workers: list[str] = ["w0"]
+    retired: list[str] = []
+
+    async def start() -> None:
+        workers.append(f"w{len(workers) + len(retired)}")
+
+    async def retire() -> None:
+        retired.append(workers.pop())
+
+    scaler = WorkerScaler(
+        min_workers=1, max_workers=3, count=lambda: len(workers), start=start, retire=retire
+    )
+    scaler.on_command(command(5))
+    await asyncio.wait_for(scaler.reconcile(), 1.0)
+    assert workers == ["w0", "w1", "w2"]
+    scaler.on_command(command(0))
+    await asyncio.wait_for(scaler.reconcile(), 1.0)
+    assert (workers, retired) == (["w0"], ["w2", "w1"])
+    scaler.on_command(command(3, WorkerRole.PREFILL))  # not its pool: ignored
+    await asyncio.wait_for(scaler.reconcile(), 1.0)
+    assert scaler.target == 1
+    assert workers == ["w0"]
