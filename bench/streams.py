@@ -84,8 +84,9 @@ def local_cluster(args: argparse.Namespace) -> Iterator[Servers]:
         namespace=f"bench{uuid.uuid4().hex[:6]}",
         ready_timeout_s=120.0,
     )
-    env = {"BATON_DECODE_MAX_NUM_SEQS": str(max_num_seqs(args))}
-    with cluster_in_thread(replace(up.cluster_spec(), env=env)) as cluster:
+    spec = up.cluster_spec()
+    env = {**spec.env, "BATON_DECODE_MAX_NUM_SEQS": str(max_num_seqs(args))}
+    with cluster_in_thread(replace(spec, env=env)) as cluster:
         yield Servers(cluster.url, cluster.pids, cluster.frontend.pid)
 
 

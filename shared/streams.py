@@ -65,10 +65,23 @@ async def publish_chunks(
 class TokenStream:
     """The chunks of one request, in order, waiting for the handler that streams them out."""
 
-    __slots__ = ("_chunks", "_error", "_waiter", "last_active_s", "request_id", "worker_id")
+    __slots__ = (
+        "_chunks",
+        "_error",
+        "_waiter",
+        "last_active_s",
+        "num_attempts",
+        "origin_id",
+        "request_id",
+        "worker_id",
+    )
 
     def __init__(self, request_id: RequestId, now_s: float) -> None:
+        # The id its chunks carry: the request's own at first, a new one for each later
+        # placement (StreamDemux.new_attempt), so that an abandoned attempt's chunks are dropped.
         self.request_id = request_id
+        self.origin_id = request_id
+        self.num_attempts = 0  # placements tried
         self.worker_id: InstanceId | None = None
         self.last_active_s = now_s  # when the last chunk arrived (event-loop clock)
         self._chunks: deque[TokenChunk] = deque()
@@ -143,6 +156,19 @@ class StreamDemux:
 
     def close(self, request_id: RequestId) -> None:
         self._streams.pop(request_id, None)
+
+    def new_attempt(self, stream: TokenStream) -> RequestId:
+        """The id for the stream's next placement: its request's own id the first time,
+        ``<id>-<n>`` after that. A worker that took an earlier attempt late (after its
+        admission timed out) or that the stream left may still send chunks under the old id:
+        no longer registered, they are dropped, never mixed into this attempt's tokens."""
+        if stream.num_attempts:
+            if self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
+            stream.request_id = RequestId(f"{stream.origin_id}-{stream.num_attempts}")
+            self._streams[stream.request_id] = stream
+        stream.num_attempts += 1
+        return stream.request_id
 
     def fail_worker(self, worker_id: InstanceId, error: ServingError) -> int:
         """Fail every stream served by a worker that is gone; returns how many."""

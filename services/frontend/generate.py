@@ -221,7 +221,7 @@ class Generator:
                         raise
                     left_behind.add(worker.info.worker_id)
                     worker.in_flight -= 1
-                    await self._abort(worker, request_id)  # it may be alive: free its KV
+                    await self._abort(worker, stream.request_id)  # it may be alive: free its KV
                     logger.warning(
                         "stream migrates request_id=%s from=%s num_tokens=%d error=%s",
                         request_id,
@@ -237,11 +237,11 @@ class Generator:
                         yield [TokenChunk(request_id, [], FinishReason.LENGTH)]
                         return
         finally:
-            self._demux.close(request_id)
+            self._demux.close(stream.request_id)
             if worker is not None:
                 worker.in_flight -= 1
                 if not finished:
-                    await self._abort(worker, request_id)
+                    await self._abort(worker, stream.request_id)
 
     async def _place(
         self,
@@ -324,7 +324,7 @@ class Generator:
             # The router's prefill worker was chosen for its decode worker only; any other
             # worker (a fallback after a refusal) prefills locally.
             message = GenerateRequest(
-                request_id=request_id,
+                request_id=self._demux.new_attempt(stream),
                 model=model,
                 token_ids=token_ids,
                 sampling=sampling,
@@ -350,7 +350,7 @@ class Generator:
                 if isinstance(exc, DeadlineExceeded):
                     # A busy worker may still take it from its inbox: this abort follows it
                     # there (same subject and connection: NATS keeps them in order).
-                    await self._abort(worker, request_id)
+                    await self._abort(worker, stream.request_id)
                 continue
             except BaseException:
                 worker.in_flight -= 1

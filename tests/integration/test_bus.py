@@ -178,3 +178,25 @@ async def test_idle_sweep_fails_only_placed_silent_streams(nats_server, namespac
         with pytest.raises(DeadlineExceeded, match="no tokens from worker w1"):
             await silent.get()
         assert unplaced.worker_id is None
+
+
+async def test_a_new_attempt_drops_chunks_of_the_abandoned_one(nats_server, namespace):
+    # A worker that took the first attempt late (its admission timed out) still streams under
+    # the old id after the request was placed again: none of that reaches the new attempt.
+    inbox = subjects.stream_inbox(namespace, "f1")
+    async with Bus.connect(nats_server.url) as frontend, Bus.connect(nats_server.url) as worker:
+        demux = StreamDemux(frontend, inbox)
+        await demux.start()
+        stream = demux.open(RequestId("r"))
+        first = demux.new_attempt(stream)
+        second = demux.new_attempt(stream)
+        assert (first, second) == ("r", "r-1")
+        stale = [(inbox, TokenChunk(first, [1, 2], FinishReason.ABORT))]
+        await publish_chunks(worker, InstanceId("w"), group_chunks(stale))
+        fresh = [(inbox, TokenChunk(second, [3], FinishReason.LENGTH))]
+        await publish_chunks(worker, InstanceId("w"), group_chunks(fresh))
+        await worker.flush()
+        async with asyncio.timeout(10):
+            got = await stream.get()
+        assert [(c.token_ids, c.finish_reason) for c in got] == [([3], FinishReason.LENGTH)]
+        assert demux.num_orphan_chunks == 1
