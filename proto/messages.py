@@ -206,6 +206,9 @@ class TokenChunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_cached_tokens: int = 0
     error: str | None = None
     ttft: TTFTBreakdown | None = None  # on the first chunk only
+    # The request's output tokens once this chunk's are counted (resumed ones included);
+    # 0: not said. The frontend finds tokens lost on the bus by it.
+    num_output_tokens: int = 0
 
 
 class TokenBatch(Message, frozen=True, tag="tokens"):

@@ -98,6 +98,8 @@ class Bus:
             raise Unavailable("NATS is disconnected and the outbound buffer is full") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise Unavailable("NATS connection is closed") from exc
+        except (RuntimeError, OSError) as exc:  # its socket closed under it, mid-reconnect
+            raise Unavailable(f"NATS connection lost: {exc}") from exc
 
     async def request(self, subject: str, message: msgspec.Struct, *, timeout_s: float) -> bytes:
         """Send and wait for one reply's bytes. ``Unavailable`` if nobody listens on the subject,
@@ -112,6 +114,8 @@ class Bus:
             raise DeadlineExceeded(f"no reply on {subject} within {timeout_s} s") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise Unavailable("NATS connection is closed") from exc
+        except (RuntimeError, OSError) as exc:  # its socket closed under it, mid-reconnect
+            raise Unavailable(f"NATS connection lost: {exc}") from exc
         data: bytes = msg.data
         return data
 

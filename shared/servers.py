@@ -150,13 +150,19 @@ def start_nats(
     tls: ServerTLS | None = None,
 ) -> ServerProcess:
     """Start nats-server on 127.0.0.1. ``max_payload_bytes`` defaults to 8 MiB (the server's own
-    default is 1 MiB; KV events and large prompts need more headroom, 64 MiB is its ceiling).
+    default is 1 MiB; KV events and large prompts need more headroom, 64 MiB is its ceiling);
+    the write deadline is 30 s rather than 10.
     With ``user``/``password`` or ``token``, clients must present them; with ``tls``, they
     must use TLS (the URL is then ``tls://``)."""
     port = port or free_port()
     # mkstemp's file is 0600: the config may hold a password.
     with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as conf:
         conf.write(f"max_payload: {max_payload_bytes}\nmax_pending: 268435456\n")
+        # A frontend saturated for a while (a burst of connections) reads its inbox late;
+        # past the write deadline the server drops it as a slow consumer, with what was
+        # published to it (10 s by default). Its streams recover from that (the chunks say
+        # their counts), but a longer deadline keeps it from happening for a short overload.
+        conf.write("write_deadline: 30s\n")
         conf.write(_nats_security_conf(user, password, token, tls))
     args = [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", conf.name]
     proc = _spawn(args, log_path)

@@ -48,6 +48,22 @@ class StreamDropped(Exception):
     say): the request migrates rather than fail."""
 
 
+class TokensLost(StreamDropped):
+    """A chunk's token count says tokens before it never arrived (the bus dropped them: this
+    process was cut off as a slow consumer, say): the stream resumes after the last token it
+    has, on any worker."""
+
+
+def _num_contiguous(chunks: list[TokenChunk], num_emitted: int) -> int:
+    """How many of ``chunks`` follow on from ``num_emitted`` tokens without a gap (a chunk
+    that does not say its count is taken as following)."""
+    for i, chunk in enumerate(chunks):
+        num_emitted += len(chunk.token_ids)
+        if chunk.num_output_tokens and chunk.num_output_tokens != num_emitted:
+            return i
+    return len(chunks)
+
+
 class FrontendShed(Shed):
     """Shed by this frontend, from the workers' load reports, before any worker saw it."""
 
@@ -169,6 +185,7 @@ class Generator:
         finished = False
         emitted = array("q")  # tokens streamed so far, compact (8 bytes each): a move resends them
         left_behind: set[InstanceId] = set()
+        num_moves = 0
         moved_because = ""  # why the stream last had to move
         try:
             while True:
@@ -207,6 +224,15 @@ class Generator:
                                     emitted.fromlist(chunk.token_ids)
                                 yield chunks[:-1]
                             raise StreamDropped(last.error or "the worker dropped the stream")
+                        whole = _num_contiguous(chunks, len(emitted))
+                        if whole < len(chunks):
+                            for chunk in chunks[:whole]:
+                                emitted.fromlist(chunk.token_ids)
+                            if whole:
+                                yield chunks[:whole]
+                            raise TokensLost(
+                                f"tokens after the {len(emitted)}th were lost on the bus"
+                            )
                         finished = reason is not None
                         for chunk in chunks:
                             emitted.fromlist(chunk.token_ids)
@@ -214,12 +240,13 @@ class Generator:
                         if finished:
                             return
                 except (Unavailable, DeadlineExceeded, StreamDropped) as exc:
-                    migrations = len(left_behind)
-                    if migrations >= self._migration_limit:
+                    if num_moves >= self._migration_limit:
                         if isinstance(exc, StreamDropped):
                             raise EngineError(str(exc)) from exc
                         raise
-                    left_behind.add(worker.info.worker_id)
+                    num_moves += 1
+                    if not isinstance(exc, TokensLost):  # that worker is fine: it may stay
+                        left_behind.add(worker.info.worker_id)
                     worker.in_flight -= 1
                     await self._abort(worker, stream.request_id)  # it may be alive: free its KV
                     logger.warning(

@@ -120,6 +120,7 @@ class DecodeRole(Role):
                     out.finish_reason,
                     out.num_prompt_tokens,
                     out.num_cached_tokens,
+                    num_output_tokens=out.num_output_tokens,
                 )
                 for out in result.outputs
             ]

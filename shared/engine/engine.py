@@ -110,6 +110,7 @@ class ScheduledEngine:
                 seq.num_prompt_tokens,
                 seq.num_cached_tokens,
                 scheduler.held_blocks(seq.request_id) if seq.status is HELD else None,
+                seq.num_output_tokens,
             )
             for seq, token_id in zip(plan.seqs, result.token_ids, strict=True)
         ]

@@ -70,6 +70,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     held_block_ids: list[int] | None = None
+    num_output_tokens: int = 0  # its output tokens so far, this step's (and resumed ones) included
 
 
 @dataclass(slots=True)

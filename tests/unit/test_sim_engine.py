@@ -385,3 +385,22 @@ def test_config_rejects_inconsistent_values():
         SimEngineConfig(mean_output_tokens=0.5)
     with pytest.raises(ValueError, match="max_num_seqs"):
         SimEngineConfig(max_num_seqs=0)
+
+
+def test_each_output_counts_the_tokens_so_far_resumed_ones_included():
+    engine = make_engine()
+    engine.add_request(request("fresh", [11, 12, 13], max_tokens=5, ignore_eos=True))
+    engine.add_request(
+        EngineRequest(
+            RequestId("resumed"),
+            [11, 12, 13],
+            SamplingParams(max_tokens=5, ignore_eos=True),
+            resumed_token_ids=[40, 41],
+        )
+    )
+    counts: dict[str, list[int]] = {"fresh": [], "resumed": []}
+    while engine.has_unfinished():
+        for out in engine.step().outputs:
+            if out.new_token_ids:
+                counts[out.request_id].append(out.num_output_tokens)
+    assert counts == {"fresh": [1, 2, 3, 4, 5], "resumed": [3, 4, 5]}

@@ -1,0 +1,100 @@
+"""Tokens the bus dropped (a frontend cut off as a slow consumer loses what was published to
+it meanwhile) are noticed from the chunks' counts: the stream resumes after its last token,
+and the client sees every token once, in order."""
+
+import asyncio
+
+from nats.aio.msg import Msg
+
+from proto import subjects
+from proto.messages import (
+    AbortRequest,
+    FinishReason,
+    GenerateAccepted,
+    GenerateRequest,
+    InstanceId,
+    RequestId,
+    SamplingParams,
+    TokenChunk,
+    WorkerInfo,
+    WorkerRole,
+)
+from services.frontend.generate import Generator
+from services.frontend.worker_pool import WorkerPool
+from shared.bus import Bus
+from shared.codec import encode, worker_inbound_decoder
+from shared.streams import StreamDemux, group_chunks, publish_chunks
+
+WORKER = InstanceId("w1")
+MAX_TOKENS = 8
+
+
+class LossyWorker:
+    """Answers GenerateRequests like a worker; its first attempt's tokens 3 and 4 are lost
+    on the way (never published), as a disconnected subscriber would lose them."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.requests: list[GenerateRequest] = []
+        self.aborted: list[RequestId] = []
+
+    async def on_message(self, msg: Msg) -> None:
+        message = worker_inbound_decoder.decode(msg.data)
+        if isinstance(message, AbortRequest):
+            self.aborted.append(message.request_id)
+            return
+        assert isinstance(message, GenerateRequest)
+        self.requests.append(message)
+        reply = GenerateAccepted(
+            request_id=message.request_id, worker_id=WORKER, num_prompt_tokens=3
+        )
+        await self.bus.publish_bytes(msg.reply, encode(reply))
+        asyncio.get_running_loop().create_task(self.stream(message))
+
+    async def stream(self, request: GenerateRequest) -> None:
+        done = len(request.resume_token_ids)
+        is_first = len(self.requests) == 1
+        for n in range(done + 1, MAX_TOKENS + 1):
+            if is_first and n in (3, 4):
+                continue  # published while the frontend was cut off: gone
+            reason = FinishReason.LENGTH if n == MAX_TOKENS else None
+            chunk = TokenChunk(request.request_id, [100 + n], reason, num_output_tokens=n)
+            await publish_chunks(self.bus, WORKER, group_chunks([(request.stream_subject, chunk)]))
+            await asyncio.sleep(0.01)
+
+
+async def test_a_gap_in_a_stream_resumes_it_after_its_last_token(nats_server, namespace):
+    async with Bus.connect(nats_server.url) as frontend, Bus.connect(nats_server.url) as bus:
+        worker = LossyWorker(bus)
+        subject = subjects.worker_inbox(namespace, WORKER)
+        await bus.subscribe(subject, worker.on_message)
+        await bus.flush()
+        demux = StreamDemux(frontend, subjects.stream_inbox(namespace, "f1"))
+        await demux.start()
+        pool = WorkerPool(frontend, namespace)
+        info = WorkerInfo(
+            worker_id=WORKER,
+            model="m",
+            role=WorkerRole.DECODE,
+            subject=subject,
+            max_num_seqs=8,
+            num_kv_blocks=64,
+        )
+        pool.sync({WORKER: info})
+        generator = Generator(frontend, demux, pool, namespace, admission_timeout_s=2.0)
+        sampling = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+        tokens: list[int] = []
+        async with asyncio.timeout(10):
+            async for chunks in generator.generate(RequestId("r"), "m", [1, 2, 3], sampling):
+                for chunk in chunks:
+                    tokens.extend(chunk.token_ids)
+                last = chunks[-1]
+    # Every token once, in order; the end is the real one.
+    assert tokens == [100 + n for n in range(1, MAX_TOKENS + 1)]
+    assert last.finish_reason is FinishReason.LENGTH
+    # Resumed on the same (healthy) worker, under a new id, after the two tokens it had.
+    assert [(r.request_id, list(r.resume_token_ids)) for r in worker.requests] == [
+        ("r", []),
+        ("r-1", [101, 102]),
+    ]
+    assert "r" in worker.aborted  # the first attempt was stopped
