@@ -51,10 +51,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import msgspec
-import psutil
 import streams
-from stream_client import LoadSpec, request_body
+from stream_client import LoadSpec
 
 from services.launcher.config import UpConfig
 from services.launcher.threaded import cluster_in_thread
@@ -78,61 +76,6 @@ MODEL_CONFIG = {
     "max_position_embeddings": 32768,
     "torch_dtype": "bfloat16",
 }
-
-
-# ---- process accounting -------------------------------------------------------------------
-
-_LABELS = (
-    ("services.frontend", "frontend"),
-    ("services.router", "router"),
-    ("services.worker", "worker"),
-    ("dynamo.frontend", "frontend"),
-    ("dynamo.mocker", "worker"),
-    ("nats-server", "nats-server"),
-    ("etcd", "etcd"),
-)
-
-
-def _label(proc: psutil.Process) -> str:
-    cmdline = " ".join(proc.cmdline())
-    return next((label for key, label in _LABELS if key in cmdline), str(proc.name()))
-
-
-def cpu_by_tree(pids: list[int]) -> dict[int, tuple[str, float]]:
-    """(label, utime + stime seconds) for each pid and its children, every child labelled as
-    its root (a frontend's serving processes are the frontend's)."""
-    out: dict[int, tuple[str, float]] = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            root = psutil.Process(pid)
-            label = _label(root)
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    times = proc.cpu_times()
-                    out[proc.pid] = (label, times.user + times.system)
-    return out
-
-
-def warm_up(spec: LoadSpec) -> None:
-    """One short non-streaming request (as streams.py's own warm-up, but without
-    ``stream_options``, which Dynamo refuses on a non-streaming request)."""
-    body = dict(msgspec.json.decode(request_body(spec, 0)), stream=False, max_tokens=2)
-    body.pop("stream_options", None)
-    request = urllib.request.Request(
-        f"{spec.url}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            resp.read()
-    except urllib.error.HTTPError as exc:
-        raise SystemExit(f"warm-up request failed: HTTP {exc.code} {exc.read()[:300]!r}") from exc
-
-
-# streams.run_load measures the servers and warms them up with these.
-streams.cpu_by_process = cpu_by_tree
-streams._warm_up = warm_up
 
 
 # ---- the two systems ----------------------------------------------------------------------

@@ -99,24 +99,36 @@ def listen_overflows() -> int:
     return int(values[names.index("ListenOverflows")])
 
 
+# What a server process is, by its command line (Baton's, and Dynamo's for
+# bench/dynamo_compare.py).
+_LABELS = (
+    ("services.frontend", "frontend"),
+    ("services.router", "router"),
+    ("services.worker", "worker"),
+    ("dynamo.frontend", "frontend"),
+    ("dynamo.mocker", "worker"),
+    ("nats-server", "nats-server"),
+    ("etcd", "etcd"),
+)
+
+
 def _label(proc: psutil.Process) -> str:
     cmdline = " ".join(proc.cmdline())
-    for label in ("services.frontend", "services.worker", "nats-server", "etcd"):
-        if label in cmdline:
-            return label.removeprefix("services.")
-    return str(proc.name())
+    return next((label for key, label in _LABELS if key in cmdline), str(proc.name()))
 
 
 def cpu_by_process(pids: list[int]) -> dict[int, tuple[str, float]]:
-    """(label, utime + stime seconds) for each pid and all its children."""
+    """(label, utime + stime seconds) for each pid and all its children, every child labelled
+    as its root (a frontend's serving processes are the frontend's)."""
     out: dict[int, tuple[str, float]] = {}
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(pid)
+            label = _label(root)
             for proc in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     times = proc.cpu_times()
-                    out[proc.pid] = (_label(proc), times.user + times.system)
+                    out[proc.pid] = (label, times.user + times.system)
     return out
 
 
@@ -158,6 +170,7 @@ class RssSampler(threading.Thread):
 def _warm_up(spec: LoadSpec) -> None:
     """One short request, so the frontend's lazily loaded tokenizer is in the RSS baseline."""
     body = dict(msgspec.json.decode(request_body(spec, 0)), stream=False, max_tokens=2)
+    body.pop("stream_options", None)  # only for streams (some servers refuse it otherwise)
     request = urllib.request.Request(
         f"{spec.url}/v1/chat/completions",
         data=json.dumps(body).encode(),
