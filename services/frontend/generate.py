@@ -285,20 +285,15 @@ class Generator:
         """Place the request on a worker. With a deadline, a full fleet sheds it; without
         one, it waits its turn in the waiting room (behind those already there) until a
         worker reports room, for up to ``queue_timeout_s``."""
+        request = (stream, request_id, model, token_ids, sampling, objectives)
         if deadline_s is not None or self._queue_timeout_s <= 0:
-            return await self._try_place(
-                stream, request_id, model, token_ids, sampling, objectives, deadline_s,
-                resume_token_ids, left_behind,
-            )  # fmt: skip
+            return await self._try_place(*request, deadline_s, resume_token_ids, left_behind)
         queued_until = time.monotonic() + self._queue_timeout_s
         if self._room.is_queued(model):
             await self._queue(model, queued_until, first=False)
         while True:
             try:
-                return await self._try_place(
-                    stream, request_id, model, token_ids, sampling, objectives, None,
-                    resume_token_ids, left_behind,
-                )  # fmt: skip
+                return await self._try_place(*request, None, resume_token_ids, left_behind)
             except WorkersFull:
                 # Let through but refused all the same (another frontend took the room):
                 # keep its place at the head.
