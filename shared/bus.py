@@ -45,6 +45,16 @@ class Bus:
     def __init__(self, client: Client) -> None:
         self._client = client
         self._closed = False
+        self._on_reconnected: list[Callable[[], None]] = []
+
+    def on_reconnected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the connection comes back after a loss (what was
+        published to this process's subscriptions meanwhile is gone)."""
+        self._on_reconnected.append(callback)
+
+    def _reconnected(self) -> None:
+        for callback in self._on_reconnected:
+            callback()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -61,11 +71,18 @@ class Bus:
         server refuses it in a way no retry fixes: wrong or missing credentials, a
         certificate that does not verify, no TLS where TLS was asked for."""
         client = Client()
+        bus = cls(client)
+
+        async def on_reconnected() -> None:
+            logger.info("nats reconnected")
+            bus._reconnected()
+
         try:
-            await _connect_first(client, url, name, connect_timeout_s, security or BusSecurity())
+            await _connect_first(
+                client, url, name, connect_timeout_s, security or BusSecurity(), on_reconnected
+            )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(f"cannot connect to NATS at {redact_url(url)}: {exc!r}") from exc
-        bus = cls(client)
         try:
             yield bus
         finally:
@@ -158,7 +175,12 @@ class Bus:
 
 
 async def _connect_first(
-    client: Client, url: str, name: str, connect_timeout_s: float, security: BusSecurity
+    client: Client,
+    url: str,
+    name: str,
+    connect_timeout_s: float,
+    security: BusSecurity,
+    on_reconnected: Callable[[], Awaitable[None]],
 ) -> None:
     """``client.connect`` with Baton's options; raises the server's refusal as soon as one
     comes (nats-py would retry it forever) and closes the client on any failure."""
@@ -179,7 +201,7 @@ async def _connect_first(
             allow_reconnect=True,
             error_cb=on_error,
             disconnected_cb=_log_disconnected,
-            reconnected_cb=_log_reconnected,
+            reconnected_cb=on_reconnected,
             pending_size=64 * 1024 * 1024,
             **_auth_options(client, url, security),
         ),
@@ -260,7 +282,3 @@ async def _log_error(exc: Exception) -> None:
 
 async def _log_disconnected() -> None:
     logger.warning("nats disconnected")
-
-
-async def _log_reconnected() -> None:
-    logger.info("nats reconnected")

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from proto.messages import InstanceId, RequestId, TokenBatch, TokenChunk
 from shared.bus import Bus
 from shared.codec import encode, token_batch_decoder
-from shared.errors import DeadlineExceeded, PayloadTooLarge, ServingError
+from shared.errors import DeadlineExceeded, PayloadTooLarge, ServingError, Unavailable
 from shared.logs import BadMessages, RateLimitedLog
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,16 @@ async def publish_chunks(
     for subject, chunks in grouped.items():
         for payload in encode_batches(worker_id, chunks, bus.max_payload):
             await bus.publish_bytes(subject, payload)
+
+
+# After NATS reconnects, a placed stream with no chunk for this long may have lost its last
+# ones (published while this process was cut off, then nothing more to come): it resumes.
+RECONNECT_GRACE_S = 3.0
+
+
+class StreamGap(Unavailable):
+    """Tokens of a stream may have been lost on the bus (its chunks' counts skip, or it went
+    quiet across a reconnection): it resumes after the last token it has, on any worker."""
 
 
 class TokenStream:
@@ -189,6 +199,27 @@ class StreamDemux:
                 DeadlineExceeded(f"no tokens from worker {stream.worker_id} for {idle_timeout_s} s")
             )
         return len(idle)
+
+    def mark_reconnected(self) -> None:
+        """NATS is back after a disconnection: what was published to this inbox meanwhile is
+        lost. A gap shows in the next chunk's count; a stream that gets no next chunk within
+        ``RECONNECT_GRACE_S`` (its last chunks were the lost ones) is failed with
+        ``StreamGap`` then, and resumes."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(RECONNECT_GRACE_S, self._fail_quiet_since, loop.time())
+
+    def _fail_quiet_since(self, since_s: float) -> None:
+        quiet = [
+            s
+            for s in self._streams.values()
+            if s.worker_id is not None and s.last_active_s < since_s
+        ]
+        for stream in quiet:
+            stream.fail(StreamGap("no tokens since the bus reconnected; some may be lost"))
+        if quiet:
+            logger.warning(
+                "streams quiet since the bus reconnected resume num_streams=%d", len(quiet)
+            )
 
     async def expire_idle(self, idle_timeout_s: float) -> None:
         """Sweep for silent streams until cancelled (a stream's silence is caught within

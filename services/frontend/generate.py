@@ -36,7 +36,7 @@ from shared.errors import (
     Unavailable,
     from_reply,
 )
-from shared.streams import StreamDemux, TokenStream
+from shared.streams import StreamDemux, StreamGap, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,6 @@ NO_OBJECTIVES = RequestObjectives()
 class StreamDropped(Exception):
     """A worker ended the stream with an error or an abort of its own (it is shutting down,
     say): the request migrates rather than fail."""
-
-
-class TokensLost(StreamDropped):
-    """A chunk's token count says tokens before it never arrived (the bus dropped them: this
-    process was cut off as a slow consumer, say): the stream resumes after the last token it
-    has, on any worker."""
 
 
 def _num_contiguous(chunks: list[TokenChunk], num_emitted: int) -> int:
@@ -230,7 +224,7 @@ class Generator:
                                 emitted.fromlist(chunk.token_ids)
                             if whole:
                                 yield chunks[:whole]
-                            raise TokensLost(
+                            raise StreamGap(
                                 f"tokens after the {len(emitted)}th were lost on the bus"
                             )
                         finished = reason is not None
@@ -245,7 +239,7 @@ class Generator:
                             raise EngineError(str(exc)) from exc
                         raise
                     num_moves += 1
-                    if not isinstance(exc, TokensLost):  # that worker is fine: it may stay
+                    if not isinstance(exc, StreamGap):  # that worker is fine: it may stay
                         left_behind.add(worker.info.worker_id)
                     worker.in_flight -= 1
                     await self._abort(worker, stream.request_id)  # it may be alive: free its KV

@@ -78,6 +78,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         )
         pool.on_load = state.generator.on_worker_report
         demux.on_batch = lambda worker_id: pool.heard_from(worker_id, time.monotonic())
+        bus.on_reconnected(demux.mark_reconnected)
         runner = web.AppRunner(
             build_app(state, config),
             handler_cancellation=True,

@@ -61,7 +61,7 @@ async def test_limits_on_the_body_fields_get_400_naming_the_field(cluster):
         # At the limits exactly, the request is served.
         fits = chat(
             messages=[{"role": "user", "content": "w" * 40}] * 2 + [{"role": "user"}],
-            stop=["a", "b"],
+            stop=["@@never-1@@", "@@never-2@@"],  # two, the limit; text the sim never makes
             max_tokens=3,
             ignore_eos=True,
         )
