@@ -48,13 +48,15 @@ class StreamDropped(Exception):
     say): the request migrates rather than fail."""
 
 
-def _num_contiguous(chunks: list[TokenChunk], num_emitted: int) -> int:
-    """How many of ``chunks`` follow on from ``num_emitted`` tokens without a gap (a chunk
-    that does not say its count is taken as following)."""
+def _take_contiguous(chunks: list[TokenChunk], emitted: "array[int]") -> int:
+    """Add to ``emitted`` the tokens of the leading ``chunks`` that follow on from it without
+    a gap (a chunk that does not say its count is taken as following); how many it took. One
+    pass over the chunks: this is the token path."""
     for i, chunk in enumerate(chunks):
-        num_emitted += len(chunk.token_ids)
-        if chunk.num_output_tokens and chunk.num_output_tokens != num_emitted:
+        count = chunk.num_output_tokens
+        if count and count != len(emitted) + len(chunk.token_ids):
             return i
+        emitted.fromlist(chunk.token_ids)
     return len(chunks)
 
 
@@ -218,18 +220,14 @@ class Generator:
                                     emitted.fromlist(chunk.token_ids)
                                 yield chunks[:-1]
                             raise StreamDropped(last.error or "the worker dropped the stream")
-                        whole = _num_contiguous(chunks, len(emitted))
-                        if whole < len(chunks):
-                            for chunk in chunks[:whole]:
-                                emitted.fromlist(chunk.token_ids)
-                            if whole:
-                                yield chunks[:whole]
+                        taken = _take_contiguous(chunks, emitted)
+                        if taken < len(chunks):
+                            if taken:
+                                yield chunks[:taken]
                             raise StreamGap(
                                 f"tokens after the {len(emitted)}th were lost on the bus"
                             )
                         finished = reason is not None
-                        for chunk in chunks:
-                            emitted.fromlist(chunk.token_ids)
                         yield chunks
                         if finished:
                             return
