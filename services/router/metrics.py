@@ -90,10 +90,17 @@ class RouterMetrics:
         hit.set_function(lambda: router.stats.hit_rate)
         entries = Gauge(
             "baton_router_index_entries",
-            "(block, worker) entries in the index",
+            "(block, worker) entries of the workers the index tracks",
             registry=self.registry,
         )
-        entries.set_function(lambda: router.index.num_entries)
+        entries.set_function(lambda: router.index.num_live_entries)
+        held = Gauge(
+            "baton_router_index_held_entries",
+            "(block, worker) entries in memory: the tracked ones and those of gone or resynced"
+            " workers not yet reclaimed",
+            registry=self.registry,
+        )
+        held.set_function(lambda: router.index.num_entries)
         self.worker_load = Gauge(
             "baton_router_worker_kv_usage",
             "KV usage each worker last reported",
