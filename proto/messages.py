@@ -74,6 +74,19 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 # --- requests: frontend -> worker -------------------------------------------------------------
 
 
+class KVHandle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where a running sequence's KV lies on a worker that gave it up (it is draining): that
+    worker holds the blocks under ``request_id`` until a peer has read them and sends
+    ``KVRelease``, or a hold timeout passes. The blocks hold the KV of the sequence's first
+    ``num_kv_tokens`` tokens (prompt and output), one descriptor per block, in order."""
+
+    worker_id: InstanceId
+    request_id: RequestId
+    kv_agent: str
+    block_descriptors: list[tuple[int, int]]
+    num_kv_tokens: int
+
+
 class GenerateRequest(Message, frozen=True, tag="generate"):
     """Ask a worker to run a request. Sent by request-reply; the worker answers with
     ``GenerateAccepted`` or ``ErrorReply`` at once and then streams ``TokenChunk``s to
@@ -99,6 +112,9 @@ class GenerateRequest(Message, frozen=True, tag="generate"):
     # A migrated stream: the output tokens the client already has, from a worker that died or
     # dropped the stream. The worker continues after them (no token repeated or missing).
     resume_token_ids: list[int] = []
+    # A live migration: the resumed sequence's KV, to read from the worker that holds it
+    # rather than recompute (set with ``resume_token_ids``; ``prefill_worker_id`` is then None).
+    kv_source: KVHandle | None = None
 
 
 class AbortRequest(Message, frozen=True, tag="abort"):
@@ -209,6 +225,9 @@ class TokenChunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # The request's output tokens once this chunk's are counted (resumed ones included);
     # 0: not said. The frontend finds tokens lost on the bus by it.
     num_output_tokens: int = 0
+    # With ``ABORT`` and an ``error``: the worker is draining and holds this request's KV for
+    # the worker it moves to (a live migration).
+    moved_kv: KVHandle | None = None
 
 
 class TokenBatch(Message, frozen=True, tag="tokens"):

@@ -15,6 +15,7 @@ from proto.messages import (
     GenerateAccepted,
     GenerateRequest,
     InstanceId,
+    KVHandle,
     RequestId,
     RouteDecision,
     RouteRequest,
@@ -46,6 +47,15 @@ NO_OBJECTIVES = RequestObjectives()
 class StreamDropped(Exception):
     """A worker ended the stream with an error or an abort of its own (it is shutting down,
     say): the request migrates rather than fail."""
+
+
+class StreamMoved(StreamDropped):
+    """A draining worker gave the stream up and holds its KV (``kv``) for the next worker:
+    a live migration, not a failure (it does not count against the migration limit)."""
+
+    def __init__(self, message: str, kv: KVHandle) -> None:
+        super().__init__(message)
+        self.kv = kv
 
 
 def _take_contiguous(chunks: list[TokenChunk], emitted: "array[int]") -> int:
@@ -183,6 +193,7 @@ class Generator:
         left_behind: set[InstanceId] = set()
         num_moves = 0
         moved_because = ""  # why the stream last had to move
+        moved_kv: KVHandle | None = None  # where its KV waits, after a live migration
         try:
             while True:
                 try:
@@ -196,7 +207,9 @@ class Generator:
                         None if emitted else deadline_s,
                         emitted,
                         left_behind,
+                        kv_source=moved_kv,
                     )
+                    moved_kv = None  # the new worker reads it (or gives it up) at once
                 except ServingError as exc:
                     if not moved_because:
                         raise
@@ -219,6 +232,8 @@ class Generator:
                                 for chunk in chunks[:-1]:
                                     emitted.fromlist(chunk.token_ids)
                                 yield chunks[:-1]
+                            if last.moved_kv is not None:
+                                raise StreamMoved(last.error or "moved", last.moved_kv)
                             raise StreamDropped(last.error or "the worker dropped the stream")
                         taken = _take_contiguous(chunks, emitted)
                         if taken < len(chunks):
@@ -232,20 +247,25 @@ class Generator:
                         if finished:
                             return
                 except (Unavailable, DeadlineExceeded, StreamDropped) as exc:
-                    if num_moves >= self._migration_limit:
-                        if isinstance(exc, StreamDropped):
-                            raise EngineError(str(exc)) from exc
-                        raise
-                    num_moves += 1
+                    moved_kv = exc.kv if isinstance(exc, StreamMoved) else None
+                    if moved_kv is None:
+                        if num_moves >= self._migration_limit:
+                            if isinstance(exc, StreamDropped):
+                                raise EngineError(str(exc)) from exc
+                            raise
+                        num_moves += 1
                     if not isinstance(exc, StreamGap):  # that worker is fine: it may stay
                         left_behind.add(worker.info.worker_id)
                     worker.in_flight -= 1
-                    await self._abort(worker, stream.request_id)  # it may be alive: free its KV
-                    logger.warning(
-                        "stream migrates request_id=%s from=%s num_tokens=%d error=%s",
+                    if moved_kv is None:  # it may be alive: free its KV
+                        await self._abort(worker, stream.request_id)
+                    logger.log(
+                        logging.INFO if moved_kv is not None else logging.WARNING,
+                        "stream migrates request_id=%s from=%s num_tokens=%d with_kv=%s error=%s",
                         request_id,
                         worker.info.worker_id,
                         len(emitted),
+                        moved_kv is not None,
                         exc,
                     )
                     worker = None
@@ -273,19 +293,25 @@ class Generator:
         deadline_s: float | None,
         resume_token_ids: Sequence[int],
         left_behind: set[InstanceId],
+        *,
+        kv_source: KVHandle | None = None,
     ) -> WorkerState:
         """Place the request on a worker. With a deadline, a full fleet sheds it; without
         one, it waits its turn in the waiting room (behind those already there) until a
         worker reports room, for up to ``queue_timeout_s``."""
         request = (stream, request_id, model, token_ids, sampling, objectives)
         if deadline_s is not None or self._queue_timeout_s <= 0:
-            return await self._try_place(*request, deadline_s, resume_token_ids, left_behind)
+            return await self._try_place(
+                *request, deadline_s, resume_token_ids, left_behind, kv_source
+            )
         queued_until = time.monotonic() + self._queue_timeout_s
         if self._room.is_queued(model):
             await self._queue(model, queued_until, first=False)
         while True:
             try:
-                return await self._try_place(*request, None, resume_token_ids, left_behind)
+                return await self._try_place(
+                    *request, None, resume_token_ids, left_behind, kv_source
+                )
             except WorkersFull:
                 # Let through but refused all the same (another frontend took the room):
                 # keep its place at the head.
@@ -311,6 +337,7 @@ class Generator:
         deadline_s: float | None,
         resume_token_ids: Sequence[int],
         left_behind: set[InstanceId],
+        kv_source: KVHandle | None,
     ) -> WorkerState:
         candidates = [
             c for c in self._pool.candidates(model) if c.info.worker_id not in left_behind
@@ -343,11 +370,14 @@ class Generator:
                 token_ids=token_ids,
                 sampling=sampling,
                 stream_subject=self._demux.subject,
-                prefill_worker_id=routed_prefill_id if worker is routed else None,
+                prefill_worker_id=(
+                    routed_prefill_id if worker is routed and kv_source is None else None
+                ),
                 priority=objectives.priority,
                 ttft_budget_s=budget_s,
                 tpot_s=objectives.tpot_s,
                 resume_token_ids=list(resume_token_ids),
+                kv_source=kv_source,
             )
             # Bound before it is sent: its first chunks may overtake its acceptance.
             stream.rebind(worker.info.worker_id, asyncio.get_running_loop().time())

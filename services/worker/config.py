@@ -25,7 +25,15 @@ class WorkerServiceConfig:
     max_hold_s: float = field(
         default=30.0,
         metadata=doc(
-            "prefill: free a prompt's KV this long after prefill if no decode worker read it"
+            "prefill: free a prompt's KV this long after prefill if no decode worker read it;"
+            " decode, draining: free a moved stream's KV this long after the move"
+        ),
+    )
+    drain_moves_kv: bool = field(
+        default=True,
+        metadata=doc(
+            "decode: on drain, move running streams with their KV to a peer (live migration)"
+            " rather than finish them here"
         ),
     )
 

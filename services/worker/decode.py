@@ -3,10 +3,16 @@
 A request the router placed with a ``prefill_worker_id`` is prefilled there and its KV pulled
 here (``handoff.RemotePrefill``); any other is prefilled here. The router alone decides which;
 this role only falls back to a local prefill when the handoff fails.
+
+Live migration: a request that carries a ``kv_source`` moved from a draining peer, and its KV is
+pulled from there (``RemotePrefill.start_move``). When this worker drains, ``hand_off`` gives
+its own running streams up the same way (``lender.KVLender``).
 """
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 import msgspec
@@ -22,6 +28,7 @@ from proto.messages import (
 )
 from services.worker.handoff import RemotePrefill
 from services.worker.inflight import InFlight
+from services.worker.lender import KVLender
 from services.worker.objectives import Admission
 from services.worker.role import Role, WorkerContext
 from shared.codec import encode
@@ -38,6 +45,9 @@ _EXPECTED = (ServingError, TimeoutError, KeyError, msgspec.DecodeError)
 # NATS refuses a control line (PUB <subject> <reply> <size>) over 4 KiB by closing the
 # connection: a stream subject stays far below that.
 _MAX_STREAM_SUBJECT_CHARS = 256
+MOVED = "the worker is draining; the stream moves to another worker"
+# How long a drain waits for the step boundary at which its streams move.
+_BOUNDARY_TIMEOUT_S = 5.0
 
 
 class DecodeRole(Role):
@@ -50,21 +60,27 @@ class DecodeRole(Role):
         self.context = context
         self.in_flight: InFlight[str] = InFlight()  # request id -> stream subject
         self.remote: RemotePrefill | None = None  # set when this worker can receive KV
+        self.lender: KVLender | None = None  # set when it can give KV (live migration out)
+        self.has_peer: Callable[[], bool] = lambda: False  # a live decode peer to move to?
         self.num_fallbacks = 0
+        self.num_moved_out = 0  # streams handed off at drain, with their KV or without
+        self.hold_timeout_s = 30.0  # how long moved streams' KV waits for their new workers
         self._log = RateLimitedLog(logger)
+        self._moving: asyncio.Future[None] | None = None  # set while a drain moves streams
 
     @property
     def num_handoffs(self) -> int:
         return len(self.remote) if self.remote is not None else 0
 
     def prefills_here(self, request: GenerateRequest) -> bool:
-        # A resumed (migrated) request recomputes its KV here: its tokens are not a prompt a
-        # prefill worker would sample the same first token for.
-        return (
-            request.prefill_worker_id is None
-            or self.remote is None
-            or bool(request.resume_token_ids)
-        )
+        # A resumed (migrated) request recomputes its KV here, unless it moved live (its KV
+        # comes from the peer it left): its tokens are not a prompt a prefill worker would
+        # sample the same first token for.
+        if self.remote is None:
+            return True
+        if request.kv_source is not None:
+            return False
+        return request.prefill_worker_id is None or bool(request.resume_token_ids)
 
     async def admit(
         self, request: GenerateRequest, reply_subject: str, admission: Admission
@@ -85,8 +101,11 @@ class DecodeRole(Role):
             await self.context.loop.add(engine_request)  # raises InvalidRequest at once
         self.in_flight.add(rid, request.stream_subject)
         if remote is not None:
-            assert request.prefill_worker_id is not None
-            remote.start(engine_request, request.prefill_worker_id)
+            if request.kv_source is not None:
+                remote.start_move(engine_request, request.kv_source)
+            else:
+                assert request.prefill_worker_id is not None
+                remote.start(engine_request, request.prefill_worker_id)
         if reply_subject:
             accepted = GenerateAccepted(
                 request_id=rid,
@@ -125,6 +144,67 @@ class DecodeRole(Role):
                 for out in result.outputs
             ]
         )
+        if self._moving is not None and not self._moving.done():
+            await self._move_out()  # a step boundary with every output published
+
+    # --- live migration out (drain) ------------------------------------------------------------
+
+    async def hand_off(self) -> int:
+        """Move every stream to a peer (see ``lender``), running ones with their KV, at the
+        next step boundary; then wait until the peers have read the KV (at most
+        ``hold_timeout_s``). Returns how many streams moved; 0, changing nothing, when this
+        worker cannot give KV or no decode peer is live (the streams then finish here)."""
+        if self.lender is None or not self.in_flight or not self.has_peer():
+            return 0
+        self._moving = asyncio.get_running_loop().create_future()
+        async with self.context.loop.exclusive() as engine:
+            is_stepping = engine.has_unfinished()
+        if is_stepping:
+            try:  # the engine loop's next delivery moves them
+                async with asyncio.timeout(_BOUNDARY_TIMEOUT_S):
+                    await asyncio.shield(self._moving)
+            except TimeoutError:
+                await self._move_out()
+        else:
+            await self._move_out()
+        num_moved = self.num_moved_out
+        await self.lender.wait_released(self.hold_timeout_s)
+        return num_moved
+
+    async def _move_out(self) -> None:
+        moving, lender = self._moving, self.lender
+        if moving is None or moving.done() or lender is None:
+            return
+        remote = self.remote
+        async with self.context.loop.exclusive() as engine:
+            request_ids = list(self.in_flight)
+            in_handoff = [rid for rid in request_ids if remote is not None and rid in remote]
+            detached = lender.detach(engine, [rid for rid in request_ids if rid not in in_handoff])
+            for rid in detached.without_kv:
+                engine.abort(rid)
+        for rid in in_handoff:  # its cleanup frees the reservation and the prefill worker
+            assert remote is not None
+            remote.cancel(rid)
+        chunks = [
+            TokenChunk(rid, [], FinishReason.ABORT, error=MOVED, moved_kv=handle)
+            for rid, handle in detached.handles.items()
+        ]
+        chunks += [
+            TokenChunk(rid, [], FinishReason.ABORT, error=MOVED)
+            for rid in (*detached.without_kv, *in_handoff)
+        ]
+        self.num_moved_out += len(chunks)
+        moving.set_result(None)
+        logger.info(
+            "[shutdown] streams move num_with_kv=%d num_without=%d",
+            len(detached.handles),
+            len(chunks) - len(detached.handles),
+        )
+        await self.publish(chunks)
+
+    async def release(self, request_id: RequestId) -> None:
+        if self.lender is not None:
+            await self.lender.release(request_id)
 
     async def publish(self, chunks: list[TokenChunk]) -> None:
         """Send chunks to their frontends, one message per destination; a finished request
@@ -174,6 +254,9 @@ class DecodeRole(Role):
         self.in_flight.pop(request_id)
         if self.remote is not None:
             self.remote.cancel(request_id)
+        if self.lender is not None and request_id in self.lender.lent:
+            await self.lender.release(request_id)  # its move was not delivered
+            return
         await self.context.loop.abort(request_id)
 
     # --- handoff outcomes ----------------------------------------------------------------------

@@ -8,11 +8,16 @@ the router sent to a prefill worker.
 3. ``KVConnector.pull``: one-sided reads of the missing blocks from the prefill worker.
 4. ``KVRelease`` frees them there; ``Engine.commit`` puts the request in the batch.
 
+A live migration in (``start_move``: a draining peer gave up a running sequence and holds its
+KV) takes the same path without step 1: reserve blocks for the prompt and the output so far,
+pull the KV of all but the newest token from the peer, ``KVRelease`` it there (success or not),
+``Engine.resume``. The next step here computes the newest token and streams the one after.
+
 The outcome goes back to the role through exactly one of two callbacks: ``on_ready`` with the
-first chunk, or ``on_failed`` with the error (any error: a peer that refused, died or timed
-out, a transfer that failed, a reply that does not decode, a bug). Cleanup of both sides runs
-before either, and on cancellation (the client left, the worker stops). ``close`` cancels and
-awaits every task, so none outlives the worker.
+first chunk (a move has none: its tokens come from the steps), or ``on_failed`` with the error
+(any error: a peer that refused, died or timed out, a transfer that failed, a reply that does
+not decode, a bug). Cleanup of both sides runs before either, and on cancellation (the client
+left, the worker stops). ``close`` cancels and awaits every task, so none outlives the worker.
 """
 
 import asyncio
@@ -24,6 +29,7 @@ from proto.messages import (
     AbortRequest,
     ErrorReply,
     InstanceId,
+    KVHandle,
     KVRelease,
     PrefillDone,
     PrefillRequest,
@@ -37,7 +43,7 @@ from shared.codec import prefill_reply_decoder
 from shared.engine.interface import EngineRequest
 from shared.engine.kv_connector import KVConnector, KVSource
 from shared.engine.loop import EngineLoop
-from shared.errors import ServingError, Shed, Unavailable, from_reply
+from shared.errors import InvalidRequest, ServingError, Shed, Unavailable, from_reply
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +80,8 @@ class RemotePrefill:
         self._on_failed = on_failed
         self._tasks: dict[RequestId, asyncio.Task[None]] = {}
         self.num_remote = 0
+        self.num_moved_in = 0  # live migrations whose KV arrived
+        self.num_moved_blocks = 0  # blocks those read (the rest were cached here)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -84,6 +92,17 @@ class RemotePrefill:
         task = asyncio.create_task(self._run(request, prefill_worker_id), name=f"prefill {rid}")
         self._tasks[rid] = task
         task.add_done_callback(lambda _: self._tasks.pop(rid, None))
+
+    def start_move(self, request: EngineRequest, source: KVHandle) -> None:
+        """Begin a live migration in (see the module docstring); a failure arrives through
+        ``on_failed``, success through nothing (the request is in the batch)."""
+        rid = request.request_id
+        task = asyncio.create_task(self._run_move(request, source), name=f"move in {rid}")
+        self._tasks[rid] = task
+        task.add_done_callback(lambda _: self._tasks.pop(rid, None))
+
+    def __contains__(self, request_id: RequestId) -> bool:
+        return request_id in self._tasks
 
     def cancel(self, request_id: RequestId) -> None:
         """Stop a handoff (its cleanup frees both sides); no callback follows."""
@@ -107,6 +126,55 @@ class RemotePrefill:
             return
         self.num_remote += 1
         await self._on_ready(chunk)
+
+    async def _run_move(self, request: EngineRequest, source: KVHandle) -> None:
+        try:
+            num_blocks = await self._move_in(request, source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._on_failed(request, exc)
+            return
+        self.num_moved_in += 1
+        self.num_moved_blocks += num_blocks
+
+    async def _move_in(self, request: EngineRequest, handle: KVHandle) -> int:
+        rid = request.request_id
+        info = self._workers().get(handle.worker_id)
+        if info is None:
+            raise Unavailable(f"worker {handle.worker_id} holding the KV is not registered")
+        num_tokens = len(request.token_ids) + len(request.resumed_token_ids)
+        is_reserved = False
+        try:
+            if not request.resumed_token_ids or handle.num_kv_tokens != num_tokens - 1:
+                raise InvalidRequest(
+                    f"the KV covers {handle.num_kv_tokens} tokens; this request has {num_tokens}"
+                )
+            async with self._loop.exclusive() as engine:
+                reservation = engine.reserve(request, is_moved=True)
+            is_reserved = True
+            source = KVSource(
+                worker_id=handle.worker_id,
+                agent_name=handle.kv_agent,
+                agent_metadata=info.kv_agent_metadata,
+                block_descriptors=handle.block_descriptors,
+            )
+            async with asyncio.timeout(self._transfer_timeout_s):
+                num_blocks = await self._connector.pull(source, reservation)
+            async with self._loop.exclusive() as engine:
+                engine.resume(rid)
+            is_reserved = False
+        except BaseException:
+            if is_reserved:
+                async with self._loop.exclusive() as engine:
+                    engine.abort(rid)
+            raise
+        finally:
+            try:  # read or not, the peer may let the blocks go now
+                await self._bus.publish(info.subject, KVRelease(request_id=handle.request_id))
+            except ServingError as exc:
+                logger.warning("KV release not sent request_id=%s error=%s", rid, exc)
+        return num_blocks
 
     async def _handoff(self, request: EngineRequest, prefill_worker_id: InstanceId) -> TokenChunk:
         rid = request.request_id

@@ -104,6 +104,27 @@ def worker_registry(shell: WorkerShell) -> CollectorRegistry:
             "handoffs that failed and were prefilled here instead",
             lambda: role.num_fallbacks,
         )
+        gauge(
+            "baton_worker_moved_in",
+            "streams moved here live from a draining worker, their KV read from it",
+            lambda: remote.num_moved_in if remote is not None else 0,
+        )
+        gauge(
+            "baton_worker_moved_in_blocks",
+            "KV blocks those moves read (blocks cached here already are not read)",
+            lambda: remote.num_moved_blocks if remote is not None else 0,
+        )
+        gauge(
+            "baton_worker_moved_out",
+            "streams this worker gave up while draining (with their KV or without)",
+            lambda: role.num_moved_out,
+        )
+        lender = role.lender
+        gauge(
+            "baton_worker_lent_kv_blocks",
+            "KV blocks held for peers that streams moved to",
+            lambda: lender.num_lent_blocks if lender is not None else 0,
+        )
     if isinstance(role, PrefillRole):
         gauge(
             "baton_worker_hold_timeouts",

@@ -72,6 +72,12 @@ class Role(abc.ABC):
         """A decode worker has read (or given up on) this request's KV (``KVRelease``)."""
         return
 
+    async def hand_off(self) -> int:
+        """At drain: move the in-flight requests to peers rather than finish them here, if the
+        role can (a decode worker's live migration); how many moved. Called once, after new
+        work is refused and before the drain waits for ``in_flight``."""
+        return 0
+
     async def run(self) -> None:
         """Background work the role needs while the worker lives (the shell owns the task)."""
         return

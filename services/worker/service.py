@@ -10,6 +10,7 @@ from services.worker.config import WorkerServiceConfig
 from services.worker.decode import DecodeRole
 from services.worker.handoff import RemotePrefill
 from services.worker.http import http_server
+from services.worker.lender import KVLender
 from services.worker.prefill import PrefillRole
 from services.worker.role import Role, WorkerContext
 from services.worker.runtime import WorkerRuntime, model_card, worker_info, worker_runtime
@@ -56,6 +57,20 @@ def make_role(
             context, runtime.connector, runtime.agent.name, max_hold_s=config.max_hold_s
         )
     role = DecodeRole(context)
+    role.hold_timeout_s = config.max_hold_s
+    if runtime.connector is not None and runtime.agent is not None and config.drain_moves_kv:
+        role.lender = KVLender(
+            context.loop, runtime.connector, runtime.agent.name, context.worker_id
+        )
+        model = config.engine.model
+        role.has_peer = lambda: any(
+            info.role is WorkerRole.DECODE
+            and not info.is_draining
+            and info.kv_agent
+            and info.model == model
+            and info.worker_id != context.worker_id
+            for info in directory.workers.values()
+        )
     if runtime.connector is not None:
         role.remote = RemotePrefill(
             context.bus,

@@ -272,6 +272,9 @@ class WorkerShell:
         in_flight = self.role.in_flight
         try:
             async with asyncio.timeout(timeout_s):
+                num_moved = await self.role.hand_off()
+                if num_moved:
+                    logger.info("[shutdown] streams moved to peers num_moved=%d", num_moved)
                 await in_flight.idle.wait()
         except TimeoutError:
             logger.warning(

@@ -160,11 +160,12 @@ class ScheduledEngine:
         """Free a held request's blocks (full ones stay cached); False if it is not held."""
         return self.scheduler.release(request_id) is not None
 
-    def reserve(self, request: EngineRequest) -> Reservation:
-        """Reserve blocks for a request whose prompt KV will be transferred in; raises
-        ``InvalidRequest`` as ``add_request`` does and ``Overloaded`` when there is no room."""
+    def reserve(self, request: EngineRequest, *, is_moved: bool = False) -> Reservation:
+        """Reserve blocks for a request whose prompt KV (``is_moved``: a running sequence's
+        KV, all but its newest token) will be transferred in; raises ``InvalidRequest`` as
+        ``add_request`` does and ``Overloaded`` when there is no room."""
         seq = self._new_sequence(request)
-        if not self.scheduler.reserve(seq):
+        if not self.scheduler.reserve(seq, is_moved=is_moved):
             stats = self.stats()
             raise Overloaded(
                 f"cannot reserve {seq.num_blocks(self.block_size)} KV blocks for "
@@ -172,7 +173,25 @@ class ScheduledEngine:
                 f"{stats.num_running + stats.num_reserved} sequences running or reserved"
             )
         self.runner.add(seq)
-        return Reservation(block_ids=list(seq.block_table), num_cached_tokens=seq.num_cached_tokens)
+        num_kv_tokens = seq.num_tokens - 1 if is_moved else seq.num_tokens
+        num_kv_blocks = -(-num_kv_tokens // self.block_size)
+        return Reservation(
+            block_ids=seq.block_table[:num_kv_blocks], num_cached_tokens=seq.num_cached_tokens
+        )
+
+    def resume(self, request_id: RequestId) -> None:
+        """Put a reserved, moved-in request in the batch: its KV has arrived. ``KeyError`` if
+        it is not reserved."""
+        self.scheduler.resume(request_id)
+
+    def detach(self, request_id: RequestId) -> tuple[list[int], int]:
+        """Stop decoding a running request here and hold its KV for a peer (live migration):
+        its blocks, in order, and how many tokens their KV covers. ``KeyError`` if it is not
+        running, ``ValueError`` if it is still prefilling. ``release`` frees the blocks."""
+        seq = self.scheduler.detach(request_id)
+        self.runner.remove(request_id)
+        num_blocks = -(-seq.num_computed_tokens // self.block_size)
+        return seq.block_table[:num_blocks], seq.num_computed_tokens
 
     def commit(self, request_id: RequestId, first_token_id: int) -> RequestOutput | None:
         """Put a reserved request in the batch after its first token; returns its finishing

@@ -47,7 +47,8 @@ class EngineRequest:
 class Reservation:
     """Blocks a decode engine reserved for a request's prompt (see ``Engine.reserve``).
 
-    ``block_ids`` cover the whole prompt in order, the last one maybe partial. The first
+    ``block_ids`` cover the whole prompt in order (for a moved-in sequence, every token but
+    its newest), the last one maybe partial. The first
     ``num_cached_tokens // block_size`` of them already hold this prefix in the decode engine's
     own cache (``num_cached_tokens`` is a multiple of the block size), so only the rest need
     their KV transferred.
@@ -165,8 +166,9 @@ class Engine(Protocol):
 
     # --- disaggregation: decode side ------------------------------------------------------------
 
-    def reserve(self, request: EngineRequest) -> Reservation:
-        """Reserve blocks for a request's prompt while its KV is pulled from a prefill worker.
+    def reserve(self, request: EngineRequest, *, is_moved: bool = False) -> Reservation:
+        """Reserve blocks for a request's prompt while its KV is pulled from a prefill worker
+        (``is_moved``: for a running sequence's KV, pulled from a draining peer; see ``resume``).
 
         The request is validated as ``add_request`` does (``InvalidRequest``) and takes no part
         in steps until ``commit``. Raises ``shared.errors.Overloaded`` when there is no room now
@@ -184,6 +186,18 @@ class Engine(Protocol):
         Raises ``KeyError`` if the request is not reserved (aborted meanwhile, say) and
         ``InvalidRequest`` for a token outside the vocabulary.
         """
+
+    def resume(self, request_id: RequestId) -> None:
+        """A moved-in request's KV is in its reserved blocks (every token but its newest, which
+        the caller's ``resumed_token_ids`` ended with): put it in the batch, where the next
+        step computes that token and samples the one after. ``KeyError`` if not reserved."""
+
+    # --- live migration: the side giving a sequence up ------------------------------------------
+
+    def detach(self, request_id: RequestId) -> tuple[list[int], int]:
+        """Stop decoding a running request and hold its blocks for a peer to read (``release``
+        frees them): the block ids, in order, and how many tokens their KV covers (all but the
+        newest). ``KeyError`` if it is not running; ``ValueError`` if it is still prefilling."""
 
 
 def prefill_sampling(sampling: SamplingParams) -> SamplingParams:

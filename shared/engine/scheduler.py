@@ -189,7 +189,7 @@ class Scheduler:
 
     # --- disaggregation ------------------------------------------------------------------------
 
-    def reserve(self, seq: Sequence) -> bool:
+    def reserve(self, seq: Sequence, *, is_moved: bool = False) -> bool:
         """Give a new sequence blocks for its whole prompt, outside the batch, while its KV is
         pulled from a prefill worker. Returns False, changing nothing, when there is no room:
         too few free blocks, or ``max_num_seqs`` sequences already running or reserved.
@@ -197,13 +197,18 @@ class Scheduler:
         Every cached full block of the prompt is reused (``seq.num_cached_tokens`` says how
         many tokens need no transfer): nothing is computed here, so even a last block that the
         prompt fills exactly can be shared. The other blocks are private until ``commit``.
+
+        ``is_moved``: a running sequence moving in from a peer (live migration; its tokens are
+        prompt and output). Its KV covers every token but the newest, which the next step
+        computes here, so the cached prefix stops before that token (as for a new sequence);
+        ``resume`` puts it in the batch.
         """
         if self.get(seq.request_id) is not None:
             raise ValueError(f"request {seq.request_id} is already scheduled")
         if len(self.running) + len(self.reserved) >= self.config.max_num_seqs:
             return False
         bm = self.block_manager
-        cached_block_ids = bm.match_prefix(seq, num_tokens=seq.num_tokens)
+        cached_block_ids = bm.match_prefix(seq, num_tokens=None if is_moved else seq.num_tokens)
         if not bm.can_allocate(seq, cached_block_ids):
             return False
         bm.allocate(seq, cached_block_ids)
@@ -225,6 +230,34 @@ class Scheduler:
         reason = self._check_finish(seq, first_token_id)
         if reason is not None:
             self._finish(seq, reason)
+        return seq
+
+    def resume(self, request_id: RequestId) -> Sequence:
+        """The reserved, moved-in sequence's KV has arrived (every token but its newest): cache
+        its full blocks and put it in the batch, where the next step feeds it its newest token.
+        Raises ``KeyError`` if it is not reserved."""
+        seq = self.reserved.pop(request_id)
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.block_manager.cache_full_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running[request_id] = seq
+        self._seqs[request_id] = seq
+        return seq
+
+    def detach(self, request_id: RequestId) -> Sequence:
+        """Take a decoding sequence out of the batch and hold its blocks (``HELD``, finished
+        with ``ABORT`` here) for a peer to read until ``release``. The KV of its first
+        ``num_computed_tokens`` tokens (all but the newest) is in the first blocks.
+        Raises ``KeyError`` if it is not running, ``ValueError`` if it is still prefilling (its
+        KV would not cover all but its newest token)."""
+        seq = self.running[request_id]
+        if seq.num_computed_tokens != seq.num_tokens - 1:
+            raise ValueError(f"{request_id} is still prefilling")
+        del self.running[request_id]
+        del self._seqs[request_id]
+        seq.status = SequenceStatus.HELD
+        seq.finish_reason = FinishReason.ABORT
+        self.held[request_id] = seq
         return seq
 
     def held_blocks(self, request_id: RequestId) -> list[int]:
