@@ -8,6 +8,7 @@ from shared.config import doc
 from shared.engine.config import EngineConfig, WorkerConfig
 
 ROLES = {"prefill": WorkerRole.PREFILL, "decode": WorkerRole.DECODE}
+DRAIN_HANDOFFS = ("kv", "recompute", "finish")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,17 +30,22 @@ class WorkerServiceConfig:
             " decode, draining: free a moved stream's KV this long after the move"
         ),
     )
-    drain_moves_kv: bool = field(
-        default=True,
+    drain_handoff: str = field(
+        default="kv",
         metadata=doc(
-            "decode: on drain, move running streams with their KV to a peer (live migration)"
-            " rather than finish them here"
+            "decode, on drain (SIGTERM), when a decode peer is live: kv (move the streams with"
+            " their KV: live migration), recompute (move them; the peer recomputes their KV)"
+            " or finish (finish them here, up to the drain timeout)"
         ),
     )
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {sorted(ROLES)}, got {self.role!r}")
+        if self.drain_handoff not in DRAIN_HANDOFFS:
+            raise ValueError(
+                f"drain_handoff must be one of {DRAIN_HANDOFFS}, got {self.drain_handoff!r}"
+            )
         for name in ("prefill_timeout_s", "transfer_timeout_s", "max_hold_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -28,7 +28,7 @@ from proto.messages import (
 )
 from services.worker.handoff import RemotePrefill
 from services.worker.inflight import InFlight
-from services.worker.lender import KVLender
+from services.worker.lender import Detached, KVLender
 from services.worker.objectives import Admission
 from services.worker.role import Role, WorkerContext
 from shared.codec import encode
@@ -65,6 +65,7 @@ class DecodeRole(Role):
         self.num_fallbacks = 0
         self.num_moved_out = 0  # streams handed off at drain, with their KV or without
         self.hold_timeout_s = 30.0  # how long moved streams' KV waits for their new workers
+        self.drain_handoff = "kv"  # what a drain does with the streams (see the config)
         self._log = RateLimitedLog(logger)
         self._moving: asyncio.Future[None] | None = None  # set while a drain moves streams
 
@@ -150,11 +151,12 @@ class DecodeRole(Role):
     # --- live migration out (drain) ------------------------------------------------------------
 
     async def hand_off(self) -> int:
-        """Move every stream to a peer (see ``lender``), running ones with their KV, at the
-        next step boundary; then wait until the peers have read the KV (at most
-        ``hold_timeout_s``). Returns how many streams moved; 0, changing nothing, when this
-        worker cannot give KV or no decode peer is live (the streams then finish here)."""
-        if self.lender is None or not self.in_flight or not self.has_peer():
+        """Move every stream to a peer at the next step boundary (see ``lender``): running
+        ones with their KV (``drain_handoff`` "kv", when this worker can give KV) or without
+        it ("recompute"); then wait until the peers have read the KV (at most
+        ``hold_timeout_s``). Returns how many streams moved; 0, changing nothing, for "finish"
+        or when no decode peer is live (the streams then finish here)."""
+        if self.drain_handoff == "finish" or not self.in_flight or not self.has_peer():
             return 0
         self._moving = asyncio.get_running_loop().create_future()
         async with self.context.loop.exclusive() as engine:
@@ -168,18 +170,23 @@ class DecodeRole(Role):
         else:
             await self._move_out()
         num_moved = self.num_moved_out
-        await self.lender.wait_released(self.hold_timeout_s)
+        if self.lender is not None:
+            await self.lender.wait_released(self.hold_timeout_s)
         return num_moved
 
     async def _move_out(self) -> None:
         moving, lender = self._moving, self.lender
-        if moving is None or moving.done() or lender is None:
+        if moving is None or moving.done():
             return
         remote = self.remote
         async with self.context.loop.exclusive() as engine:
             request_ids = list(self.in_flight)
             in_handoff = [rid for rid in request_ids if remote is not None and rid in remote]
-            detached = lender.detach(engine, [rid for rid in request_ids if rid not in in_handoff])
+            in_engine = [rid for rid in request_ids if rid not in in_handoff]
+            if lender is not None and self.drain_handoff == "kv":
+                detached = lender.detach(engine, in_engine)
+            else:
+                detached = Detached({}, in_engine)
             for rid in detached.without_kv:
                 engine.abort(rid)
         for rid in in_handoff:  # its cleanup frees the reservation and the prefill worker

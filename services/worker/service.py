@@ -58,19 +58,18 @@ def make_role(
         )
     role = DecodeRole(context)
     role.hold_timeout_s = config.max_hold_s
-    if runtime.connector is not None and runtime.agent is not None and config.drain_moves_kv:
-        role.lender = KVLender(
-            context.loop, runtime.connector, runtime.agent.name, context.worker_id
-        )
-        model = config.engine.model
-        role.has_peer = lambda: any(
-            info.role is WorkerRole.DECODE
-            and not info.is_draining
-            and info.kv_agent
-            and info.model == model
-            and info.worker_id != context.worker_id
-            for info in directory.workers.values()
-        )
+    role.drain_handoff = config.drain_handoff
+    if runtime.connector is not None and runtime.agent is not None:
+        agent_name = runtime.agent.name
+        role.lender = KVLender(context.loop, runtime.connector, agent_name, context.worker_id)
+    model = config.engine.model
+    role.has_peer = lambda: any(
+        info.role is WorkerRole.DECODE
+        and not info.is_draining
+        and info.model == model
+        and info.worker_id != context.worker_id
+        for info in directory.workers.values()
+    )
     if runtime.connector is not None:
         role.remote = RemotePrefill(
             context.bus,
