@@ -4,13 +4,15 @@
 #
 #   docker build -t baton .                                       # online, from python:3.11-slim
 #   docker build --build-arg EXTRAS=engine -t baton-engine .      # + torch, for --engine torch
+#   docker build --build-arg EXTRAS=k8s -t baton-planner .        # + lightkube, for k8s/planner
 #   pip wheel -w wheels . setuptools                              # offline: a wheelhouse first,
 #   docker build --build-arg WHEELS=wheels -t baton .             #   then no index is reached
 #
 # Build args:
 #   BASE    any Debian-like image with python3 >= 3.11, venv and useradd
 #           (e.g. baton-base:bookworm, built by ../shared/docker/engine.sh where no registry answers)
-#   EXTRAS  extras of the baton distribution, comma-separated: "engine" (torch); an extra the
+#   EXTRAS  extras of the baton distribution, comma-separated: "engine" (torch), "k8s" (lightkube,
+#           for the planner's kubernetes connector: the baton-planner image); an extra the
 #           source does not declare (e.g. "vllm" before it exists) only draws a pip warning
 #   WHEELS  a wheelhouse directory inside the build context (.dockerignore lets `wheels/` and
 #           `wheelhouse/` through): pip installs from it alone, with --no-index. It must hold

@@ -1,5 +1,6 @@
 """The planner's configuration."""
 
+import re
 from dataclasses import dataclass, field
 
 from proto.subjects import check_token
@@ -10,6 +11,61 @@ from shared.security import ClusterSecurity
 from shared.slo import SLOConfig
 
 CONNECTORS = ("dry-run", "local", "kubernetes")
+
+# Kubernetes names: a namespace is a DNS-1123 label, a Deployment's name a DNS-1123 subdomain.
+_DNS_PART = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_LABEL = re.compile(rf"(?=.{{1,63}}$){_DNS_PART}")
+_DNS_SUBDOMAIN = re.compile(rf"(?=.{{1,253}}$){_DNS_PART}(\.{_DNS_PART})*")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KubernetesConfig:
+    """Where ``--connector kubernetes`` finds the API server and the workers' Deployments."""
+
+    k8s_namespace: str = field(
+        default="",
+        metadata=doc(
+            "Kubernetes namespace of the worker Deployments (default: the pod's own in a "
+            "cluster, else the kubeconfig context's, else default)"
+        ),
+    )
+    k8s_decode_deployment: str = field(
+        default="baton-decode", metadata=doc("Deployment of the decode workers")
+    )
+    k8s_prefill_deployment: str = field(
+        default="baton-prefill", metadata=doc("Deployment of the prefill workers")
+    )
+    k8s_api_url: str = field(
+        default="",
+        metadata=doc(
+            "Kubernetes API server URL, replacing the one found (e.g. http://127.0.0.1:8001 "
+            "for kubectl proxy; default: in-cluster, else the kubeconfig's)"
+        ),
+    )
+    k8s_kubeconfig: str = field(
+        default="",
+        metadata=doc(
+            "kubeconfig file (default: the pod's service account in a cluster, else "
+            "$KUBECONFIG, else ~/.kube/config)"
+        ),
+    )
+    k8s_timeout_s: float = field(
+        default=2.0, metadata=doc("longest wait for the Kubernetes API on one scaling")
+    )
+
+    def __post_init__(self) -> None:
+        if self.k8s_namespace and not _DNS_LABEL.fullmatch(self.k8s_namespace):
+            raise ValueError(f"k8s_namespace must be a DNS-1123 label, got {self.k8s_namespace!r}")
+        for name in ("k8s_decode_deployment", "k8s_prefill_deployment"):
+            if not _DNS_SUBDOMAIN.fullmatch(getattr(self, name)):
+                raise ValueError(
+                    f"{name} must be a Deployment name (DNS-1123 subdomain), "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.k8s_api_url and not self.k8s_api_url.startswith(("http://", "https://")):
+            raise ValueError(f"k8s_api_url must be an http(s) URL, got {self.k8s_api_url!r}")
+        if self.k8s_timeout_s <= 0:
+            raise ValueError(f"k8s_timeout_s must be > 0, got {self.k8s_timeout_s}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,7 +82,7 @@ class PlannerConfig:
         default="dry-run",
         metadata=doc(
             "what a decision does: dry-run (log it), local (publish ScaleCommand for baton up), "
-            "kubernetes (not built yet)"
+            "kubernetes (set the worker Deployments' replicas; needs baton[k8s])"
         ),
     )
     interval_s: float = field(default=1.0, metadata=doc("seconds between decisions"))
@@ -75,6 +131,7 @@ class PlannerConfig:
     port: int = field(default=0, metadata=doc("HTTP port (0 picks a free one)"))
     log_level: str = field(default="info", metadata=doc("logging level"))
     security: ClusterSecurity = field(default_factory=ClusterSecurity)  # NATS and etcd
+    k8s: KubernetesConfig = field(default_factory=KubernetesConfig)  # --connector kubernetes
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")

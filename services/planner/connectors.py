@@ -1,19 +1,22 @@
-"""What a decision does: log it, or tell the local launcher; Kubernetes is not built yet."""
+"""What a decision does: log it, tell the local launcher, or scale Kubernetes Deployments."""
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 from proto import subjects
 from proto.messages import InstanceId, ScaleCommand, WorkerRole
+from services.planner.config import PlannerConfig
 from services.planner.policy import Decision
 from services.planner.signals import Role
 from shared.bus import Bus
 
 logger = logging.getLogger(__name__)
 
-KUBERNETES_NOT_BUILT = (
-    "the kubernetes connector is not built yet (it would set the workers' Deployment "
-    "replicas); use --connector dry-run or local"
+KUBERNETES_NEEDS_EXTRA = (
+    "the kubernetes connector needs lightkube, which the k8s extra installs: "
+    "pip install 'baton[k8s]' (images: docker build --build-arg EXTRAS=k8s)"
 )
 
 _WORKER_ROLE = {Role.DECODE: WorkerRole.DECODE, Role.PREFILL: WorkerRole.PREFILL}
@@ -66,12 +69,18 @@ class LocalConnector:
         await self._bus.publish(self._subject, command)
 
 
-def make_connector(name: str, bus: Bus, namespace: str, planner_id: str) -> Connector:
-    """The connector ``name`` (see ``PlannerConfig.connector``)."""
-    if name == "dry-run":
-        return DryRunConnector()
-    if name == "local":
-        return LocalConnector(bus, namespace, planner_id)
-    if name == "kubernetes":
-        raise NotImplementedError(KUBERNETES_NOT_BUILT)
-    raise ValueError(f"unknown connector {name!r}")
+@asynccontextmanager
+async def open_connector(config: PlannerConfig, bus: Bus) -> AsyncIterator[Connector]:
+    """The connector ``config.connector`` names, with what it holds closed on exit."""
+    if config.connector == "dry-run":
+        yield DryRunConnector()
+    elif config.connector == "local":
+        yield LocalConnector(bus, config.namespace, config.planner_id)
+    elif config.connector == "kubernetes":
+        # Imported here: lightkube is an extra, and the other connectors run without it.
+        from services.planner.kubernetes import kubernetes_connector
+
+        async with kubernetes_connector(config.k8s, config.limits()) as connector:
+            yield connector
+    else:
+        raise ValueError(f"unknown connector {config.connector!r}")

@@ -8,7 +8,7 @@ from aiohttp import web
 from proto import subjects
 from services.planner.app import build_app
 from services.planner.config import PlannerConfig
-from services.planner.connectors import make_connector
+from services.planner.connectors import open_connector
 from services.planner.planner import Planner
 from shared.bus import Bus
 from shared.discovery import Discovery
@@ -25,8 +25,9 @@ async def serve(config: PlannerConfig, stopping: asyncio.Event | None = None) ->
         Bus.connect(config.nats_url, name=config.planner_id, security=config.security.nats) as bus,
         Discovery.connect(config.etcd_url, security=config.security.etcd) as discovery,
         discovery.watch_workers(ns) as directory,
+        open_connector(config, bus) as connector,
     ):
-        planner = Planner(config, make_connector(config.connector, bus, ns, config.planner_id))
+        planner = Planner(config, connector)
         planner.observer.sync_workers(directory.workers)
         runner = web.AppRunner(build_app(planner, bus), access_log=None)
         await runner.setup()

@@ -1,5 +1,6 @@
 """k8s/: every overlay renders, validates against the Kubernetes schemas, and keeps the promises
-docs/deploy.md makes (HTTP probes, resources, drains that fit the grace period, PDBs).
+docs/deploy.md makes (HTTP probes, resources, drains that fit the grace period, PDBs, the
+planner's RBAC).
 
 ``render`` is a small kustomize for the subset k8s/ uses (resources, strategic-merge patches by
 path), so this runs without kubectl; where ``kubectl kustomize`` exists, its output must match.
@@ -14,10 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
+from services.planner.config import KubernetesConfig
+
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
-OVERLAYS = ("agg", "disagg", "disagg-router", "gpu")
+OVERLAYS = ("agg", "disagg", "disagg-router", "gpu", "agg-planner", "disagg-planner")
+PLANNER_OVERLAYS = ("agg-planner", "disagg-planner")
 # The oldest Kubernetes still commonly run, and the newest schema the package bundles.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # Lists that strategic merge combines item by item, matched on "name" (Kubernetes' merge key
@@ -217,6 +221,46 @@ def test_gpu_overlay_gives_each_torch_decode_worker_a_gpu():
         c for name, s in pod_specs("gpu").items() if name != "baton-decode" for c in s["containers"]
     ]
     assert all("nvidia.com/gpu" not in c["resources"].get("limits", {}) for c in others)
+
+
+@pytest.mark.parametrize("overlay", PLANNER_OVERLAYS)
+def test_planner_scales_the_overlays_worker_deployments_with_only_the_rights_it_needs(overlay):
+    found = objects(overlay)
+    spec = found[("Deployment", "baton-planner")]["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}  # never two planners at once
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["baton-planner", "--connector", "kubernetes"]
+    env = env_of(container)
+    assert env["BATON_PLANNER_K8S_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # The Deployments it scales: the ones its defaults name, and the overlay holds.
+    defaults = KubernetesConfig()
+    decode = env["BATON_PLANNER_K8S_DECODE_DEPLOYMENT"]
+    prefill = env["BATON_PLANNER_K8S_PREFILL_DEPLOYMENT"]
+    assert (decode, prefill) == (defaults.k8s_decode_deployment, defaults.k8s_prefill_deployment)
+    assert ("Deployment", decode) in found
+    plans_prefill = int(env["BATON_PLANNER_MAX_PREFILL_WORKERS"]) > 0
+    assert plans_prefill == (("Deployment", prefill) in found)
+    # Its identity: a ServiceAccount bound to a Role that reads the worker Deployments and
+    # reads and writes their scale subresource, as the connector does, and nothing more.
+    assert pod["serviceAccountName"] == "baton-planner"
+    assert found[("ServiceAccount", "baton-planner")]
+    binding = found[("RoleBinding", "baton-planner")]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "baton-planner",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "baton-planner"}]
+    rules = found[("Role", "baton-planner")]["rules"]
+    workers = [decode, prefill]
+    assert rules == [
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": workers,
+         "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["deployments/scale"], "resourceNames": workers,
+         "verbs": ["get", "patch"]},
+    ]  # fmt: skip
 
 
 def test_render_refuses_lists_it_cannot_merge():
