@@ -1,13 +1,22 @@
-"""Failover benchmark: streams that outlive a decode worker killed with SIGKILL.
+"""Failover benchmark: streams that outlive a worker killed (SIGKILL) or drained (SIGTERM).
 
 A supervised cluster as ``baton up`` starts it (``--workers`` decode workers) serves
 ``--streams`` concurrent streaming completions twice with the same prompts: once undisturbed,
-once with one decode worker killed ``--kill-after-s`` into the run. It reports how many streams
-completed, whether every text equals the undisturbed run's (greedy and seeded sampling), when
-the frontend noticed (its ``baton_frontend_silent_workers_total``), how many streams moved, and
-when the supervisor's replacement worker was ready again (the time the cluster ran one short).
+once with a fault ``--kill-after-s`` into the run. It reports how many streams completed,
+whether every text equals the undisturbed run's (greedy and seeded sampling), how many streams
+moved, and the longest pause a client saw between two chunks (p50/p99/max over the streams).
+
+- ``--fault kill``: SIGKILL one decode worker; also when the frontend noticed (its
+  ``baton_frontend_silent_workers_total``) and when the supervisor's replacement was ready
+  (the time the cluster ran one short).
+- ``--fault drain``: SIGTERM one decode worker, which hands its streams to the other
+  (``--drain-handoff kv``: with their KV, a live migration; ``recompute``: the other recomputes
+  the KV); also how long the drain took (SIGTERM to exit) and the KV bytes moved.
+- ``--fault kill-prefill``: a cluster with one prefill worker that every prompt goes to;
+  SIGKILL it; the decode workers prefill locally instead (their fallbacks are counted).
 
     .venv/bin/python bench/failover.py --streams 1000 --json /tmp/failover.json
+    .venv/bin/python bench/failover.py --fault drain --drain-handoff kv --json /tmp/drain-kv.json
 """
 
 import argparse
@@ -42,15 +51,24 @@ def body(i: int, args: argparse.Namespace, sampling: dict[str, Any]) -> dict[str
     }
 
 
-async def one(session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> str | None:
-    """The streamed text, or None if the stream failed in any way."""
+async def one(
+    session: aiohttp.ClientSession, url: str, payload: dict[str, Any], gaps: list[float]
+) -> str | None:
+    """The streamed text, or None if the stream failed in any way; appends to ``gaps`` the
+    longest pause between two of its chunks after the first."""
     parts: list[str] = []
+    longest = 0.0
+    last: float | None = None
     try:
         async with session.post(f"{url}/v1/completions", json=payload) as resp:
             if resp.status != 200:
                 return None
             async for line in resp.content:
                 if line.startswith(b"data: {"):
+                    now = time.monotonic()
+                    if last is not None:
+                        longest = max(longest, now - last)
+                    last = now
                     event = json.loads(line[6:])
                     if "error" in event:
                         return None
@@ -58,6 +76,7 @@ async def one(session: aiohttp.ClientSession, url: str, payload: dict[str, Any])
                         parts.append(event["choices"][0].get("text") or "")
     except aiohttp.ClientError:
         return None
+    gaps.append(longest)
     return "".join(parts)
 
 
@@ -67,32 +86,53 @@ def metric(url: str, name: str) -> float:
     return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name))
 
 
-def decode_pids(root_pid: int) -> set[int]:
+def role_pids(root_pid: int, role: str = "decode") -> set[int]:
     root = psutil.Process(root_pid)
     return {
-        p.pid for p in root.children(recursive=True) if "--role decode" in " ".join(p.cmdline())
+        p.pid for p in root.children(recursive=True) if f"--role {role}" in " ".join(p.cmdline())
     }
 
 
-def worker_ready(pid: int) -> bool:
-    """The worker at ``pid`` answers /ready (found among its listening sockets)."""
+def worker_url(pid: int) -> str | None:
+    """The HTTP address of the worker at ``pid`` (the one of its listening sockets that
+    answers /health)."""
     with contextlib.suppress(psutil.Error, OSError):
         for conn in psutil.Process(pid).net_connections(kind="tcp"):
             if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1":
-                with contextlib.suppress(OSError):
-                    url = f"http://127.0.0.1:{conn.laddr.port}/ready"
-                    with urllib.request.urlopen(url, timeout=1) as resp:
-                        if resp.status == 200:
-                            return True
+                url = f"http://127.0.0.1:{conn.laddr.port}"
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(f"{url}/health", timeout=1) as resp,
+                ):
+                    if resp.status == 200:
+                        return url
+    return None
+
+
+def worker_ready(pid: int) -> bool:
+    """The worker at ``pid`` answers /ready."""
+    url = worker_url(pid)
+    if url is None:
+        return False
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ready", timeout=1) as resp:
+        return bool(resp.status == 200)
     return False
 
 
-async def run(args: argparse.Namespace, url: str, sampling: dict[str, Any]) -> list[str | None]:
+def decode_metric(root_pid: int, name: str) -> float:
+    """``name`` summed over the live decode workers."""
+    urls = [u for pid in role_pids(root_pid) if (u := worker_url(pid)) is not None]
+    return sum(metric(u, name) for u in urls)
+
+
+async def run(
+    args: argparse.Namespace, url: str, sampling: dict[str, Any], gaps: list[float]
+) -> list[str | None]:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         return await asyncio.gather(
-            *[one(session, url, body(i, args, sampling)) for i in range(args.streams)]
+            *[one(session, url, body(i, args, sampling), gaps) for i in range(args.streams)]
         )
 
 
@@ -104,35 +144,54 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 120.0) -> None
             await asyncio.sleep(0.02)
 
 
-def killed_run(
-    args: argparse.Namespace, url: str, sampling: dict[str, Any]
+def faulted_run(
+    args: argparse.Namespace, url: str, sampling: dict[str, Any], gaps: list[float]
 ) -> tuple[list[str | None], dict[str, float]]:
     root = os.getpid()
-    victims = sorted(decode_pids(root))
+    role = "prefill" if args.fault == "kill-prefill" else "decode"
+    victims = sorted(role_pids(root, role))
     victim = victims[0]
     facts: dict[str, float] = {}
 
     async def main() -> list[str | None]:
-        task = asyncio.create_task(run(args, url, sampling))
+        task = asyncio.create_task(run(args, url, sampling, gaps))
         await asyncio.sleep(args.kill_after_s)
-        facts["in_flight_at_kill"] = metric(url, "baton_frontend_in_flight_requests")
+        facts["in_flight_at_fault"] = metric(url, "baton_frontend_in_flight_requests")
         silent_before = metric(url, "baton_frontend_silent_workers_total")
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        await until(lambda: metric(url, "baton_frontend_silent_workers_total") > silent_before)
-        facts["detect_s"] = time.monotonic() - killed
+        fallbacks_before = decode_metric(root, "baton_worker_prefill_fallbacks")
+        moved_bytes_before = decode_metric(root, "baton_worker_moved_in_bytes")
+        process = psutil.Process(victim)
+        os.kill(victim, signal.SIGTERM if args.fault == "drain" else signal.SIGKILL)
+        faulted = time.monotonic()
+        if args.fault == "drain":
+            await until(lambda: not process.is_running() or process.status() == "zombie")
+            facts["drain_s"] = time.monotonic() - faulted
+        elif args.fault == "kill":
+            await until(lambda: metric(url, "baton_frontend_silent_workers_total") > silent_before)
+            facts["detect_s"] = time.monotonic() - faulted
 
         def replaced() -> bool:
-            fresh = decode_pids(root) - set(victims)
+            fresh = role_pids(root, role) - set(victims)
             return bool(fresh) and all(worker_ready(p) for p in fresh)
 
         await until(replaced)
-        facts["one_short_s"] = time.monotonic() - killed
+        facts["one_short_s"] = time.monotonic() - faulted
         texts = await task
-        facts["streams_done_after_kill_s"] = time.monotonic() - killed
+        facts["streams_done_after_fault_s"] = time.monotonic() - faulted
+        facts["prefill_fallbacks"] = (
+            decode_metric(root, "baton_worker_prefill_fallbacks") - fallbacks_before
+        )
+        facts["moved_kv_bytes"] = (
+            decode_metric(root, "baton_worker_moved_in_bytes") - moved_bytes_before
+        )
         return texts
 
     return asyncio.run(main()), facts
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def main() -> None:
@@ -141,13 +200,20 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=200)
     p.add_argument("--output-tokens", type=int, default=200)
-    p.add_argument("--kill-after-s", type=float, default=6.0)
+    p.add_argument("--kill-after-s", type=float, default=6.0, help="when the fault happens")
+    p.add_argument("--fault", choices=("kill", "drain", "kill-prefill"), default="kill")
+    p.add_argument("--drain-handoff", choices=("kv", "recompute"), default="kv")
     p.add_argument("--speedup", type=float, default=0.5, help="sim time divisor (< 1: slower)")
     p.add_argument("--json", default="")
     args = p.parse_args()
+    os.environ["BATON_DECODE_DRAIN_HANDOFF"] = args.drain_handoff
+    if args.fault == "kill-prefill":  # every prompt to the prefill worker
+        os.environ["BATON_ROUTER_MIN_REMOTE_PREFILL_TOKENS"] = "1"
+        os.environ["BATON_ROUTER_MIN_REMOTE_PREFILL_FRACTION"] = "0"
     up = UpConfig(
         port=0,
         num_workers=args.workers,
+        num_prefill_workers=1 if args.fault == "kill-prefill" else 0,
         speedup=args.speedup,
         namespace=f"failover{uuid.uuid4().hex[:6]}",
         log_dir=tempfile.mkdtemp(prefix="baton-failover-"),
@@ -160,10 +226,11 @@ def main() -> None:
             ("seeded", {"temperature": 0.8, "seed": 11}),
         ):
             started = time.monotonic()
-            expected = asyncio.run(run(args, cluster.url, sampling))
+            expected = asyncio.run(run(args, cluster.url, sampling, []))
             undisturbed_s = time.monotonic() - started
             moved_before = metric(cluster.url, "baton_frontend_migrations_total")
-            got, facts = killed_run(args, cluster.url, sampling)
+            gaps: list[float] = []
+            got, facts = faulted_run(args, cluster.url, sampling, gaps)
             moved = metric(cluster.url, "baton_frontend_migrations_total") - moved_before
             row = {
                 "undisturbed_completed": sum(t is not None for t in expected),
@@ -171,16 +238,31 @@ def main() -> None:
                 "completed": sum(t is not None for t in got),
                 "identical": sum(1 for a, b in zip(expected, got, strict=True) if a == b and a),
                 "streams_moved": moved,
+                "longest_pause_p50_s": quantile(gaps, 0.5),
+                "longest_pause_p99_s": quantile(gaps, 0.99),
+                "longest_pause_max_s": max(gaps, default=float("nan")),
                 **facts,
             }
             results["runs"][name] = row
+            how = {
+                "kill": f"detected in {row.get('detect_s', float('nan')):.2f} s",
+                "drain": (
+                    f"drained in {row.get('drain_s', float('nan')):.2f} s, "
+                    f"{row['moved_kv_bytes'] / 1e6:.1f} MB of KV moved"
+                ),
+                "kill-prefill": f"{row['prefill_fallbacks']:.0f} prefills fell back",
+            }[args.fault]
             print(
-                f"{name}: {row['completed']}/{args.streams} completed after the kill, "
+                f"{name} ({args.fault}"
+                f"{', ' + args.drain_handoff if args.fault == 'drain' else ''}): "
+                f"{row['completed']}/{args.streams} completed, "
                 f"{row['identical']} identical to the undisturbed run; "
-                f"{row['in_flight_at_kill']:.0f} in flight at the kill, {moved:.0f} moved; "
-                f"detected in {row['detect_s']:.2f} s; replacement ready after "
-                f"{row['one_short_s']:.1f} s (the cluster ran one worker short that long); "
-                f"all streams done {row['streams_done_after_kill_s']:.1f} s after the kill "
+                f"{row['in_flight_at_fault']:.0f} in flight at the fault, {moved:.0f} moved; "
+                f"{how}; longest pause per stream p50/p99/max "
+                f"{row['longest_pause_p50_s']:.2f}/{row['longest_pause_p99_s']:.2f}/"
+                f"{row['longest_pause_max_s']:.2f} s; replacement ready after "
+                f"{row['one_short_s']:.1f} s; all streams done "
+                f"{row['streams_done_after_fault_s']:.1f} s after the fault "
                 f"(an undisturbed run took {undisturbed_s:.1f} s)"
             )
     if args.json:

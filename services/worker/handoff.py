@@ -82,6 +82,7 @@ class RemotePrefill:
         self.num_remote = 0
         self.num_moved_in = 0  # live migrations whose KV arrived
         self.num_moved_blocks = 0  # blocks those read (the rest were cached here)
+        self.num_moved_bytes = 0
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -137,6 +138,8 @@ class RemotePrefill:
             return
         self.num_moved_in += 1
         self.num_moved_blocks += num_blocks
+        if source.block_descriptors:  # every block has one size
+            self.num_moved_bytes += num_blocks * source.block_descriptors[0][1]
 
     async def _move_in(self, request: EngineRequest, handle: KVHandle) -> int:
         rid = request.request_id

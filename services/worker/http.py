@@ -115,6 +115,11 @@ def worker_registry(shell: WorkerShell) -> CollectorRegistry:
             lambda: remote.num_moved_blocks if remote is not None else 0,
         )
         gauge(
+            "baton_worker_moved_in_bytes",
+            "KV bytes those moves read",
+            lambda: remote.num_moved_bytes if remote is not None else 0,
+        )
+        gauge(
             "baton_worker_moved_out",
             "streams this worker gave up while draining (with their KV or without)",
             lambda: role.num_moved_out,
