@@ -10,6 +10,7 @@ Built for tens of thousands of concurrent streams:
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -65,6 +66,27 @@ async def publish_chunks(
 # After NATS reconnects, a placed stream with no chunk for this long may have lost its last
 # ones (published while this process was cut off, then nothing more to come): it resumes.
 RECONNECT_GRACE_S = 3.0
+
+
+def is_idle(
+    silent_s: float, worker_quiet_s: float, idle_timeout_s: float, max_idle_s: float
+) -> bool:
+    """Whether the idle sweep fails a placed stream that has had no chunk for ``silent_s``
+    and whose worker has been quiet (no load report, token batch or answer) for
+    ``worker_quiet_s`` (infinite when it is gone or unknown).
+
+    Silence alone is not enough: a worker that is heard from is alive and may simply hold
+    the request in its queue, behind a full batch, for minutes under a burst. So the stream
+    fails once both it and its worker have been silent for ``idle_timeout_s`` (a hung
+    worker), or once the stream alone has been for ``max_idle_s`` (a request its live worker
+    lost, or an engine stuck while its process still reports). A ``max_idle_s`` no longer
+    than ``idle_timeout_s`` makes the stream's own silence enough. The worker's window is
+    ``idle_timeout_s`` too, not a short one: a busy frontend reads load reports late, and
+    queued streams are the many. (A dead worker's streams move far sooner, by the
+    frontend's silence probe or the lease, not here.)"""
+    if silent_s <= idle_timeout_s:
+        return False
+    return worker_quiet_s > idle_timeout_s or silent_s > max_idle_s
 
 
 class StreamGap(Unavailable):
@@ -149,6 +171,9 @@ class StreamDemux:
         self.bad_messages = BadMessages(RateLimitedLog(logger), "token batch")
         # Told the sender of every batch (the frontend: that worker is alive).
         self.on_batch: Callable[[InstanceId], None] | None = None
+        # How long a worker has been quiet, in seconds (infinite if gone), for the idle
+        # sweep (``is_idle``); unset, every worker counts as quiet.
+        self.worker_quiet_s: Callable[[InstanceId], float] | None = None
 
     async def start(self) -> None:
         await self._bus.subscribe(self.subject, self._on_message)
@@ -187,17 +212,25 @@ class StreamDemux:
             stream.fail(error)
         return len(failed)
 
-    def fail_idle(self, idle_timeout_s: float, now_s: float) -> int:
-        """Fail every placed stream that has had no chunk for ``idle_timeout_s``."""
-        idle = [
-            s
-            for s in self._streams.values()
-            if s.worker_id is not None and now_s - s.last_active_s > idle_timeout_s
-        ]
-        for stream in idle:
-            stream.fail(
-                DeadlineExceeded(f"no tokens from worker {stream.worker_id} for {idle_timeout_s} s")
-            )
+    def fail_idle(self, idle_timeout_s: float, now_s: float, max_idle_s: float = math.inf) -> int:
+        """Fail every placed stream that ``is_idle``: no chunk for ``idle_timeout_s`` while
+        its worker was quiet as long, or none for ``max_idle_s``. Returns how many."""
+        quiet_s = self.worker_quiet_s
+        idle = []
+        for stream in self._streams.values():
+            worker_id = stream.worker_id
+            silent_s = now_s - stream.last_active_s
+            if worker_id is None or silent_s <= idle_timeout_s:
+                continue  # the common case, decided without asking about the worker
+            worker_quiet_s = math.inf if quiet_s is None else quiet_s(worker_id)
+            if is_idle(silent_s, worker_quiet_s, idle_timeout_s, max_idle_s):
+                idle.append((stream, worker_quiet_s))
+        for stream, worker_quiet_s in idle:
+            if worker_quiet_s > idle_timeout_s:
+                why = f"for {idle_timeout_s} s, and nothing else from it either"
+            else:
+                why = f"for {max_idle_s} s, though it is alive"
+            stream.fail(DeadlineExceeded(f"no tokens from worker {stream.worker_id} {why}"))
         return len(idle)
 
     def mark_reconnected(self) -> None:
@@ -221,13 +254,13 @@ class StreamDemux:
                 "streams quiet since the bus reconnected resume num_streams=%d", len(quiet)
             )
 
-    async def expire_idle(self, idle_timeout_s: float) -> None:
-        """Sweep for silent streams until cancelled (a stream's silence is caught within
-        1.25 x ``idle_timeout_s``)."""
+    async def expire_idle(self, idle_timeout_s: float, max_idle_s: float = math.inf) -> None:
+        """Sweep for idle streams (``fail_idle``) until cancelled; one is caught within a
+        quarter of ``idle_timeout_s`` past its limit."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(idle_timeout_s / 4)
-            failed = self.fail_idle(idle_timeout_s, loop.time())
+            failed = self.fail_idle(idle_timeout_s, loop.time(), max_idle_s)
             if failed:
                 logger.warning("silent streams failed num_streams=%d", failed)
 

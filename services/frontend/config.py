@@ -20,7 +20,8 @@ class FrontendConfig:
         default=1,
         metadata=doc(
             "processes serving this port together (SO_REUSEPORT, each with its own NATS "
-            "connection); 0: one per core, at least 2"
+            "connection); 0: one per core (2 to 8), or more if 50,000 connections need them "
+            "for their open files (docs/performance.md)"
         ),
     )
     reuse_port: bool = field(
@@ -62,7 +63,19 @@ class FrontendConfig:
         ),
     )
     stream_idle_timeout_s: float = field(
-        default=120.0, metadata=doc("longest silence from a worker before a stream fails")
+        default=120.0,
+        metadata=doc(
+            "a stream with no tokens for this long fails (and moves) if its worker has sent "
+            "nothing else meanwhile either (no load report: hung or gone)"
+        ),
+    )
+    stream_max_idle_s: float = field(
+        default=600.0,
+        metadata=doc(
+            "a stream with no tokens for this long fails (and moves) even though its worker "
+            "is heard from: a request may wait in a worker's queue that long, not longer (a "
+            "lost request, or an engine stuck while its process still reports)"
+        ),
     )
     tokenize_in_thread_chars: int = field(
         default=4096, metadata=doc("prompts at least this long are tokenized in a thread")
@@ -167,6 +180,6 @@ class FrontendConfig:
             raise ValueError(f"worker_silence_s must be > 0, got {self.worker_silence_s}")
         if self.goodput_window_s < 1:
             raise ValueError(f"goodput_window_s must be >= 1, got {self.goodput_window_s}")
-        for name in ("admission_timeout_s", "stream_idle_timeout_s"):
+        for name in ("admission_timeout_s", "stream_idle_timeout_s", "stream_max_idle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from services.frontend.config import FrontendConfig
 from services.frontend.metrics_merge import snapshot_path
-from shared.lifecycle import default_num_procs, shutdown_event
+from shared.lifecycle import default_num_procs, fd_hard_limit, shutdown_event
 from shared.servers import check_port_free, free_port
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def _die_with_parent() -> None:
 
 
 async def serve_procs(config: FrontendConfig, argv: Sequence[str]) -> int:
-    """Run ``config.procs`` frontend processes until SIGTERM/SIGINT; the exit code."""
+    """Run ``config.procs`` frontend processes (0: as many as this machine's cores and
+    open-file limit call for, ``default_num_procs``) until SIGTERM/SIGINT; the exit code."""
     num_procs = config.procs or default_num_procs()
     port = config.port or free_port()
     try:
@@ -61,7 +62,13 @@ async def serve_procs(config: FrontendConfig, argv: Sequence[str]) -> int:
             command += ["--frontend-id", f"{config.frontend_id}-{i}"]
         commands.append(command)
     stopping = shutdown_event()
-    logger.info("frontend processes=%d url=http://%s:%d", num_procs, config.host, port)
+    logger.info(
+        "frontend processes=%d open_files_per_process=%d url=http://%s:%d",
+        num_procs,
+        fd_hard_limit(),
+        config.host,
+        port,
+    )
     try:
         async with asyncio.TaskGroup() as tg:
             children = [

@@ -8,6 +8,7 @@ rotate, so an idle cluster still spreads work.
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -146,6 +147,12 @@ class WorkerPool:
         if state.is_silent:
             state.is_silent = False
             logger.info("worker heard from again worker_id=%s", state.info.worker_id)
+
+    def quiet_s(self, worker_id: InstanceId, now_s: float) -> float:
+        """How long the worker has not been heard from; infinite if it is not in the pool
+        (gone, or never seen)."""
+        state = self._workers.get(worker_id)
+        return math.inf if state is None else now_s - state.last_heard_s
 
     def find_silent(self, silence_s: float, now_s: float) -> list[InstanceId]:
         """Mark, and return, the workers that just went quiet (nothing heard for ``silence_s``,

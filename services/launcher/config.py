@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from proto.subjects import check_token
-from services.launcher.cluster import ClusterSpec
+from services.launcher.spec import ClusterSpec
 from shared.config import doc
 from shared.lifecycle import default_num_procs
 from shared.security import ClusterSecurity
@@ -25,7 +25,9 @@ class UpConfig:
     num_frontends: int = field(
         default=0,
         metadata=doc(
-            "frontend processes sharing the HTTP port (0: one per core, at least 2, at most 8)"
+            "frontend processes sharing the HTTP port (0: one per core, at least 2, or more"
+            " where the per-process open-file limit needs them for 50,000 connections; at"
+            " most 8; docs/performance.md)"
         ),
     )
     num_prefill_workers: int = field(
@@ -78,6 +80,13 @@ class UpConfig:
         default=8, metadata=doc("with --planner: the most decode workers it may run")
     )
     planner_mode: str = field(default="load", metadata=doc("with --planner: load or sla"))
+    num_standby_workers: int = field(
+        default=1,
+        metadata=doc(
+            "with --planner: decode worker processes kept started and warm, unregistered, so "
+            "that a scale-up serves in a few tenths of a second (0: start workers cold)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
@@ -91,6 +100,8 @@ class UpConfig:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.num_standby_workers < 0:
+            raise ValueError(f"num_standby_workers must be >= 0, got {self.num_standby_workers}")
         if self.planner and self.max_workers < self.num_workers:
             raise ValueError(
                 f"max_workers must be >= num_workers ({self.num_workers}), got {self.max_workers}"
@@ -120,6 +131,7 @@ class UpConfig:
             planner=self.planner,
             max_workers=self.max_workers if self.planner else 0,
             planner_args=("--mode", self.planner_mode),
+            num_standby_workers=self.num_standby_workers,
             # Every service that has objectives reads these (the frontend and the workers).
             env={
                 "BATON_SLO_TTFT_MS": str(self.slo.slo_ttft_ms),

@@ -72,14 +72,19 @@ async def test_baton_up_restarts_a_killed_worker_and_keeps_serving(tmp_path: Pat
             "-m",
             "services.launcher",
             *args,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=log,
         )
+    assert proc.stdout is not None
     launcher = psutil.Process(proc.pid)
     seen: set[psutil.Process] = set()  # every process the launcher ran, to check they are gone
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             async with asyncio.timeout(60):  # start-up (the launcher's own deadline is 60 s)
+                # Up once the launcher says so, having seen every frontend process ready: a
+                # worker killed before then fails the start-up, which supervision never sees.
+                line = await proc.stdout.readline()
+                assert b"Baton is up" in line, log_path.read_text()
                 while await ready_workers(session, url) != 2:
                     assert proc.returncode is None, log_path.read_text()
                     await asyncio.sleep(POLL_S)

@@ -126,6 +126,31 @@ async def test_a_queued_request_gives_up_after_the_queue_timeout(start_cluster):
         assert retry is not None
 
 
+async def test_a_request_queued_on_a_live_worker_outlasts_the_stream_idle_timeout(start_cluster):
+    # One request runs at a time, about 1 s each: the last of 4 waits ~3 s on the worker
+    # with no token, far past the 0.4 s idle timeout. Its worker keeps reporting, so it
+    # stays (with one worker, a stream failed there would have nowhere to move).
+    cluster = await start_cluster(
+        num_workers=1,
+        worker_args=("--max-num-seqs", "1", "--speedup", "0.1"),
+        frontend_args=("--stream-idle-timeout-s", "0.4"),
+    )
+    async with aiohttp.ClientSession() as session:
+
+        async def complete(i: int) -> tuple[int, int]:
+            async with session.post(
+                f"{cluster.api}/chat/completions", json=_body(f"queued {i}", 15)
+            ) as resp:
+                body = await resp.json()
+                tokens = body["usage"]["completion_tokens"] if resp.status == 200 else -1
+                return resp.status, tokens
+
+        async with asyncio.timeout(60):
+            results = await asyncio.gather(*(complete(i) for i in range(4)))
+        assert results == [(200, 15)] * 4
+        assert await _metric(session, cluster.url, "baton_frontend_migrations_total") == 0
+
+
 async def test_a_client_that_stops_reading_is_cut_and_its_request_ends(start_cluster):
     cluster = await start_cluster(
         num_workers=1, worker_args=("--speedup", "50"), frontend_args=("--write-timeout-s", "1")
