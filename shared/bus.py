@@ -6,6 +6,9 @@ A thin typed layer over nats-py. It adds what the services rely on:
 - a message larger than the server's ``max_payload`` (headers included) raises
   ``PayloadTooLarge`` before anything is sent, instead of the server closing the connection;
 - request-reply failures become ``Unavailable`` (no responder) or ``DeadlineExceeded``;
+- a subject nats-py refuses (empty, or holding whitespace) raises ``InvalidRequest``;
+- a subscription handler that raises is counted and logged, rate-limited, and the
+  subscription goes on;
 - credentials and TLS from ``BusSecurity``; a first connection the server refuses (bad
   credentials, a certificate that does not verify) fails at once instead of retrying forever,
   and when TLS was asked for (a ``tls://`` URL or a CA file) no secret is sent in clear text.
@@ -26,7 +29,8 @@ from nats.aio.subscription import Subscription
 
 from shared.codec import encode
 from shared.config import redact_url
-from shared.errors import DeadlineExceeded, PayloadTooLarge, Unavailable
+from shared.errors import DeadlineExceeded, InvalidRequest, PayloadTooLarge, Unavailable
+from shared.logs import RateLimitedLog
 from shared.security import BusSecurity
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ logger = logging.getLogger(__name__)
 # the busy ones (token inboxes) get room for a long burst.
 _PENDING_MSGS_LIMIT = 1_000_000
 _PENDING_BYTES_LIMIT = 1024 * 1024 * 1024
+_MAX_SUBJECT_CHARS = 120  # a subject quoted in an error or a log line is cut to this
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -46,6 +51,10 @@ class Bus:
         self._client = client
         self._closed = False
         self._on_reconnected: list[Callable[[], None]] = []
+        # Messages whose subscription handler raised, over every subscription (a service may
+        # export it); each subscription logs at most one of them per interval.
+        self.num_handler_failures = 0
+        self._handler_log = RateLimitedLog(logger, level=logging.ERROR)
 
     def on_reconnected(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the connection comes back after a loss (what was
@@ -111,6 +120,8 @@ class Bus:
         self.check_size(payload)
         try:
             await self._client.publish(subject, payload, reply=reply)
+        except nats.errors.BadSubjectError as exc:
+            raise _bad_subject(subject, reply) from exc
         except nats.errors.OutboundBufferLimitError as exc:
             raise Unavailable("NATS is disconnected and the outbound buffer is full") from exc
         except nats.errors.ConnectionClosedError as exc:
@@ -125,6 +136,8 @@ class Bus:
         self.check_size(payload)
         try:
             msg = await self._client.request(subject, payload, timeout=timeout_s)
+        except nats.errors.BadSubjectError as exc:
+            raise _bad_subject(subject) from exc
         except nats.errors.NoRespondersError as exc:
             raise Unavailable(f"no responder on {subject}") from exc
         except nats.errors.TimeoutError as exc:
@@ -138,8 +151,10 @@ class Bus:
 
     async def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> Subscription:
         """Call ``handler`` for each message, one at a time in arrival order. A handler that
-        raises is logged and the subscription goes on (one bad message never stops it).
-        Returns once the server has the subscription."""
+        raises is counted in ``num_handler_failures`` and logged (at most one line, with its
+        traceback, per subscription per interval) and the subscription goes on: one bad
+        message never stops it, and a flood of them cannot flood the log. Returns once the
+        server has the subscription; ``InvalidRequest`` if nats-py refuses the subject."""
 
         async def guarded(msg: Msg) -> None:
             try:
@@ -147,18 +162,34 @@ class Bus:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("bus handler failed subject=%s", msg.subject)
+                self._handler_failed(subject, msg.subject)
 
-        sub: Subscription = await self._client.subscribe(
-            subject,
-            queue=queue,
-            cb=guarded,
-            pending_msgs_limit=_PENDING_MSGS_LIMIT,
-            pending_bytes_limit=_PENDING_BYTES_LIMIT,
-        )
+        try:
+            sub: Subscription = await self._client.subscribe(
+                subject,
+                queue=queue,
+                cb=guarded,
+                pending_msgs_limit=_PENDING_MSGS_LIMIT,
+                pending_bytes_limit=_PENDING_BYTES_LIMIT,
+            )
+        except nats.errors.BadSubjectError as exc:
+            raise _bad_subject(subject, queue=queue) from exc
         # Make the server know the subscription before anyone is told it exists.
         await self.flush()
         return sub
+
+    def _handler_failed(self, subscribed: str, subject: str) -> None:
+        """Count and log (rate-limited per subscription) the exception being handled. The key
+        is the subject subscribed to, which the code chose; never the message's own subject,
+        which a wildcard lets any sender choose."""
+        self.num_handler_failures += 1
+        self._handler_log.log(
+            subscribed,
+            "bus handler failed subject=%s num_handler_failures=%d",
+            subject[:_MAX_SUBJECT_CHARS],
+            self.num_handler_failures,
+            exc_info=True,
+        )
 
     async def flush(self, timeout_s: float = 5.0) -> None:
         await self._client.flush(timeout=int(max(1, timeout_s)))
@@ -172,6 +203,20 @@ class Bus:
             with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
                 await self._client.drain()
             await self._client.close()
+
+
+def _bad_subject(subject: str, reply: str = "", *, queue: str | None = None) -> InvalidRequest:
+    """The error for a subject, reply subject or queue group that nats-py refuses (``queue``
+    given: refused to subscribe)."""
+    what = f"subject {subject[:_MAX_SUBJECT_CHARS]!r}"
+    if reply:
+        what += f" or reply subject {reply[:_MAX_SUBJECT_CHARS]!r}"
+    if queue:
+        what += f" or queue group {queue[:_MAX_SUBJECT_CHARS]!r}"
+    rule = "non-empty, with no whitespace"
+    if queue is not None:  # subscribing: nats-py checks the tokens too
+        rule += ", no empty token, and wildcards only as whole tokens ('>' last)"
+    return InvalidRequest(f"invalid NATS {what}: it must be {rule}")
 
 
 async def _connect_first(

@@ -57,9 +57,10 @@ class RateLimitedLog:
         self._keys: dict[str, _KeyState] = {}
         self.num_suppressed = 0  # in all, over every key
 
-    def log(self, key: str, msg: str, *args: object) -> bool:
+    def log(self, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log ``msg % args`` under ``key`` unless that key logged within the interval;
-        whether it was logged."""
+        whether it was logged. ``exc_info``: with the traceback of the exception being
+        handled (only on the lines logged, so a flood formats none of the others)."""
         now_s = self._clock()
         state = self._keys.get(key)
         if state is not None and now_s - state.last_logged_s < self._interval_s:
@@ -75,7 +76,7 @@ class RateLimitedLog:
             suppressed, state.num_suppressed, state.last_logged_s = state.num_suppressed, 0, now_s
         if self._logger.isEnabledFor(self._level):
             line = msg + " suppressed=%d"
-            self._logger.log(self._level, line, *args, suppressed)
+            self._logger.log(self._level, line, *args, suppressed, exc_info=exc_info)
         return True
 
 

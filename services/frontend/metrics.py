@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.frontend.goodput import GoodputWindow, Outcome
+from shared.streams import StreamDemux
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -41,6 +42,28 @@ class _OutputTokens(Collector):
             "baton_frontend_output_tokens",
             "tokens generated",
             value=self._metrics.num_output_tokens,
+        )
+
+
+class _DroppedChunks(Collector):
+    """The demux's counts of token chunks it dropped, read when scraped (the token path adds
+    to plain ints)."""
+
+    def __init__(self, demux: StreamDemux) -> None:
+        self._demux = demux
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "baton_frontend_orphan_chunks",
+            "token chunks for no stream open here (its client left, it ended, or they were "
+            "sent for an attempt it abandoned); dropped",
+            value=self._demux.num_orphan_chunks,
+        )
+        yield CounterMetricFamily(
+            "baton_frontend_stale_chunks",
+            "token chunks from a worker the stream no longer follows (it moved to another); "
+            "dropped",
+            value=self._demux.num_stale_chunks,
         )
 
 
@@ -155,3 +178,7 @@ class FrontendMetrics:
                     functools.partial(_window_count, window, each)
                 )
         window.record(outcome, time.monotonic())
+
+    def watch_demux(self, demux: StreamDemux) -> None:
+        """Export the token chunks ``demux`` drops (call once, with this process's demux)."""
+        self.registry.register(_DroppedChunks(demux))

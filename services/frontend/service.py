@@ -48,6 +48,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         # No *_created series: summed across processes they would add up timestamps.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         metrics = FrontendMetrics(config.goodput_window_s)
+        metrics.watch_demux(demux)
         state = FrontendState(
             models=models,
             pool=pool,
@@ -78,6 +79,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         )
         pool.on_load = state.generator.on_worker_report
         demux.on_batch = lambda worker_id: pool.heard_from(worker_id, time.monotonic())
+        demux.worker_quiet_s = lambda worker_id: pool.quiet_s(worker_id, time.monotonic())
         bus.on_reconnected(demux.mark_reconnected)
         runner = web.AppRunner(
             build_app(state, config),
@@ -91,7 +93,10 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             followers = [
                 tg.create_task(worker_view.follow(pool.sync), name="follow-workers"),
                 tg.create_task(model_view.follow(models.sync), name="follow-models"),
-                tg.create_task(demux.expire_idle(config.stream_idle_timeout_s), name="idle"),
+                tg.create_task(
+                    demux.expire_idle(config.stream_idle_timeout_s, config.stream_max_idle_s),
+                    name="idle",
+                ),
                 tg.create_task(
                     _watch_silence(bus, pool, demux, metrics, config.worker_silence_s),
                     name="silence",

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from proto import subjects
-from proto.messages import LoadMetrics
+from proto.messages import InstanceId, LoadMetrics, RequestId, TokenBatch, TokenChunk
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder
 
@@ -277,3 +277,42 @@ async def test_metrics_count_requests_and_tokens(cluster):
     )
     assert "baton_frontend_output_tokens_total 5.0" in text
     assert "baton_frontend_time_to_first_token_seconds_count 1.0" in text
+
+
+async def test_metrics_count_dropped_token_chunks(cluster):
+    """Chunks for no open stream (orphans) and chunks for an open stream from a worker it does
+    not follow (stale) are dropped, and counted on /metrics."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "long"}],
+        "stream": True,
+        "max_tokens": 4000,
+        "ignore_eos": True,
+    }
+    async with aiohttp.ClientSession() as session, Bus.connect(cluster.nats_url) as bus:
+        async with session.get(f"{cluster.url}/ready") as resp:
+            inbox = subjects.stream_inbox(cluster.namespace, (await resp.json())["frontend_id"])
+        async with session.post(f"{cluster.api}/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            first = json.loads((await resp.content.readline()).removeprefix(b"data: "))
+            # Streaming (its first token came), so bound to the worker that serves it.
+            request_id = RequestId(first["id"].removeprefix("chatcmpl-"))
+            stranger = InstanceId("not-its-worker")
+            stale = TokenBatch(worker_id=stranger, chunks=[TokenChunk(request_id, [1])])
+            orphans = TokenBatch(
+                worker_id=stranger,
+                chunks=[TokenChunk(RequestId(f"gone-{i}"), [1]) for i in range(3)],
+            )
+            await bus.publish(inbox, stale)
+            await bus.publish(inbox, orphans)
+            expected = {
+                "baton_frontend_stale_chunks_total 1.0",
+                "baton_frontend_orphan_chunks_total 3.0",
+            }
+            lines: set[str] = set()
+            async with asyncio.timeout(10):
+                while not expected <= lines:
+                    await asyncio.sleep(0.05)
+                    async with session.get(f"{cluster.url}/metrics") as scraped:
+                        lines = set((await scraped.text()).splitlines())
+            # Leaving the block closes the connection mid-stream.

@@ -44,3 +44,18 @@ def test_bad_messages_counts_and_returns_the_error_to_reply_with(caplog):
     assert len(caplog.records) == 1  # the first; the other 49 are counted, not logged
     assert bad.decode(worker_inbound_decoder, msgspec.msgpack.encode([1]), "s") is None
     assert bad.num_bad == 51
+
+
+def test_rate_limited_log_keeps_the_traceback_on_the_lines_it_logs(caplog):
+    log = RateLimitedLog(logging.getLogger("t"), level=logging.ERROR)
+    with caplog.at_level(logging.ERROR, logger="t"):
+        for _ in range(100):
+            try:
+                raise KeyError("k")
+            except KeyError:
+                log.log("handler", "failed", exc_info=True)
+    assert len(caplog.records) == 1
+    exc_info = caplog.records[0].exc_info
+    assert exc_info is not None
+    assert exc_info[0] is KeyError
+    assert log.num_suppressed == 99
