@@ -150,13 +150,19 @@ def faulted_run(
     root = os.getpid()
     role = "prefill" if args.fault == "kill-prefill" else "decode"
     victims = sorted(role_pids(root, role))
-    victim = victims[0]
     facts: dict[str, float] = {}
 
     async def main() -> list[str | None]:
         task = asyncio.create_task(run(args, url, sampling, gaps))
         await asyncio.sleep(args.kill_after_s)
         facts["in_flight_at_fault"] = metric(url, "baton_frontend_in_flight_requests")
+        # The busiest worker of the role: the fault should hit as many streams as it can.
+        in_flight = {}
+        for pid in victims:
+            worker = worker_url(pid)
+            in_flight[pid] = -1.0 if worker is None else metric(worker, "baton_worker_in_flight")
+        victim = max(victims, key=lambda pid: in_flight[pid])
+        facts["victim_in_flight"] = in_flight[victim]
         silent_before = metric(url, "baton_frontend_silent_workers_total")
         fallbacks_before = decode_metric(root, "baton_worker_prefill_fallbacks")
         moved_bytes_before = decode_metric(root, "baton_worker_moved_in_bytes")
@@ -257,7 +263,8 @@ def main() -> None:
                 f"{', ' + args.drain_handoff if args.fault == 'drain' else ''}): "
                 f"{row['completed']}/{args.streams} completed, "
                 f"{row['identical']} identical to the undisturbed run; "
-                f"{row['in_flight_at_fault']:.0f} in flight at the fault, {moved:.0f} moved; "
+                f"{row['in_flight_at_fault']:.0f} in flight at the fault "
+                f"({row['victim_in_flight']:.0f} on the {args.fault} victim), {moved:.0f} moved; "
                 f"{how}; longest pause per stream p50/p99/max "
                 f"{row['longest_pause_p50_s']:.2f}/{row['longest_pause_p99_s']:.2f}/"
                 f"{row['longest_pause_max_s']:.2f} s; replacement ready after "
