@@ -9,6 +9,9 @@ every worker; and stops them in tiers: the frontend, the workers, the routers, t
 With ``ClusterSpec.supervise`` (what `baton up` runs), a process that exits once the cluster is
 ready is restarted with the same command line, log file and (for the servers) port, after an
 exponential backoff; the cluster never stops because one process died.
+
+With ``ClusterSpec.planner`` it also runs the planner and follows its scale commands; a decode
+worker it adds is a warm standby handed its assignment (``standby.py``) when one is ready.
 """
 
 import asyncio
@@ -17,111 +20,28 @@ import functools
 import logging
 import os
 import shutil
-import signal
-import subprocess
+import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
+from services.launcher.processes import Child, stop_process, wait_popen
 from services.launcher.scaler import WorkerScaler
+from services.launcher.spec import ClusterSpec
+from services.launcher.standby import StandbyPool, StandbyWorker, worker_command
 from shared.config import load_config
 from shared.local_credentials import LocalCredentials
 from shared.security import BusSecurity, ClusterSecurity, EtcdSecurity
 from shared.servers import ServerProcess, check_port_free, free_port, start_etcd, start_nats
 
+__all__ = ["Child", "ClusterSpec", "LocalCluster", "local_cluster"]
+
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.1
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClusterSpec:
-    """What to start. Each ``*_args`` tuple is appended to that service's command line (a flag
-    given twice: the last one wins); ``env`` is added to this process's environment for every
-    child. The launcher passes each router ``--port`` and the frontend ``--host``/``--port`` so
-    that it knows their URLs: do not override those.
-
-    ``supervise``: once the cluster is ready, restart any process that exits (a service with
-    its command line and log file, a server it started on its port), waiting
-    ``restart_backoff_s`` before the first attempt, doubling up to ``restart_backoff_max_s``;
-    a process that stayed up ``restart_reset_s`` starts again from ``restart_backoff_s``. Off,
-    a process that exits stays dead (the e2e tests kill workers on purpose).
-
-    ``secure``: the servers it starts require a random password (NATS user ``baton``, etcd
-    ``root``) and TLS from a throwaway CA, all in a 0700 temp dir removed by stop(); every
-    child gets them as ``BATON_NATS_*``/``BATON_ETCD_*`` (docs/security.md).
-
-    ``planner``: also start ``baton-planner --connector local`` (with ``planner_args``) and
-    follow its scale commands: start decode workers (``decode_args``) or retire them by
-    SIGTERM (they drain), between 1 and ``max_workers`` (0: ``num_workers``); see
-    docs/planner.md."""
-
-    namespace: str = "default"
-    nats_url: str = ""  # empty: start a nats-server on a free port
-    etcd_url: str = ""  # empty: start an etcd on a free port
-    secure: bool = False  # credentials and TLS for the servers it starts
-    host: str = "127.0.0.1"  # the frontend's listen address
-    port: int = 0  # the frontend's port; 0 picks a free one
-    num_routers: int = 1
-    num_prefill_workers: int = 0
-    num_workers: int = 2  # decode workers
-    num_frontends: int = 1  # frontend processes sharing the port (baton-frontend --procs)
-    router_args: tuple[str, ...] = ()
-    prefill_args: tuple[str, ...] = ()
-    decode_args: tuple[str, ...] = ()
-    frontend_args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    log_dir: str = ""  # empty: children write to this process's stdout and stderr
-    log_level: str = "info"
-    ready_timeout_s: float = 60.0
-    stop_timeout_s: float = 40.0  # per tier, after SIGTERM; then SIGKILL
-    supervise: bool = False
-    restart_backoff_s: float = 0.5
-    restart_backoff_max_s: float = 10.0
-    restart_reset_s: float = 30.0
-    planner: bool = False
-    max_workers: int = 0  # the planner's ceiling on decode workers (0: num_workers)
-    planner_args: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.num_frontends < 1:
-            raise ValueError(f"num_frontends must be >= 1, got {self.num_frontends}")
-        if self.num_routers < 0 or self.num_prefill_workers < 0:
-            raise ValueError(
-                f"num_routers and num_prefill_workers must be >= 0, "
-                f"got {self.num_routers} and {self.num_prefill_workers}"
-            )
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s:
-            raise ValueError(
-                f"need 0 < restart_backoff_s <= restart_backoff_max_s, "
-                f"got {self.restart_backoff_s} and {self.restart_backoff_max_s}"
-            )
-        if self.restart_reset_s < 0:
-            raise ValueError(f"restart_reset_s must be >= 0, got {self.restart_reset_s}")
-        if self.max_workers and self.max_workers < self.num_workers:
-            raise ValueError(
-                f"max_workers must be >= num_workers ({self.num_workers}), got {self.max_workers}"
-            )
-
-
-@dataclass
-class Child:
-    """One service process: ``name`` is e.g. ``decode-1``; ``role`` is router, prefill, decode
-    or frontend; ``command`` its command line. A restart replaces ``proc`` and keeps the rest."""
-
-    name: str
-    role: str
-    proc: asyncio.subprocess.Process
-    command: tuple[str, ...] = ()
-    is_retiring: bool = False  # stopped at the planner's request: not to be restarted
 
 
 class LocalCluster:
@@ -152,6 +72,7 @@ class LocalCluster:
         self._secrets_dir = ""
         self.planner_urls: list[str] = []
         self.retired: list[Child] = []  # decode workers retired at the planner's request
+        self.standbys: StandbyPool | None = None  # with the planner, once it is followed
         self._num_decode_started = spec.num_workers
 
     @property
@@ -178,8 +99,14 @@ class LocalCluster:
 
     @property
     def pids(self) -> list[int]:
-        """Every process it runs now: servers first, then the services in start order."""
-        return [s.proc.pid for s in self.servers] + [c.proc.pid for c in self.children]
+        """Every process it runs now: servers first, then the services in start order, then
+        the standby workers."""
+        standbys = self.standbys.standbys if self.standbys is not None else []
+        return (
+            [s.proc.pid for s in self.servers]
+            + [c.proc.pid for c in self.children]
+            + [s.proc.pid for s in standbys]
+        )
 
     def _procs(self, role: str) -> list[asyncio.subprocess.Process]:
         return [c.proc for c in self.children if c.role == role]
@@ -266,9 +193,12 @@ class LocalCluster:
             await asyncio.wait([self._supervisor])
             if not self._supervisor.cancelled() and self._supervisor.exception() is not None:
                 logger.error("supervision failed", exc_info=self._supervisor.exception())
+        if self.standbys is not None:  # stopped by the supervisor's end already, unless it failed
+            await self.standbys.stop()
         for roles in (("planner", "frontend"), ("decode", "prefill"), ("router",)):
             tier = [c for c in self.children if c.role in roles]
-            await asyncio.gather(*(_stop(c, self.spec.stop_timeout_s) for c in tier))
+            timeout_s = self.spec.stop_timeout_s
+            await asyncio.gather(*(stop_process(c.name, c.proc, timeout_s) for c in tier))
         for server in reversed(self.servers):
             await asyncio.to_thread(server.stop)
             if server.data_dir:
@@ -342,15 +272,21 @@ class LocalCluster:
         server: ServerProcess = starting.result()
         return server.url
 
-    async def _spawn(self, name: str, role: str, args: list[str]) -> None:
-        module = "services.worker" if role in ("prefill", "decode") else f"services.{role}"
-        command = (sys.executable, "-m", module, *args)
+    async def _spawn(self, name: str, role: str, args: list[str]) -> Child:
+        if role in ("prefill", "decode"):
+            command = worker_command(args)
+        else:
+            command = (sys.executable, "-m", f"services.{role}", *args)
         proc = await self._exec(name, command)
         logger.info("started %s pid=%d", name, proc.pid)
         self._started_at[name] = asyncio.get_running_loop().time()
-        self.children.append(Child(name, role, proc, command))
+        child = Child(name, role, proc, command)
+        self.children.append(child)
+        return child
 
-    async def _exec(self, name: str, command: tuple[str, ...]) -> asyncio.subprocess.Process:
+    async def _exec(
+        self, name: str, command: tuple[str, ...], stdin: socket.socket | None = None
+    ) -> asyncio.subprocess.Process:
         log = self._log(name)
         # A local file opened once per child at start-up: not worth a thread.
         out = open(log, "ab") if log else None  # noqa: SIM115, ASYNC230
@@ -358,6 +294,7 @@ class LocalCluster:
             return await asyncio.create_subprocess_exec(
                 *command,
                 env=self._env(),
+                stdin=stdin.fileno() if stdin else None,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT if out else None,
             )
@@ -420,12 +357,26 @@ class LocalCluster:
                 and (self.spec.supervise or c.proc.returncode is None)
             ]
 
+        decode_args = ["--role", "decode", *self.spec.decode_args]
+        if self.spec.num_standby_workers:
+            self.standbys = StandbyPool(
+                size=self.spec.num_standby_workers,
+                worker_args=decode_args,
+                exec_child=self._exec,
+                next_name=self._next_decode_name,
+                backoff_s=self.spec.restart_backoff_s,
+                backoff_max_s=self.spec.restart_backoff_max_s,
+                stop_timeout_s=self.spec.stop_timeout_s,
+            )
+            tg.create_task(self.standbys.run(), name="standby workers")
+
         async def start() -> None:
-            name = f"decode-{self._num_decode_started}"
-            self._num_decode_started += 1
-            await self._spawn(name, "decode", ["--role", "decode", *self.spec.decode_args])
+            standby = self.standbys.take() if self.standbys is not None else None
+            child = await self._hand_over(standby, decode_args) if standby else None
+            if child is None:
+                child = await self._spawn(self._next_decode_name(), "decode", decode_args)
             if self.spec.supervise:
-                tg.create_task(self._supervise_child(self.children[-1]), name=f"supervise {name}")
+                tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
 
         async def retire() -> None:
             child = live()[-1]  # the newest
@@ -443,8 +394,33 @@ class LocalCluster:
         security = load_config(ClusterSecurity, "up", [], env=self._env())
         await scaler.follow(self.namespace, self.nats_url, security.nats)
 
+    def _next_decode_name(self) -> str:
+        self._num_decode_started += 1
+        return f"decode-{self._num_decode_started - 1}"
+
+    async def _hand_over(self, standby: StandbyWorker, decode_args: list[str]) -> Child | None:
+        """Make a standby a decode worker: a child, which a restart starts cold. None if the
+        standby is gone (it is then stopped, and no child)."""
+        child = Child(standby.name, "decode", standby.proc, worker_command(decode_args))
+        self.children.append(child)  # first: stop() must find it, whatever happens next
+        try:
+            await standby.hand_over()
+        except OSError as exc:
+            logger.warning("standby %s lost (%s); starting a worker cold", standby.name, exc)
+            await standby.stop(self.spec.stop_timeout_s)
+            self.children.remove(child)  # after: a stop() meanwhile stops it as a child
+            return None
+        self._started_at[child.name] = asyncio.get_running_loop().time()
+        logger.info(
+            "started %s pid=%d from a standby (warm: %s)",
+            child.name,
+            child.proc.pid,
+            "yes" if standby.is_warm else "not yet",
+        )
+        return child
+
     async def _retire(self, child: Child) -> None:
-        await _stop(child, self.spec.stop_timeout_s)
+        await stop_process(child.name, child.proc, self.spec.stop_timeout_s)
         self.children.remove(child)
         self.retired.append(child)
         logger.info("retired %s exit code=%s", child.name, child.proc.returncode)
@@ -467,7 +443,7 @@ class LocalCluster:
 
     async def _supervise_server(self, slot: int, name: str) -> None:
         async def wait() -> int:
-            return await _wait_popen(self.servers[slot].proc)
+            return await wait_popen(self.servers[slot].proc)
 
         async def restart() -> int:
             old = self.servers[slot]
@@ -550,49 +526,3 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] 
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
         return None
     return body if isinstance(body, dict) else None
-
-
-async def _wait_popen(proc: "subprocess.Popen[bytes]") -> int:
-    """Wait for a ``subprocess.Popen`` child; its exit code. On a pidfd where the OS has them
-    (Linux): nothing else may reap the child meanwhile. Elsewhere in a thread, which outlives
-    a cancelled wait until the process exits (stop() stops it next)."""
-    if proc.poll() is None:
-        try:
-            await _wait_pidfd(proc.pid)
-        except (AttributeError, OSError):  # no pidfds here
-            return await asyncio.to_thread(proc.wait)
-    return proc.wait()  # it has exited: this reaps it at once
-
-
-async def _wait_pidfd(pid: int) -> None:
-    """Return once the (unreaped) child ``pid`` has exited."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_readable() -> None:  # once the process has exited, also if it already had
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, on_readable)
-        try:
-            await exited
-        finally:
-            loop.remove_reader(pidfd)
-    finally:
-        os.close(pidfd)
-
-
-async def _stop(child: Child, timeout_s: float) -> None:
-    if child.proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.send_signal(signal.SIGTERM)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await child.proc.wait()
-    except TimeoutError:
-        logger.warning("%s did not stop in %.0f s; killing", child.name, timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.kill()
-        await child.proc.wait()
