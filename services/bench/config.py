@@ -93,6 +93,17 @@ class BenchConfig:
     metrics_url: str = field(
         default="", metadata=doc("scrape this /metrics before and after (baton_* lines)")
     )
+    watch_url: str = field(
+        default="",
+        metadata=doc(
+            "sample this /metrics every second during the run (e.g. the planner's) and plot"
+            " the --watch gauges over time"
+        ),
+    )
+    watch: str = field(
+        default="baton_planner_actual_workers",
+        metadata=doc("comma-separated metric names --watch-url is sampled for"),
+    )
     log_level: str = field(default="warning", metadata=doc("logging level"))
 
     def __post_init__(self) -> None:

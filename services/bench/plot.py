@@ -27,8 +27,9 @@ def _values(series: list[float | None]) -> list[float]:
 
 
 def draw(document: dict[str, Any], path: str) -> None:
-    """Two panels sharing the time axis: offered / good / shed (and errors) req/s with the
-    stage boundaries; TTFT and TPOT p50/p99 on a log scale with the objectives dashed."""
+    """Panels sharing the time axis: offered / good / shed (and errors) req/s with the
+    stage boundaries; TTFT and TPOT p50/p99 on a log scale with the objectives dashed; and,
+    when the run watched a /metrics endpoint, the sampled gauges (workers per role, say)."""
     try:
         # By name: mypy then checks this module the same with or without the extra installed.
         matplotlib = importlib.import_module("matplotlib")
@@ -40,8 +41,23 @@ def draw(document: dict[str, Any], path: str) -> None:
     series = document["time_series"]
     edges = [*series["t_s"], len(series["t_s"])]  # each count fills its second
     t_s = [t + 0.5 for t in series["t_s"]]  # each percentile sits mid-second
-    fig, (rates, latency) = plt.subplots(2, 1, figsize=(12, 7.5), sharex=True)
+    watched = document.get("watched")
+    if watched and watched["series"]:
+        fig, (rates, latency, server) = plt.subplots(
+            3, 1, figsize=(12, 10), sharex=True, height_ratios=(3, 3, 2)
+        )
+    else:
+        fig, (rates, latency) = plt.subplots(2, 1, figsize=(12, 7.5), sharex=True)
+        server = None
     try:
+        if server is not None and watched:
+            for name, values in watched["series"].items():
+                server.step(watched["t_s"], _values(values), where="post", label=name)
+            for start_s in document["stage_boundaries_s"]:
+                server.axvline(start_s, color="grey", linestyle=":", linewidth=1)
+            server.set_ylabel("server (sampled)")
+            server.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+            server.grid(alpha=0.3)
         rates.stairs(
             series["offered"], edges, label="offered", color="tab:blue", alpha=0.35, linewidth=4
         )
@@ -100,7 +116,7 @@ def draw(document: dict[str, Any], path: str) -> None:
         if latency.lines:
             latency.set_yscale("log")
         latency.set_ylabel("ms (log)")
-        latency.set_xlabel("seconds since start")
+        (latency if server is None else server).set_xlabel("seconds since start")
         latency.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         latency.grid(alpha=0.3, which="both")
         fig.suptitle(f"baton-bench: {document['model']}", fontsize=10)

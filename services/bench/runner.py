@@ -1,5 +1,7 @@
 """One benchmark run: plan the requests, run the client processes, build the results."""
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -16,7 +18,7 @@ from services.bench.arrivals import (
 )
 from services.bench.client import Share
 from services.bench.config import BenchConfig
-from services.bench.endpoint import first_model, scrape_metrics
+from services.bench.endpoint import MetricsWatcher, first_model, scrape_metrics
 from services.bench.outcome import Objectives
 from services.bench.pool import run_clients
 from services.bench.report import RunFacts, results_document
@@ -106,7 +108,21 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         for i in range(config.client_procs)
     ]
     metrics_before = await scrape_metrics(config.metrics_url) if config.metrics_url else []
-    result = await run_clients(shares, stages, show=not config.quiet)
+    watcher = None
+    if config.watch_url:
+        names = tuple(n.strip() for n in config.watch.split(",") if n.strip())
+        watcher = MetricsWatcher(config.watch_url, names)
+    async with asyncio.TaskGroup() as tg:
+        watching = None
+        if watcher is not None:
+            watching = tg.create_task(watcher.run(), name="watch")
+        try:
+            result = await run_clients(shares, stages, show=not config.quiet)
+        finally:
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
     metrics_after = await scrape_metrics(config.metrics_url) if config.metrics_url else []
     if result.stopped_s is not None:
         logger.warning("run stopped early at_s=%.1f", result.stopped_s)
@@ -123,4 +139,11 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         metrics_after=metrics_after,
         stopped_s=result.stopped_s,
     )
-    return results_document(facts, stages, result.outcomes, objectives)
+    document = results_document(facts, stages, result.outcomes, objectives)
+    if watcher is not None:
+        document["watched"] = {
+            "url": watcher.url,
+            "t_s": watcher.times_s(result.started_at),
+            "series": watcher.series(),
+        }
+    return document

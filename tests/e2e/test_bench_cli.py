@@ -22,6 +22,8 @@ async def test_bench_cli_reports_each_stage_of_a_short_run(start_cluster, tmp_pa
         "--priority-mix", "high=0.5",
         "--client-procs", "2",
         "--metrics-url", f"{cluster.url}/metrics",
+        "--watch-url", f"{cluster.url}/metrics",
+        "--watch", "baton_frontend_in_flight_requests,baton_frontend_up",
         "--quiet",
         "--out", str(out),
         stdout=asyncio.subprocess.PIPE,
@@ -41,3 +43,12 @@ async def test_bench_cli_reports_each_stage_of_a_short_run(start_cluster, tmp_pa
     assert set(document["by_priority"]) == {"none", "high"}
     assert any(line.startswith("baton_frontend") for line in document["server_metrics"]["after"])
     assert document["client_cpu_s"] > 0
+    # Sampled each second during the run: the frontend's in-flight gauge, and nothing else
+    # (no baton_frontend_up exists).
+    watched = document["watched"]
+    assert len(watched["t_s"]) >= 3
+    assert watched["t_s"] == sorted(watched["t_s"])
+    assert list(watched["series"]) == ["baton_frontend_in_flight_requests"]
+    in_flight = watched["series"]["baton_frontend_in_flight_requests"]
+    assert len(in_flight) == len(watched["t_s"])
+    assert max(in_flight) >= 1  # requests were in flight while it sampled
