@@ -289,6 +289,9 @@ class LoadMetrics(Message, frozen=True, tag="load"):
     max_num_running: int = 0  # the batch cap the TPOT objective sets now (0: none)
     wait_per_token_s: float = 0.0  # how much longer the wait gets per prompt token queued
     max_waiting: int = 0  # queued requests past which it refuses new ones (0: no cap known)
+    # Of ``num_running``: requests admitted that wait for their KV, from a prefill worker or
+    # from the peer a stream moved from (they hold no batch slot yet).
+    num_awaiting_kv: int = 0
 
 
 # --- KV cache events (consumed by the KV-aware router) -------------------------------------------
@@ -345,4 +348,32 @@ class ScaleCommand(Message, frozen=True, tag="scale"):
     role: WorkerRole
     num_replicas: int
     reason: str = ""
+    seq: int = 0
+
+
+class RoleSwitch(Message, frozen=True, tag="role_switch"):
+    """Ask a running worker to change role (prefill <-> decode) in place, keeping its process
+    and engine. Sent by request-reply to the worker's inbox; the reply is ``RoleSwitched`` or
+    ``ErrorReply`` (``UNAVAILABLE`` with ``retry_after_s``: draining, another switch under way,
+    or the last decode worker; ``INVALID_REQUEST``: another worker's id, a role it cannot take).
+    Asking for the role it has is answered ``RoleSwitched`` at once: a switch is a target."""
+
+    planner_id: InstanceId
+    worker_id: InstanceId
+    role: WorkerRole
+    reason: str = ""
+    seq: int = 0
+
+
+class RoleSwitched(Message, frozen=True, tag="role_switched"):
+    """The worker serves as ``role`` now and is registered so: ``switch_s`` from the command's
+    arrival to the new registration (0 when it had the role already). ``num_moved`` streams
+    moved to decode peers (a decode worker that became prefill); work of the old role that was
+    not moved finishes beside the new role. ``seq`` repeats the command's."""
+
+    worker_id: InstanceId
+    role: WorkerRole
+    previous_role: WorkerRole
+    switch_s: float = 0.0
+    num_moved: int = 0
     seq: int = 0

@@ -18,7 +18,8 @@ def check_token(value: str, what: str) -> str:
 
 
 def worker_inbox(namespace: str, worker_id: str) -> str:
-    """GenerateRequest (request-reply) and AbortRequest for one worker."""
+    """Everything addressed to one worker: GenerateRequest or PrefillRequest (request-reply),
+    AbortRequest, KVRelease, KVStateRequest, and RoleSwitch (request-reply) from the planner."""
     return f"baton.{check_token(namespace, 'namespace')}.worker.{check_token(worker_id, 'id')}"
 
 

@@ -22,6 +22,8 @@ from proto.messages import (
     ModelCard,
     PrefillDone,
     PrefillRequest,
+    RoleSwitch,
+    RoleSwitched,
     RouteDecision,
     RouteRequest,
     ScaleCommand,
@@ -30,16 +32,21 @@ from proto.messages import (
 )
 
 # Every worker decodes the same union whatever its role, so that a message of the other role
-# gets a typed refusal rather than a decode error (and a worker can change roles).
-WorkerInbound = GenerateRequest | PrefillRequest | AbortRequest | KVRelease | KVStateRequest
+# gets a typed refusal rather than a decode error, and a worker can change roles (RoleSwitch).
+WorkerInbound = (
+    GenerateRequest | PrefillRequest | AbortRequest | KVRelease | KVStateRequest | RoleSwitch
+)
 GenerateReply = GenerateAccepted | ErrorReply
 PrefillReply = PrefillDone | ErrorReply
 RouteReply = RouteDecision | ErrorReply
+RoleSwitchReply = RoleSwitched | ErrorReply
 
 encoder: Final = msgspec.msgpack.Encoder()
 
 worker_inbound_decoder: Final[
-    Decoder[GenerateRequest | PrefillRequest | AbortRequest | KVRelease | KVStateRequest]
+    Decoder[
+        GenerateRequest | PrefillRequest | AbortRequest | KVRelease | KVStateRequest | RoleSwitch
+    ]
 ] = Decoder(WorkerInbound)
 generate_reply_decoder: Final[Decoder[GenerateAccepted | ErrorReply]] = Decoder(GenerateReply)
 prefill_reply_decoder: Final[Decoder[PrefillDone | ErrorReply]] = Decoder(PrefillReply)
@@ -52,6 +59,7 @@ kv_event_batch_decoder: Final[Decoder[KVEventBatch]] = Decoder(KVEventBatch)
 worker_info_decoder: Final[Decoder[WorkerInfo]] = Decoder(WorkerInfo)
 model_card_decoder: Final[Decoder[ModelCard]] = Decoder(ModelCard)
 scale_command_decoder: Final[Decoder[ScaleCommand]] = Decoder(ScaleCommand)
+role_switch_reply_decoder: Final[Decoder[RoleSwitched | ErrorReply]] = Decoder(RoleSwitchReply)
 
 
 def encode(message: msgspec.Struct) -> bytes:

@@ -92,6 +92,23 @@ class PlannerConfig:
     max_prefill_workers: int = field(
         default=0, metadata=doc("most prefill workers (0 with min 0: prefill is not planned)")
     )
+    max_total_workers: int = field(
+        default=0,
+        metadata=doc(
+            "most decode and prefill workers together (0: only the per-pool limits); a pool "
+            "short of workers at this total gets one by a role switch or not at all"
+        ),
+    )
+    role_switching: bool = field(
+        default=True,
+        metadata=doc(
+            "when one pool wants a worker and the other can spare one, switch a worker's "
+            "role (prefill <-> decode, about a second) rather than start a process"
+        ),
+    )
+    switch_timeout_s: float = field(
+        default=5.0, metadata=doc("longest wait for a worker's answer to a role switch")
+    )
     max_wait_fraction: float = field(
         default=0.5,
         metadata=doc("over: predicted wait past this fraction of the TTFT objective"),
@@ -147,8 +164,17 @@ class PlannerConfig:
                 f"interval_s and report_stale_s must be > 0, "
                 f"got {self.interval_s} and {self.report_stale_s}"
             )
+        if self.switch_timeout_s <= 0:
+            raise ValueError(f"switch_timeout_s must be > 0, got {self.switch_timeout_s}")
+        if self.max_total_workers < 0:
+            raise ValueError(f"max_total_workers must be >= 0, got {self.max_total_workers}")
         self.policy()  # raises ValueError naming a bad setting
-        self.limits()
+        num_min = sum(pool.min_replicas for pool in self.limits().values())
+        if self.max_total_workers and self.max_total_workers < num_min:
+            raise ValueError(
+                f"max_total_workers must be 0 or >= the pools' minimums ({num_min}), "
+                f"got {self.max_total_workers}"
+            )
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(

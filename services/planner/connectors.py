@@ -19,7 +19,7 @@ KUBERNETES_NEEDS_EXTRA = (
     "pip install 'baton[k8s]' (images: docker build --build-arg EXTRAS=k8s)"
 )
 
-_WORKER_ROLE = {Role.DECODE: WorkerRole.DECODE, Role.PREFILL: WorkerRole.PREFILL}
+WORKER_ROLE = {Role.DECODE: WorkerRole.DECODE, Role.PREFILL: WorkerRole.PREFILL}
 
 
 class Connector(Protocol):
@@ -61,7 +61,7 @@ class LocalConnector:
         self._seq += 1
         command = ScaleCommand(
             planner_id=self._planner_id,
-            role=_WORKER_ROLE[role],
+            role=WORKER_ROLE[role],
             num_replicas=decision.desired,
             reason=f"{decision.reason}: {decision.detail}",
             seq=self._seq,

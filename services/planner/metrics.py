@@ -2,7 +2,7 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.planner.policy import Decision
+from services.planner.policy import Decision, Switch
 from services.planner.signals import PoolView, Role
 
 
@@ -35,8 +35,25 @@ class PlannerMetrics:
         )
         self.actions = Counter(
             "baton_planner_scale_actions",
-            "changes of the target by pool and direction",
+            "changes of the target by pool and direction (a role switch counts in both pools)",
             ["role", "direction"],
+            registry=self.registry,
+        )
+        self.switches = Counter(
+            "baton_planner_role_switches",
+            "workers that changed role at the planner's request, by old and new role",
+            ["from", "to"],
+            registry=self.registry,
+        )
+        self.switch_failures = Counter(
+            "baton_planner_role_switch_failures",
+            "role switches a worker refused or did not answer (the connector acts instead)",
+            ["from", "to"],
+            registry=self.registry,
+        )
+        self.switch_seconds = Gauge(
+            "baton_planner_role_switch_seconds",
+            "the last role switch as the worker measured it (command to new registration)",
             registry=self.registry,
         )
 
@@ -45,6 +62,17 @@ class PlannerMetrics:
         self.actual.labels(role.value).set(view.num_workers)
         self.reporting.labels(role.value).set(len(view.loads))
         self.decisions.labels(role.value, decision.reason).inc()
+
+    def applied(self, role: Role, decision: Decision) -> None:
+        """The decision went to the connector."""
         if decision.is_change:
             direction = "up" if decision.desired > decision.previous else "down"
             self.actions.labels(role.value, direction).inc()
+
+    def switched(self, switch: Switch, switch_s: float, desired: dict[Role, int]) -> None:
+        self.switches.labels(switch.source.value, switch.target.value).inc()
+        self.switch_seconds.set(switch_s)
+        self.actions.labels(switch.target.value, "up").inc()
+        self.actions.labels(switch.source.value, "down").inc()
+        for role, num in desired.items():
+            self.desired.labels(role.value).set(num)

@@ -17,18 +17,34 @@ the desired number of workers and why. The rules, in order:
 5. **Cool-down**: no action within ``up_cooldown_s`` (for an increase) or ``down_cooldown_s``
    (for a decrease) of the last one.
 6. **Limits**: never outside ``[min_replicas, max_replicas]``; a target outside is clamped at
-   once (reason ``min``/``max``), a step past a limit is held (``at_min``/``at_max``).
+   once (reason ``min``/``max``), a step past a limit is held (``at_min``/``at_max``). A cap
+   on the total of both pools (``max_total``) holds a step up too (``at_total``).
 
 Load mode moves one worker per action; SLA mode goes up to its target in one action and down
 one worker per action (a worker removed drains its requests, which takes a while).
+
+**Role switching** (:func:`plan_switch`) runs over both pools' decisions: when one pool wants
+a worker more (it steps up, or is held ``at_total``) while the other's reading says it can
+spare one, a worker of the other pool changes role (a second) instead of a process starting
+(seconds or minutes). :func:`choose_worker` picks the one that has the least work to move.
 """
 
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from services.planner.signals import PoolView, Thresholds, demand, pressure, slope_per_s
+from proto.messages import InstanceId
+from services.planner.signals import (
+    PoolView,
+    Role,
+    Thresholds,
+    WorkerLoad,
+    demand,
+    pressure,
+    slope_per_s,
+)
 
 
 class Mode(Enum):
@@ -86,13 +102,15 @@ class Decision:
     """``desired`` workers (``previous`` before this decision); ``reason`` is one word from a
     small set (a metrics label: up/down by ``queue``, ``wait``, ``kv``, ``batch``, ``idle``,
     ``sla``, ``min``, ``max``; held by ``steady``, ``streak``, ``cooldown``, ``pending``,
-    ``no_reports``, ``at_min``, ``at_max``, ``no_capacity``), ``detail`` a sentence with the
-    numbers."""
+    ``no_reports``, ``at_min``, ``at_max``, ``at_total``, ``no_capacity``), ``detail`` a
+    sentence with the numbers. ``direction`` is what this interval's reading said, whether or
+    not it was acted on: +1 more workers, -1 fewer, 0 neither (or no reading)."""
 
     desired: int
     previous: int
     reason: str
     detail: str
+    direction: int = 0
 
     @property
     def is_change(self) -> bool:
@@ -106,19 +124,22 @@ class PoolPlanner:
         self.config = config
         self.limits = limits
         self.desired: int | None = None  # set from the pool at the first decision
+        self._planned_from = 0  # the pool's size at the last decision that read it
         self._num_up = 0  # consecutive intervals that said "up"
         self._num_down = 0
         self._last_action_s = -math.inf
         self._history: deque[tuple[float, float]] = deque(maxlen=config.trend_window)
 
-    def decide(self, view: PoolView, now_s: float) -> Decision:
-        """The desired number of workers for ``view`` at ``now_s`` (a monotonic clock)."""
+    def decide(self, view: PoolView, now_s: float, max_total: int | None = None) -> Decision:
+        """The desired number of workers for ``view`` at ``now_s`` (a monotonic clock); a
+        step up holds (``at_total``) past ``max_total`` workers in this pool (what the cap on
+        both pools together leaves it)."""
         target = self.desired
         is_settling = now_s - self._last_action_s < self.config.settle_timeout_s
         if target is not None and view.num_workers != target and is_settling:
             return self._hold(target, "pending", f"{view.num_workers} of {target} workers")
         # Plan from the pool as it is: a target it did not reach in time is given up.
-        previous = self.desired = view.num_workers
+        previous = self.desired = self._planned_from = view.num_workers
         clamped = self.limits.clamp(previous)
         if clamped != previous:
             reason = "min" if clamped > previous else "max"
@@ -127,15 +148,21 @@ class PoolPlanner:
             self._num_up = self._num_down = 0
             return self._hold(previous, "no_reports", "no fresh load report from the pool")
         if self.config.mode is Mode.LOAD:
-            return self._decide_load(view, previous, now_s)
-        return self._decide_sla(view, previous, now_s)
+            return self._decide_load(view, previous, now_s, max_total)
+        return self._decide_sla(view, previous, now_s, max_total)
 
-    def _decide_load(self, view: PoolView, previous: int, now_s: float) -> Decision:
+    def _decide_load(
+        self, view: PoolView, previous: int, now_s: float, max_total: int | None
+    ) -> Decision:
         reading = pressure(view, self.config.thresholds, self.config.ttft_s)
         direction = 1 if reading.is_over else -1 if reading.is_under else 0
-        return self._step(direction, previous + direction, reading.label, reading.detail, now_s)
+        return self._step(
+            direction, previous + direction, reading.label, reading.detail, now_s, max_total
+        )
 
-    def _decide_sla(self, view: PoolView, previous: int, now_s: float) -> Decision:
+    def _decide_sla(
+        self, view: PoolView, previous: int, now_s: float, max_total: int | None
+    ) -> Decision:
         config = self.config
         need = demand(view, config.ttft_s, config.thresholds.max_wait_fraction)
         self._history.append((now_s, need.amount))
@@ -153,12 +180,17 @@ class PoolPlanner:
         )
         direction = (target > previous) - (target < previous)
         # Up to the target at once; down one worker at a time (each drains first).
-        return self._step(
-            direction, target if direction > 0 else previous - 1, "sla", detail, now_s
-        )
+        candidate = target if direction > 0 else previous - 1
+        return self._step(direction, candidate, "sla", detail, now_s, max_total)
 
     def _step(
-        self, direction: int, candidate: int, label: str, detail: str, now_s: float
+        self,
+        direction: int,
+        candidate: int,
+        label: str,
+        detail: str,
+        now_s: float,
+        max_total: int | None = None,
     ) -> Decision:
         """Count the streak of ``direction`` (+1 up, -1 down, 0 neither) and act on it when
         it is long enough, the cool-down has passed and the limits allow."""
@@ -168,30 +200,132 @@ class PoolPlanner:
         self._num_up = self._num_up + 1 if direction > 0 else 0
         self._num_down = self._num_down + 1 if direction < 0 else 0
         if direction == 0:
-            return self._hold(previous, "steady", detail)
+            return self._hold(previous, "steady", detail, direction)
         streak, needed = (
             (self._num_up, config.up_intervals)
             if direction > 0
             else (self._num_down, config.down_intervals)
         )
         if streak < needed:
-            return self._hold(previous, "streak", f"{detail} ({streak}/{needed} intervals)")
+            text = f"{detail} ({streak}/{needed} intervals)"
+            return self._hold(previous, "streak", text, direction)
         bounded = self.limits.clamp(candidate)
         if bounded == previous:
             edge = "at_max" if direction > 0 else "at_min"
-            return self._hold(previous, edge, f"{detail}; limits {self.limits}")
+            return self._hold(previous, edge, f"{detail}; limits {self.limits}", direction)
         cooldown_s = config.up_cooldown_s if direction > 0 else config.down_cooldown_s
         since_s = now_s - self._last_action_s
         if since_s < cooldown_s:
-            return self._hold(previous, "cooldown", f"{detail}; {since_s:.1f} of {cooldown_s} s")
-        return self._act(bounded, previous, label, detail, now_s)
+            text = f"{detail}; {since_s:.1f} of {cooldown_s} s"
+            return self._hold(previous, "cooldown", text, direction)
+        if direction > 0 and max_total is not None and bounded > max_total:
+            bounded = max(previous, max_total)
+            if bounded == previous:
+                text = f"{detail}; the total of both pools is at its cap"
+                return self._hold(previous, "at_total", text, direction)
+        return self._act(bounded, previous, label, detail, now_s, direction)
 
-    def _act(self, desired: int, previous: int, reason: str, detail: str, now_s: float) -> Decision:
+    def note_switch(self, delta: int, now_s: float) -> None:
+        """A worker joined (+1) or left (-1) this pool by changing role at ``now_s``: that is
+        an action (the cool-down counts from it) whose target is the pool as it was plus
+        ``delta`` (pending until the directory shows it)."""
+        assert self.desired is not None  # set by decide()
+        self.desired = self.limits.clamp(self._planned_from + delta)
+        self._last_action_s = now_s
+        self._num_up = self._num_down = 0
+
+    def _act(
+        self,
+        desired: int,
+        previous: int,
+        reason: str,
+        detail: str,
+        now_s: float,
+        direction: int = 0,
+    ) -> Decision:
         self.desired = desired
         self._last_action_s = now_s
         self._num_up = self._num_down = 0
-        return Decision(desired, previous, reason, detail)
+        return Decision(desired, previous, reason, detail, direction)
 
     @staticmethod
-    def _hold(desired: int, reason: str, detail: str) -> Decision:
-        return Decision(desired, desired, reason, detail)
+    def _hold(desired: int, reason: str, detail: str, direction: int = 0) -> Decision:
+        return Decision(desired, desired, reason, detail, direction)
+
+
+# --- role switching ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """Move one worker from the ``source`` pool to the ``target`` pool by changing its role;
+    ``detail`` says why, with both pools' readings."""
+
+    source: Role
+    target: Role
+    detail: str
+
+
+def plan_switch(
+    decisions: Mapping[Role, Decision],
+    views: Mapping[Role, PoolView],
+    limits: Mapping[Role, Limits],
+) -> Switch | None:
+    """A switch rather than this interval's decisions, or None (apply them as they are).
+
+    Only with both pools planned. The *target* pool wants a worker more: it steps up, or it
+    would but the cap on the total holds it (``at_total``). The *source* pool can spare one:
+    its reading says fewer workers (it need not have reached its down streak: a switch is
+    undone in a second, a retired process is not), it has more than its minimum, and the
+    target has fewer than its maximum. The pool that wants more goes first: a pool stepping
+    down with no pool short of workers is left to the connector (it retires a process)."""
+    if len(decisions) != 2 or any(role not in views or role not in limits for role in decisions):
+        return None
+    for target, wanted in decisions.items():
+        if not (wanted.desired > wanted.previous or wanted.reason == "at_total"):
+            continue
+        [source] = [role for role in decisions if role is not target]
+        spare = decisions[source]
+        if spare.direction >= 0:
+            return None
+        if views[source].num_workers <= limits[source].min_replicas:
+            return None
+        if views[target].num_workers >= limits[target].max_replicas:
+            return None
+        return Switch(
+            source,
+            target,
+            f"{target.value} {wanted.reason} ({wanted.detail}); "
+            f"{source.value} {spare.reason} ({spare.detail})",
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A worker of the source pool as the planner sees it: its last fresh report (None: none
+    lately) and whether it can become a prefill worker (it has a KV transfer agent)."""
+
+    worker_id: InstanceId
+    load: WorkerLoad | None
+    can_prefill: bool = True
+
+
+def choose_worker(candidates: Sequence[Candidate], target: Role) -> InstanceId | None:
+    """The worker to switch to ``target``: one that reported lately, with the fewest
+    requests running and queued (the least to hand off or finish); ties by id, so that a
+    decision is repeatable. None when no worker fits (none reported, or none can prefill)."""
+    fit = [
+        c
+        for c in candidates
+        if c.load is not None and (target is not Role.PREFILL or c.can_prefill)
+    ]
+    if not fit:
+        return None
+
+    def work(candidate: Candidate) -> tuple[int, str]:
+        load = candidate.load
+        assert load is not None
+        return (load.num_running + load.num_waiting, candidate.worker_id)
+
+    return min(fit, key=work).worker_id

@@ -27,7 +27,7 @@ async def serve(config: PlannerConfig, stopping: asyncio.Event | None = None) ->
         discovery.watch_workers(ns) as directory,
         open_connector(config, bus) as connector,
     ):
-        planner = Planner(config, connector)
+        planner = Planner(config, connector, bus)
         planner.observer.sync_workers(directory.workers)
         runner = web.AppRunner(build_app(planner, bus), access_log=None)
         await runner.setup()

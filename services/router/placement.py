@@ -129,8 +129,20 @@ class PlacementService:
             await asyncio.wait(tasks)
 
     def sync_workers(self, items: Mapping[str, WorkerInfo]) -> None:
-        """Take etcd's view of the workers; a worker whose lease is gone loses its blocks."""
+        """Take etcd's view of the workers; a worker whose lease is gone loses its blocks, one
+        that changed role keeps them."""
         workers = {info.worker_id: info for info in items.values()}
+        for worker_id, info in workers.items():
+            known = self.workers.get(worker_id)
+            if known is not None and known.role is not info.role:
+                # A role switch: same engine, same cache, so its blocks stay; placement reads
+                # the role from ``self.workers`` each time and follows at once.
+                logger.info(
+                    "worker changed role worker_id=%s from=%s to=%s",
+                    worker_id,
+                    known.role.name.lower(),
+                    info.role.name.lower(),
+                )
         for gone in set(self.workers) - set(workers):
             self.router.remove_worker(gone)
             task = self._resyncing.get(gone)

@@ -45,7 +45,7 @@ _EXPECTED = (ServingError, TimeoutError, KeyError, msgspec.DecodeError)
 # NATS refuses a control line (PUB <subject> <reply> <size>) over 4 KiB by closing the
 # connection: a stream subject stays far below that.
 _MAX_STREAM_SUBJECT_CHARS = 256
-MOVED = "the worker is draining; the stream moves to another worker"
+MOVED = "the worker is draining or changing role; the stream moves to another worker"
 # How long a drain waits for the step boundary at which its streams move.
 _BOUNDARY_TIMEOUT_S = 5.0
 
@@ -150,14 +150,15 @@ class DecodeRole(Role):
 
     # --- live migration out (drain) ------------------------------------------------------------
 
-    async def hand_off(self) -> int:
+    async def move_out(self) -> int:
         """Move every stream to a peer at the next step boundary (see ``lender``): running
         ones with their KV (``drain_handoff`` "kv", when this worker can give KV) or without
-        it ("recompute"); then wait until the peers have read the KV (at most
-        ``hold_timeout_s``). Returns how many streams moved; 0, changing nothing, for "finish"
-        or when no decode peer is live (the streams then finish here)."""
+        it ("recompute"). Returns how many streams moved; 0, changing nothing, for "finish"
+        or when no decode peer is live (the streams then finish here). The moved streams' KV
+        stays lent until the peers release it (``hand_off`` and ``settle`` wait for that)."""
         if self.drain_handoff == "finish" or not self.in_flight or not self.has_peer():
             return 0
+        num_before = self.num_moved_out
         self._moving = asyncio.get_running_loop().create_future()
         async with self.context.loop.exclusive() as engine:
             is_stepping = engine.has_unfinished()
@@ -169,10 +170,34 @@ class DecodeRole(Role):
                 await self._move_out()
         else:
             await self._move_out()
-        num_moved = self.num_moved_out
+        return self.num_moved_out - num_before
+
+    async def hand_off(self) -> int:
+        """At drain: ``move_out``, then wait until the peers have read the KV (at most
+        ``hold_timeout_s``). Returns how many streams moved."""
+        num_moved = await self.move_out()
         if self.lender is not None:
             await self.lender.wait_released(self.hold_timeout_s)
         return num_moved
+
+    async def settle(self, timeout_s: float) -> None:
+        """Retired: the streams not moved finish here (or end at ``timeout_s``: the frontend
+        moves them on), and the KV lent to peers is read or freed after ``hold_timeout_s``."""
+        await super().settle(timeout_s)
+        if self.lender is not None:
+            await self.lender.wait_released(self.hold_timeout_s)
+
+    def counters(self) -> dict[str, float]:
+        remote, lender = self.remote, self.lender
+        return {
+            "baton_worker_remote_prefills": remote.num_remote if remote is not None else 0,
+            "baton_worker_prefill_fallbacks": self.num_fallbacks,
+            "baton_worker_moved_in": remote.num_moved_in if remote is not None else 0,
+            "baton_worker_moved_in_blocks": remote.num_moved_blocks if remote is not None else 0,
+            "baton_worker_moved_in_bytes": remote.num_moved_bytes if remote is not None else 0,
+            "baton_worker_moved_out": self.num_moved_out,
+            "baton_worker_lent_kv_blocks": lender.num_lent_blocks if lender is not None else 0,
+        }
 
     async def _move_out(self) -> None:
         moving, lender = self._moving, self.lender

@@ -4,6 +4,7 @@ draining, connected to NATS, and the engine serves: a recent step or a one-token
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -12,15 +13,36 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from proto.messages import WorkerRole
 from services.worker.canary import CanaryResult
-from services.worker.decode import DecodeRole
-from services.worker.prefill import PrefillRole
 from services.worker.shell import WorkerShell
 
 logger = logging.getLogger(__name__)
 
 SHELL = web.AppKey("shell", WorkerShell)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+# What the roles count (``Role.counters``), summed over every role the worker has had.
+_ROLE_COUNTERS = (
+    ("baton_worker_remote_prefills", "prompts prefilled on a prefill worker and pulled here"),
+    ("baton_worker_prefill_fallbacks", "handoffs that failed and were prefilled here instead"),
+    (
+        "baton_worker_moved_in",
+        "streams moved here live from a worker that drained or changed role, their KV read",
+    ),
+    (
+        "baton_worker_moved_in_blocks",
+        "KV blocks those moves read (blocks cached here already are not read)",
+    ),
+    ("baton_worker_moved_in_bytes", "KV bytes those moves read"),
+    (
+        "baton_worker_moved_out",
+        "streams this worker gave up while draining or changing role (with their KV or without)",
+    ),
+    ("baton_worker_lent_kv_blocks", "KV blocks held for peers that streams moved to"),
+    ("baton_worker_hold_timeouts", "held prompts no decode worker read in time"),
+    ("baton_worker_prefills_served", "prompts computed here for a decode worker (PrefillDone)"),
+)
 
 
 def worker_registry(shell: WorkerShell) -> CollectorRegistry:
@@ -30,13 +52,12 @@ def worker_registry(shell: WorkerShell) -> CollectorRegistry:
     def gauge(name: str, text: str, read: Callable[[], float]) -> None:
         Gauge(name, text, registry=registry).set_function(read)
 
-    role = shell.role
     objectives = shell.objectives
     canary = shell.canary
     gauge("baton_worker_running", "sequences in the batch", lambda: shell.loop.stats().num_running)
     gauge("baton_worker_waiting", "sequences queued", lambda: shell.loop.stats().num_waiting)
     gauge("baton_worker_kv_usage", "KV cache in use (0..1)", lambda: shell.loop.stats().kv_usage)
-    gauge("baton_worker_in_flight", "requests owed an answer", lambda: len(role.in_flight))
+    gauge("baton_worker_in_flight", "requests owed an answer", lambda: shell.num_in_flight)
     gauge("baton_worker_steps", "engine steps so far", lambda: shell.loop.num_steps)
     gauge("baton_worker_bad_messages", "undecodable inbox messages", lambda: shell.num_bad_messages)
     gauge(
@@ -72,7 +93,7 @@ def worker_registry(shell: WorkerShell) -> CollectorRegistry:
     gauge(
         "baton_worker_handoffs",
         "requests whose KV is on its way from a prefill worker",
-        lambda: role.num_handoffs,
+        lambda: shell.num_handoffs,
     )
     gauge(
         "baton_worker_step_per_seq_seconds",
@@ -92,49 +113,29 @@ def worker_registry(shell: WorkerShell) -> CollectorRegistry:
         lambda: shell.log.num_suppressed,
     )
     gauge("baton_worker_draining", "1 while draining", lambda: float(shell.is_draining))
-    if isinstance(role, DecodeRole):
-        remote = role.remote
+    for name, text in _ROLE_COUNTERS:
+        gauge(name, text, functools.partial(shell.roles.count, name))
+    switcher = shell.switcher
+    if switcher is not None:
         gauge(
-            "baton_worker_remote_prefills",
-            "prompts prefilled on a prefill worker and pulled here",
-            lambda: remote.num_remote if remote is not None else 0,
+            "baton_worker_role_switches",
+            "role switches done (RoleSwitch; a worker changes role in place)",
+            lambda: switcher.num_switches,
         )
         gauge(
-            "baton_worker_prefill_fallbacks",
-            "handoffs that failed and were prefilled here instead",
-            lambda: role.num_fallbacks,
+            "baton_worker_role_switch_seconds",
+            "the last role switch: command received to registered under the new role (NaN: none)",
+            lambda: math.nan if switcher.last_switch_s is None else switcher.last_switch_s,
         )
         gauge(
-            "baton_worker_moved_in",
-            "streams moved here live from a draining worker, their KV read from it",
-            lambda: remote.num_moved_in if remote is not None else 0,
+            "baton_worker_role_switch_refusals",
+            "role switches refused (draining, another under way, the last decode worker, ...)",
+            lambda: switcher.num_refused,
         )
         gauge(
-            "baton_worker_moved_in_blocks",
-            "KV blocks those moves read (blocks cached here already are not read)",
-            lambda: remote.num_moved_blocks if remote is not None else 0,
-        )
-        gauge(
-            "baton_worker_moved_in_bytes",
-            "KV bytes those moves read",
-            lambda: remote.num_moved_bytes if remote is not None else 0,
-        )
-        gauge(
-            "baton_worker_moved_out",
-            "streams this worker gave up while draining (with their KV or without)",
-            lambda: role.num_moved_out,
-        )
-        lender = role.lender
-        gauge(
-            "baton_worker_lent_kv_blocks",
-            "KV blocks held for peers that streams moved to",
-            lambda: lender.num_lent_blocks if lender is not None else 0,
-        )
-    if isinstance(role, PrefillRole):
-        gauge(
-            "baton_worker_hold_timeouts",
-            "held prompts no decode worker read in time",
-            lambda: role.num_hold_timeouts,
+            "baton_worker_is_prefill",
+            "1 while the worker serves as a prefill worker, 0 as a decode worker",
+            lambda: float(shell.role.kind is WorkerRole.PREFILL),
         )
     return registry
 

@@ -57,6 +57,7 @@ class PrefillRole(Role):
         self._max_hold_s = max_hold_s
         self._sweep_interval_s = sweep_interval_s
         self.num_hold_timeouts = 0
+        self.num_served = 0  # prompts computed and described to a decode worker
         self._log = RateLimitedLog(logger)
 
     async def admit(
@@ -95,6 +96,7 @@ class PrefillRole(Role):
                 await self.end(out.request_id, FinishReason.ERROR, str(exc))
                 continue
             entry.hold_deadline_s = time.monotonic() + entry.hold_timeout_s
+            self.num_served += 1
             try:
                 await self.context.bus.publish_bytes(entry.reply_subject, encode(done))
             except ServingError as exc:
@@ -147,6 +149,12 @@ class PrefillRole(Role):
                     request_id,
                     exc,
                 )
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "baton_worker_hold_timeouts": self.num_hold_timeouts,
+            "baton_worker_prefills_served": self.num_served,
+        }
 
     async def run(self) -> None:
         """Free holds no decode worker released in time (it died, say)."""

@@ -2,6 +2,8 @@
 for them, and how one ends early. The shell does everything else (see ``shell``)."""
 
 import abc
+import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,11 +74,33 @@ class Role(abc.ABC):
         """A decode worker has read (or given up on) this request's KV (``KVRelease``)."""
         return
 
-    async def hand_off(self) -> int:
-        """At drain: move the in-flight requests to peers rather than finish them here, if the
-        role can (a decode worker's live migration); how many moved. Called once, after new
-        work is refused and before the drain waits for ``in_flight``."""
+    async def move_out(self) -> int:
+        """Move the in-flight requests to peers now rather than finish them here, if the role
+        can (a decode worker's live migration), without waiting for the peers to read what
+        they are lent; how many moved. Called once, after new work is refused: by
+        ``hand_off`` at drain, or when the worker changes role."""
         return 0
+
+    async def hand_off(self) -> int:
+        """At drain: ``move_out``, then wait (bounded) until the peers have read what they
+        were lent; how many moved. Called once, before the drain waits for ``in_flight``."""
+        return await self.move_out()
+
+    async def settle(self, timeout_s: float) -> None:
+        """Once retired (the worker changed role; ``move_out`` already ran): wait until the
+        role owes nothing, neither a request nor KV held for a peer, for up to ``timeout_s``;
+        then end what is left with a reason, so that no requester waits on it."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.in_flight.idle.wait()
+        except TimeoutError:
+            for request_id in self.in_flight:
+                await self.end(request_id, FinishReason.ABORT, "the worker changed role")
+
+    def counters(self) -> Mapping[str, float]:
+        """What the role counted so far, by metric name; the shell adds those of the roles a
+        worker had before (``/metrics``)."""
+        return {}
 
     async def run(self) -> None:
         """Background work the role needs while the worker lives (the shell owns the task)."""

@@ -15,6 +15,7 @@ from services.worker.prefill import PrefillRole
 from services.worker.role import Role, WorkerContext
 from services.worker.runtime import WorkerRuntime, model_card, worker_info, worker_runtime
 from services.worker.shell import WorkerShell
+from services.worker.switch import RoleSwitcher
 from shared.discovery.watch import WorkerDirectory
 from shared.engine.loop import EngineLoop
 from shared.errors import Unavailable
@@ -35,8 +36,21 @@ async def serve(config: WorkerServiceConfig, stopping: asyncio.Event | None = No
         built = runtime.built
         loop = EngineLoop(built.engine, step_in_thread=built.step_in_thread)
         context = WorkerContext(runtime.bus, w.namespace, worker_id, loop)
-        role = make_role(config, context, runtime, directory)
+
+        def role_of(kind: WorkerRole) -> Role:
+            return make_role(config, kind, context, runtime, directory)
+
+        role = role_of(config.worker_role)
         shell = WorkerShell(context, role, w, max_num_batched_tokens=e.max_num_batched_tokens)
+        shell.switcher = RoleSwitcher(
+            shell,
+            role_of,
+            can_prefill=runtime.connector is not None and runtime.agent is not None,
+            has_decode_peer=lambda: has_decode_peer(directory, e.model, worker_id),
+            # A retired role's requests finish, and its held KV is read, within this (the
+            # prefill sweep and the lender free a hold after max_hold_s anyway).
+            settle_timeout_s=w.drain_timeout_s,
+        )
         async with http_server(shell, w.http_host, w.http_port) as http_port:
             info = worker_info(runtime, w, e, worker_id, role.kind)
             if http_port is not None:
@@ -44,13 +58,27 @@ async def serve(config: WorkerServiceConfig, stopping: asyncio.Event | None = No
             await shell.serve(runtime.discovery, info, model_card(runtime, e), stopping)
 
 
+def has_decode_peer(directory: WorkerDirectory, model: str, worker_id: InstanceId) -> bool:
+    """Whether another live decode worker serves ``model`` (one that streams could move to)."""
+    return any(
+        info.role is WorkerRole.DECODE
+        and not info.is_draining
+        and info.model == model
+        and info.worker_id != worker_id
+        for info in directory.workers.values()
+    )
+
+
 def make_role(
     config: WorkerServiceConfig,
+    kind: WorkerRole,
     context: WorkerContext,
     runtime: WorkerRuntime,
     directory: WorkerDirectory,
 ) -> Role:
-    if config.worker_role is WorkerRole.PREFILL:
+    """A new role object of ``kind`` around the worker's engine loop and transfer agent (at
+    start, and at each role switch: both roles run on the one engine as it was built)."""
+    if kind is WorkerRole.PREFILL:
         if runtime.connector is None or runtime.agent is None:
             raise Unavailable("a prefill worker needs a KV transfer agent and KV memory")
         return PrefillRole(
@@ -62,14 +90,7 @@ def make_role(
     if runtime.connector is not None and runtime.agent is not None:
         agent_name = runtime.agent.name
         role.lender = KVLender(context.loop, runtime.connector, agent_name, context.worker_id)
-    model = config.engine.model
-    role.has_peer = lambda: any(
-        info.role is WorkerRole.DECODE
-        and not info.is_draining
-        and info.model == model
-        and info.worker_id != context.worker_id
-        for info in directory.workers.values()
-    )
+    role.has_peer = lambda: has_decode_peer(directory, config.engine.model, context.worker_id)
     if runtime.connector is not None:
         role.remote = RemotePrefill(
             context.bus,

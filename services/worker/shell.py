@@ -14,12 +14,17 @@
   and the whole cached set on a ``KVStateRequest`` (a router's resync).
 - **Lifecycle**: register in etcd, serve until told to stop, then drain: mark the entry
   draining, wait for in-flight work up to the deadline, end the rest with a reason, revoke.
+- **Roles over time** (``roles.RoleSet``): a ``RoleSwitch`` (``switch``) replaces the role
+  while the worker runs. The old role is then *retiring*: it takes no new work, but it still
+  gets every step's outputs, aborts and KV releases until it owes nothing (``Role.settle``),
+  beside the new one.
 """
 
 import asyncio
 import gc
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 from nats.aio.msg import Msg
@@ -36,17 +41,23 @@ from proto.messages import (
     LoadMetrics,
     ModelCard,
     PrefillRequest,
+    RoleSwitch,
     WorkerInfo,
+    WorkerRole,
 )
 from services.worker.canary import EngineCanary
 from services.worker.objectives import Objectives
 from services.worker.role import Role, WorkerContext
+from services.worker.roles import RoleSet
 from shared.codec import encode, worker_inbound_decoder
-from shared.discovery import Discovery
+from shared.discovery import Discovery, Registration
 from shared.engine.config import WorkerConfig
 from shared.engine.interface import Engine, StepResult
 from shared.errors import InvalidRequest, Overloaded, ServingError, Unavailable
 from shared.logs import BadMessages, RateLimitedLog
+
+if TYPE_CHECKING:
+    from services.worker.switch import RoleSwitcher
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +75,7 @@ class WorkerShell:
     ) -> None:
         self.context = context
         self.objectives = Objectives(config, max_num_batched_tokens=max_num_batched_tokens)
-        self.role = role
+        self.roles = RoleSet(role)
         self.config = config
         self.bus = context.bus
         self.loop = context.loop
@@ -76,6 +87,22 @@ class WorkerShell:
         self.canary = EngineCanary(self.loop, context.worker_id)
         self.num_delivery_failures = 0
         self._kv_event_seq = 0
+        self.switcher: RoleSwitcher | None = None  # set by serve(): RoleSwitch is refused without
+        self.info: WorkerInfo | None = None  # as registered (set by ``serve``)
+        self._registration: Registration | None = None
+
+    @property
+    def role(self) -> Role:
+        """The role it serves as now (``roles`` also holds the retiring ones)."""
+        return self.roles.current
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.roles.num_in_flight
+
+    @property
+    def num_handoffs(self) -> int:
+        return self.roles.num_handoffs
 
     # --- inbox ---------------------------------------------------------------------------------
 
@@ -97,23 +124,41 @@ class WorkerShell:
             case GenerateRequest() | PrefillRequest():
                 await self._admit(message, msg.reply)
             case AbortRequest(request_id=request_id):
-                await self.role.end(request_id, FinishReason.ABORT)
+                for role in self.roles:  # a role ignores ids it does not hold
+                    await role.end(request_id, FinishReason.ABORT)
             case KVRelease(request_id=request_id):
-                await self.role.release(request_id)
+                for role in self.roles:
+                    await role.release(request_id)
             case KVStateRequest():
                 if msg.reply:
                     await self.bus.publish(msg.reply, await self.kv_state())
+            case RoleSwitch():
+                if self.switcher is None:
+                    if msg.reply:
+                        await self._reply(msg.reply, InvalidRequest("this worker cannot switch"))
+                    return
+                await self.switcher.on_command(message, msg.reply, time.monotonic())
 
     async def _admit(self, request: GenerateRequest | PrefillRequest, reply_subject: str) -> None:
         role = self.role
         try:
+            worker_id = self.context.worker_id
             if self.is_draining:
-                raise Unavailable(f"worker {self.context.worker_id} is draining", retry_after_s=1.0)
-            if not isinstance(request, role.request_type):
-                raise InvalidRequest(
-                    f"a {type(request).__name__} was sent to a {role.kind.name.lower()} worker"
+                raise Unavailable(f"worker {worker_id} is draining", retry_after_s=1.0)
+            switching_to = self.switcher.target if self.switcher is not None else None
+            if switching_to is not None:
+                raise Unavailable(
+                    f"worker {worker_id} is switching to {switching_to.name.lower()}",
+                    retry_after_s=1.0,
                 )
-            if request.request_id in role.in_flight:
+            if not isinstance(request, role.request_type):
+                # The sender's directory is behind (the worker changed role): try another.
+                raise Unavailable(
+                    f"a {type(request).__name__} was sent to {worker_id}, a "
+                    f"{role.kind.name.lower()} worker",
+                    retry_after_s=1.0,
+                )
+            if any(request.request_id in live.in_flight for live in self.roles):
                 raise InvalidRequest(f"request {request.request_id} is already running here")
             max_waiting = self.config.max_waiting
             stats = self.loop.stats()
@@ -154,14 +199,15 @@ class WorkerShell:
                 await self._publish_kv_events(engine)
         except ServingError as exc:  # routers notice the gap and resync
             self.log.log("kv events", "KV events not published error=%s", exc)
-        try:
-            await self.role.deliver(result)
-        except Exception as exc:
-            # A bug or a lost bus: these requests cannot be served, the others still can.
-            self.num_delivery_failures += 1
-            logger.exception("step outputs not delivered num_outputs=%d", len(result.outputs))
-            for out in result.outputs:
-                await self.role.end(out.request_id, FinishReason.ERROR, f"delivery failed: {exc}")
+        for role in self.roles:  # each takes the outputs of its own requests
+            try:
+                await role.deliver(result)
+            except Exception as exc:
+                # A bug or a lost bus: these requests cannot be served, the others still can.
+                self.num_delivery_failures += 1
+                logger.exception("step outputs not delivered num_outputs=%d", len(result.outputs))
+                for out in result.outputs:
+                    await role.end(out.request_id, FinishReason.ERROR, f"delivery failed: {exc}")
 
     async def publish_kv_events(self) -> None:
         """Publish the blocks stored and removed since the last call, numbered for gap checks."""
@@ -199,7 +245,7 @@ class WorkerShell:
         speed = objectives.speed_model.speed
         return LoadMetrics(
             worker_id=self.context.worker_id,
-            num_running=stats.num_running + stats.num_reserved + self.role.num_handoffs,
+            num_running=stats.num_running + stats.num_reserved + self.num_handoffs,
             num_waiting=stats.num_waiting,
             num_free_blocks=stats.num_free_blocks,
             num_total_blocks=stats.num_total_blocks,
@@ -213,6 +259,7 @@ class WorkerShell:
             max_num_running=objectives.budget.max_num_running or 0,
             wait_per_token_s=objectives.wait_per_token_s(stats),
             max_waiting=self.config.max_waiting,
+            num_awaiting_kv=stats.num_reserved + self.num_handoffs,
         )
 
     async def publish_load(self) -> None:
@@ -240,11 +287,12 @@ class WorkerShell:
             tasks = [
                 tg.create_task(self.loop.run(self.on_step), name="engine-loop"),
                 tg.create_task(self.publish_load(), name="load"),
-                tg.create_task(self.role.run(), name="role"),
             ]
+            self.roles.start(tg)
             await self.start()
             await discovery.put_model(config.namespace, card)
-            registration = await discovery.register_worker(
+            self.info = info
+            self._registration = registration = await discovery.register_worker(
                 config.namespace, info, ttl_s=config.lease_ttl_s
             )
             self.is_registered = True
@@ -252,14 +300,29 @@ class WorkerShell:
             logger.info("worker ready worker_id=%s role=%s", info.worker_id, info.role.name)
             await stopping.wait()
             logger.info("[shutdown] draining worker_id=%s", info.worker_id)
-            await registration.update(encode(msgspec.structs.replace(info, is_draining=True)))
+            self.is_draining = True  # no new work, and no switch after the one under way
+            if self.switcher is not None:
+                await self.switcher.close()  # a switch under way ends first (it is bounded)
+            await registration.update(encode(msgspec.structs.replace(self.info, is_draining=True)))
             await self.drain(config.drain_timeout_s)
             await registration.revoke()
-            await self.role.close()
+            await self.roles.close()
             for task in tasks:
                 task.cancel()
             await self.bus.flush()
         logger.info("[shutdown] worker stopped worker_id=%s", info.worker_id)
+
+    # --- role switching ------------------------------------------------------------------------
+
+    async def reregister(self, role: WorkerRole) -> WorkerInfo:
+        """Put this worker's entry again under ``role``: routers and frontends watching the
+        directory send it that role's requests from now on. ``Unavailable`` if etcd does not
+        take it (the new value is kept for the next re-registration)."""
+        assert self.info is not None  # serve() registered
+        assert self._registration is not None
+        self.info = msgspec.structs.replace(self.info, role=role)
+        await self._registration.update(encode(self.info))
+        return self.info
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new work, let in-flight requests finish for up to ``timeout_s``, then end
@@ -269,16 +332,17 @@ class WorkerShell:
             subjects.load_metrics(self.context.namespace, self.context.worker_id),
             self.load_metrics(),
         )
-        in_flight = self.role.in_flight
         try:
             async with asyncio.timeout(timeout_s):
                 num_moved = await self.role.hand_off()
                 if num_moved:
                     logger.info("[shutdown] streams moved to peers num_moved=%d", num_moved)
-                await in_flight.idle.wait()
+                await self.role.in_flight.idle.wait()
+                await self.roles.wait_settled()  # retiring roles finish (or time out) too
         except TimeoutError:
             logger.warning(
-                "[shutdown] drain deadline passed; ending num_requests=%d", len(in_flight)
+                "[shutdown] drain deadline passed; ending num_requests=%d", self.num_in_flight
             )
-            for request_id in in_flight:
-                await self.role.end(request_id, FinishReason.ABORT, "worker shut down")
+            for role in self.roles:
+                for request_id in role.in_flight:
+                    await role.end(request_id, FinishReason.ABORT, "worker shut down")

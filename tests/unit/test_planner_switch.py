@@ -1,0 +1,233 @@
+"""The planner's role-switch decision (pure): when a worker changes role instead of a process
+starting, which worker, and how the pools' targets follow."""
+
+import pytest
+
+from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
+from services.planner.config import PlannerConfig
+from services.planner.observer import PoolObserver
+from services.planner.policy import (
+    Candidate,
+    Decision,
+    Limits,
+    PolicyConfig,
+    PoolPlanner,
+    Switch,
+    choose_worker,
+    plan_switch,
+)
+from services.planner.signals import PoolView, Role, WorkerLoad
+
+LIMITS = {Role.DECODE: Limits(1, 4), Role.PREFILL: Limits(1, 4)}
+
+
+def busy() -> WorkerLoad:
+    return WorkerLoad(num_running=8, num_waiting=10, kv_usage=0.3, max_num_seqs=8)
+
+
+def idle() -> WorkerLoad:
+    return WorkerLoad(max_num_seqs=8)
+
+
+def view(role: Role, n: int, load: WorkerLoad | None) -> PoolView:
+    return PoolView(role=role, num_workers=n, loads=(load,) * n if load else ())
+
+
+def planner(**overrides: object) -> PoolPlanner:
+    settings: dict[str, object] = {
+        "up_intervals": 1,
+        "down_intervals": 5,
+        "up_cooldown_s": 0.0,
+        "down_cooldown_s": 0.0,
+        **overrides,
+    }
+    return PoolPlanner(PolicyConfig(**settings), Limits(1, 4))  # type: ignore[arg-type]
+
+
+def up(n: int) -> Decision:
+    return Decision(n + 1, n, "queue", "waiting 10.0/worker >= 4", direction=1)
+
+
+def under(n: int) -> Decision:
+    return Decision(n, n, "streak", "load fits on fewer (1/5 intervals)", direction=-1)
+
+
+def steady(n: int) -> Decision:
+    return Decision(n, n, "steady", "batch 0.50 of capacity", direction=0)
+
+
+def views(num_decode: int, num_prefill: int) -> dict[Role, PoolView]:
+    return {
+        Role.DECODE: view(Role.DECODE, num_decode, busy()),
+        Role.PREFILL: view(Role.PREFILL, num_prefill, idle()),
+    }
+
+
+def test_a_pool_stepping_up_takes_a_worker_the_other_can_spare():
+    decisions = {Role.DECODE: up(2), Role.PREFILL: under(2)}
+    switch = plan_switch(decisions, views(2, 2), LIMITS)
+    assert switch is not None
+    assert (switch.source, switch.target) == (Role.PREFILL, Role.DECODE)
+    assert "decode queue" in switch.detail
+    assert "prefill streak" in switch.detail
+
+
+def test_the_other_way_round_prefill_takes_a_decode_worker():
+    decisions = {Role.DECODE: under(3), Role.PREFILL: up(1)}
+    switch = plan_switch(decisions, views(3, 1), LIMITS)
+    assert switch == Switch(Role.DECODE, Role.PREFILL, switch.detail if switch else "")
+
+
+def test_no_switch_while_the_other_pool_is_not_under():
+    # Between the thresholds, or busy itself: a process starts (the connector's decision).
+    assert plan_switch({Role.DECODE: up(2), Role.PREFILL: steady(2)}, views(2, 2), LIMITS) is None
+    assert plan_switch({Role.DECODE: up(2), Role.PREFILL: up(2)}, views(2, 2), LIMITS) is None
+
+
+def test_no_switch_below_the_source_minimum_or_above_the_target_maximum():
+    decisions = {Role.DECODE: up(2), Role.PREFILL: under(1)}
+    assert plan_switch(decisions, views(2, 1), LIMITS) is None  # prefill at its min (1)
+    full = {Role.DECODE: Limits(1, 2), Role.PREFILL: Limits(0, 4)}
+    assert plan_switch({Role.DECODE: up(2), Role.PREFILL: under(2)}, views(2, 2), full) is None
+
+
+def test_no_switch_with_one_pool_planned_or_no_pool_short():
+    assert plan_switch({Role.DECODE: up(2)}, views(2, 2), LIMITS) is None
+    decisions = {Role.DECODE: steady(2), Role.PREFILL: under(2)}
+    assert plan_switch(decisions, views(2, 2), LIMITS) is None  # a plain scale-down
+
+
+def test_a_pool_held_at_the_total_cap_switches_where_it_could_not_start_one():
+    p = planner()
+    decision = p.decide(view(Role.DECODE, 2, busy()), now_s=10.0, max_total=2)
+    assert (decision.desired, decision.reason, decision.direction) == (2, "at_total", 1)
+    switch = plan_switch({Role.DECODE: decision, Role.PREFILL: under(2)}, views(2, 2), LIMITS)
+    assert switch is not None
+    assert switch.target is Role.DECODE
+    # Without the cap, the same reading starts a process.
+    assert planner().decide(view(Role.DECODE, 2, busy()), now_s=10.0).desired == 3
+
+
+def test_the_total_cap_only_stops_growth():
+    p = planner(down_intervals=1)
+    # Above the cap already: it is not cut down for that, and an idle pool still shrinks.
+    decision = p.decide(view(Role.DECODE, 3, idle()), now_s=10.0, max_total=3)
+    assert (decision.desired, decision.reason) == (2, "idle")
+    # Room for one more under the cap: a step up of one is allowed.
+    assert planner().decide(view(Role.DECODE, 2, busy()), now_s=10.0, max_total=3).desired == 3
+
+
+def test_the_under_reading_counts_before_the_down_streak_is_complete():
+    p = planner(down_intervals=5)
+    decision = p.decide(view(Role.PREFILL, 2, idle()), now_s=10.0)
+    assert (decision.reason, decision.direction, decision.desired) == ("streak", -1, 2)
+
+
+def test_a_switch_moves_both_targets_and_starts_their_cooldowns():
+    decode, prefill = planner(up_cooldown_s=5.0), planner(up_cooldown_s=5.0)
+    decode.decide(view(Role.DECODE, 2, busy()), now_s=10.0, max_total=4)
+    prefill.decide(view(Role.PREFILL, 2, idle()), now_s=10.0)
+    decode.note_switch(+1, now_s=10.0)
+    prefill.note_switch(-1, now_s=10.0)
+    assert (decode.desired, prefill.desired) == (3, 1)
+    # Pending until the directory shows the switch ...
+    assert decode.decide(view(Role.DECODE, 2, busy()), now_s=11.0).reason == "pending"
+    # ... then the cool-down holds a further step up.
+    later = decode.decide(view(Role.DECODE, 3, busy()), now_s=12.0)
+    assert (later.desired, later.reason) == (3, "cooldown")
+
+
+def test_choose_worker_takes_the_one_with_least_work_that_reported():
+    candidates = [
+        Candidate(InstanceId("b"), WorkerLoad(num_running=3, num_waiting=1)),
+        Candidate(InstanceId("a"), WorkerLoad(num_running=1, num_waiting=3)),
+        Candidate(InstanceId("c"), WorkerLoad(num_running=0, num_waiting=1)),
+        Candidate(InstanceId("d"), None),  # no fresh report: unknown work
+    ]
+    assert choose_worker(candidates, Role.DECODE) == "c"
+    assert choose_worker(candidates[:2], Role.DECODE) == "a"  # a tie goes to the lower id
+    assert choose_worker(candidates[3:], Role.DECODE) is None
+
+
+def test_choose_worker_skips_workers_that_cannot_prefill():
+    candidates = [
+        Candidate(InstanceId("a"), WorkerLoad(), can_prefill=False),
+        Candidate(InstanceId("b"), WorkerLoad(num_running=5)),
+    ]
+    assert choose_worker(candidates, Role.PREFILL) == "b"
+    assert choose_worker(candidates[:1], Role.PREFILL) is None
+    assert choose_worker(candidates[:1], Role.DECODE) == "a"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_total_workers": -1}, "max_total_workers"),
+        (
+            {
+                "max_total_workers": 2,
+                "min_decode_workers": 2,
+                "min_prefill_workers": 1,
+                "max_prefill_workers": 2,
+            },
+            "max_total_workers",
+        ),
+        ({"switch_timeout_s": 0.0}, "switch_timeout_s"),
+    ],
+)
+def test_planner_config_checks_the_switch_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PlannerConfig(**kwargs)
+
+
+def worker(worker_id: str, role: WorkerRole, **kw: object) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=InstanceId(worker_id),
+        model="m",
+        role=role,
+        subject=f"s.{worker_id}",
+        max_num_seqs=8,
+        num_kv_blocks=100,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def report(worker_id: str, num_running: int, num_awaiting_kv: int = 0) -> LoadMetrics:
+    return LoadMetrics(
+        worker_id=InstanceId(worker_id),
+        num_running=num_running,
+        num_waiting=0,
+        num_free_blocks=50,
+        num_total_blocks=100,
+        kv_usage=0.1,
+        num_awaiting_kv=num_awaiting_kv,
+    )
+
+
+def test_requests_awaiting_their_kv_are_not_counted_as_decode_batch():
+    # A slow prefill pool must not make the decode pool look busy.
+    observer = PoolObserver(stale_s=1.0)
+    observer.sync_workers({InstanceId("a"): worker("a", WorkerRole.DECODE)})
+    observer.record(report("a", num_running=6, num_awaiting_kv=5), now_s=1.0)
+    [load] = observer.view(Role.DECODE, now_s=1.0).loads
+    assert load.num_running == 1
+
+
+def test_switch_candidates_are_the_pools_own_workers_with_their_reports():
+    observer = PoolObserver(stale_s=1.0)
+    observer.sync_workers(
+        {
+            InstanceId("a"): worker("a", WorkerRole.DECODE, kv_agent="tcp"),
+            InstanceId("b"): worker("b", WorkerRole.DECODE),  # no KV agent
+            InstanceId("g"): worker("g", WorkerRole.AGGREGATED, kv_agent="tcp"),
+            InstanceId("d"): worker("d", WorkerRole.DECODE, is_draining=True),
+            InstanceId("p"): worker("p", WorkerRole.PREFILL, kv_agent="tcp"),
+        }
+    )
+    observer.record(report("a", num_running=3), now_s=1.0)
+    observer.record(report("b", num_running=0), now_s=1.0)
+    candidates = observer.candidates(Role.DECODE, now_s=1.5)
+    assert [(c.worker_id, c.can_prefill) for c in candidates] == [("a", True), ("b", False)]
+    # b has less work but cannot hold KV for decode workers: a goes.
+    assert choose_worker(candidates, Role.PREFILL) == "a"
+    assert choose_worker(observer.candidates(Role.PREFILL, now_s=1.5), Role.DECODE) is None
