@@ -44,11 +44,15 @@ async def test_a_draining_worker_moves_its_streams(
     payloads = [body(i, **sampling) for i in range(NUM_STREAMS)]
     expected = await run_all(cluster.url, payloads)
 
-    victim = cluster.workers[0]
-    [peer] = [i for i in await worker_infos(etcd_server.url, namespace) if i.pid != victim.pid]
+    infos = await worker_infos(etcd_server.url, namespace)
     run = asyncio.create_task(run_all(cluster.url, payloads))
     await asyncio.sleep(1.5)  # every stream is placed and streaming
     assert not run.done()
+    # The worker holding more streams (placement may well put most on one) is stopped.
+    held = {i.pid: await metric(i.http_url, "baton_worker_in_flight") for i in infos}
+    [victim] = [w for w in cluster.workers if w.pid == max(held, key=held.__getitem__)]
+    [peer] = [i for i in infos if i.pid != victim.pid]
+    assert held[victim.pid] > 0
     stopped_at = time.monotonic()
     victim.send_signal(signal.SIGTERM)
     async with asyncio.timeout(30):
