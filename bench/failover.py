@@ -14,6 +14,11 @@ moved, and the longest pause a client saw between two chunks (p50/p99/max over t
   the KV); also how long the drain took (SIGTERM to exit) and the KV bytes moved.
 - ``--fault kill-prefill``: a cluster with one prefill worker that every prompt goes to;
   SIGKILL it; the decode workers prefill locally instead (their fallbacks are counted).
+- ``--fault nats``: SIGKILL nats-server; the supervisor starts it again on its port after
+  ``--outage-s`` (5 s).
+- ``--fault etcd``: SIGSTOP etcd for ``--outage-s`` (give 60), then SIGCONT.
+- ``--fault router``: SIGKILL the router; frontends place by load until the supervisor's
+  replacement is ready.
 
     .venv/bin/python bench/failover.py --streams 1000 --json /tmp/failover.json
     .venv/bin/python bench/failover.py --fault drain --drain-handoff kv --json /tmp/drain-kv.json
@@ -22,7 +27,9 @@ moved, and the longest pause a client saw between two chunks (p50/p99/max over t
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import signal
 import tempfile
@@ -93,6 +100,20 @@ def role_pids(root_pid: int, role: str = "decode") -> set[int]:
     }
 
 
+def named_pids(root_pid: int, needle: str) -> set[int]:
+    """Descendants whose command line contains ``needle`` (a server, the router)."""
+    root = psutil.Process(root_pid)
+    out = set()
+    for p in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if needle in " ".join(p.cmdline()):
+                out.add(p.pid)
+    return out
+
+
+SERVER_FAULTS = {"nats": "nats-server", "etcd": "etcd --name", "router": "services.router"}
+
+
 def worker_url(pid: int) -> str | None:
     """The HTTP address of the worker at ``pid`` (the one of its listening sockets that
     answers /health)."""
@@ -152,10 +173,38 @@ def faulted_run(
     victims = sorted(role_pids(root, role))
     facts: dict[str, float] = {}
 
+    async def server_fault() -> None:
+        needle = SERVER_FAULTS[args.fault]
+        [victim] = named_pids(root, needle)
+        faulted = time.monotonic()
+        if args.fault == "etcd":
+            os.kill(victim, signal.SIGSTOP)
+            await asyncio.sleep(args.outage_s)
+            os.kill(victim, signal.SIGCONT)
+            facts["one_short_s"] = time.monotonic() - faulted
+            return
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            fresh = named_pids(root, needle) - {victim}
+            if args.fault == "router":
+                return bool(fresh) and all(worker_ready(p) for p in fresh)
+            return bool(fresh)
+
+        await until(replaced)
+        facts["one_short_s"] = time.monotonic() - faulted
+
     async def main() -> list[str | None]:
         task = asyncio.create_task(run(args, url, sampling, gaps))
         await asyncio.sleep(args.kill_after_s)
         facts["in_flight_at_fault"] = metric(url, "baton_frontend_in_flight_requests")
+        if args.fault in SERVER_FAULTS:
+            facts.update(victim_in_flight=math.nan, prefill_fallbacks=0.0, moved_kv_bytes=0.0)
+            faulted = time.monotonic()
+            await server_fault()
+            texts = await task
+            facts["streams_done_after_fault_s"] = time.monotonic() - faulted
+            return texts
         # The busiest worker of the role: the fault should hit as many streams as it can.
         in_flight = {}
         for pid in victims:
@@ -207,7 +256,12 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=200)
     p.add_argument("--output-tokens", type=int, default=200)
     p.add_argument("--kill-after-s", type=float, default=6.0, help="when the fault happens")
-    p.add_argument("--fault", choices=("kill", "drain", "kill-prefill"), default="kill")
+    p.add_argument(
+        "--fault",
+        choices=("kill", "drain", "kill-prefill", *SERVER_FAULTS),
+        default="kill",
+    )
+    p.add_argument("--outage-s", type=float, default=5.0, help="nats and etcd faults: how long")
     p.add_argument("--drain-handoff", choices=("kv", "recompute"), default="kv")
     p.add_argument("--speedup", type=float, default=0.5, help="sim time divisor (< 1: slower)")
     p.add_argument("--json", default="")
@@ -225,8 +279,11 @@ def main() -> None:
         log_dir=tempfile.mkdtemp(prefix="baton-failover-"),
         ready_timeout_s=120.0,
     )
+    spec = up.cluster_spec()
+    if args.fault == "nats":  # the supervisor starts it again after the outage
+        spec = dataclasses.replace(spec, restart_backoff_s=args.outage_s)
     results: dict[str, Any] = {"args": vars(args), "runs": {}}
-    with cluster_in_thread(up.cluster_spec()) as cluster:
+    with cluster_in_thread(spec) as cluster:
         for name, sampling in (
             ("greedy", {"temperature": 0}),
             ("seeded", {"temperature": 0.8, "seed": 11}),
@@ -257,6 +314,9 @@ def main() -> None:
                     f"{row['moved_kv_bytes'] / 1e6:.1f} MB of KV moved"
                 ),
                 "kill-prefill": f"{row['prefill_fallbacks']:.0f} prefills fell back",
+                "nats": f"nats-server back after {row['one_short_s']:.1f} s",
+                "etcd": f"etcd stopped {row['one_short_s']:.1f} s",
+                "router": f"router replaced after {row['one_short_s']:.1f} s",
             }[args.fault]
             print(
                 f"{name} ({args.fault}"

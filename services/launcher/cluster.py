@@ -28,11 +28,13 @@ from typing import Any
 
 import aiohttp
 
+from proto.messages import WorkerRole
 from services.launcher.processes import Child, stop_process, wait_popen
-from services.launcher.scaler import WorkerScaler
+from services.launcher.scaler import ScaledPool, WorkerScaler
 from services.launcher.spec import ClusterSpec
 from services.launcher.standby import StandbyPool, StandbyWorker, worker_command
 from shared.config import load_config
+from shared.discovery import Discovery
 from shared.local_credentials import LocalCredentials
 from shared.security import BusSecurity, ClusterSecurity, EtcdSecurity
 from shared.servers import ServerProcess, check_port_free, free_port, start_etcd, start_nats
@@ -74,6 +76,7 @@ class LocalCluster:
         self.retired: list[Child] = []  # decode workers retired at the planner's request
         self.standbys: StandbyPool | None = None  # with the planner, once it is followed
         self._num_decode_started = spec.num_workers
+        self._num_prefill_started = spec.num_prefill_workers
 
     @property
     def api(self) -> str:
@@ -211,7 +214,11 @@ class LocalCluster:
         self.planner_urls.append(f"http://127.0.0.1:{port}")
         max_workers = self.spec.max_workers or self.spec.num_workers
         args = ["--port", str(port), "--connector", "local", "--min-decode-workers", "1"]
-        args += ["--max-decode-workers", str(max_workers), *self.spec.planner_args]
+        args += ["--max-decode-workers", str(max_workers)]
+        if self.spec.num_prefill_workers:  # a prefill pool it may size (and switch into)
+            max_prefill = self.spec.max_prefill_workers or self.spec.num_prefill_workers
+            args += ["--min-prefill-workers", "1", "--max-prefill-workers", str(max_prefill)]
+        args += self.spec.planner_args
         await self._spawn("planner", "planner", args)
 
     @property
@@ -346,53 +353,90 @@ class LocalCluster:
                 tg.create_task(self._follow_planner(tg), name="planner commands")
 
     async def _follow_planner(self, tg: asyncio.TaskGroup) -> None:
-        """Start and retire decode workers as the planner's scale commands say."""
-
-        def live() -> list[Child]:
-            return [
-                c
-                for c in self.children
-                if c.role == "decode"
-                and not c.is_retiring
-                and (self.spec.supervise or c.proc.returncode is None)
-            ]
-
-        decode_args = ["--role", "decode", *self.spec.decode_args]
-        if self.spec.num_standby_workers:
-            self.standbys = StandbyPool(
-                size=self.spec.num_standby_workers,
-                worker_args=decode_args,
-                exec_child=self._exec,
-                next_name=self._next_decode_name,
-                backoff_s=self.spec.restart_backoff_s,
-                backoff_max_s=self.spec.restart_backoff_max_s,
-                stop_timeout_s=self.spec.stop_timeout_s,
-            )
-            tg.create_task(self.standbys.run(), name="standby workers")
-
-        async def start() -> None:
-            standby = self.standbys.take() if self.standbys is not None else None
-            child = await self._hand_over(standby, decode_args) if standby else None
-            if child is None:
-                child = await self._spawn(self._next_decode_name(), "decode", decode_args)
-            if self.spec.supervise:
-                tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
-
-        async def retire() -> None:
-            child = live()[-1]  # the newest
-            child.is_retiring = True
-            logger.info("retiring %s pid=%d (SIGTERM: it drains)", child.name, child.proc.pid)
-            tg.create_task(self._retire(child), name=f"retire {child.name}")
-
-        scaler = WorkerScaler(
-            min_workers=1,
-            max_workers=self.spec.max_workers or self.spec.num_workers,
-            count=lambda: len(live()),
-            start=start,
-            retire=retire,
-        )
+        """Start and retire workers as the planner's scale commands say. A worker counts in
+        the pool of the role it is registered with now (the planner may have switched it),
+        or, until it registers, of the role it was started with."""
         security = load_config(ClusterSecurity, "up", [], env=self._env())
-        await scaler.follow(self.namespace, self.nats_url, security.nats)
+        async with (
+            Discovery.connect(self.etcd_url, security=security.etcd) as discovery,
+            discovery.watch_workers(self.namespace) as directory,
+        ):
+
+            def live(role: str) -> list[Child]:
+                registered = {
+                    info.pid: info.role.name.lower() for info in directory.workers.values()
+                }
+                return [
+                    c
+                    for c in self.children
+                    if c.role in ("decode", "prefill")
+                    and registered.get(c.proc.pid, c.role) == role
+                    and not c.is_retiring
+                    and (self.spec.supervise or c.proc.returncode is None)
+                ]
+
+            decode_args = ["--role", "decode", *self.spec.decode_args]
+            if self.spec.num_standby_workers:
+                self.standbys = StandbyPool(
+                    size=self.spec.num_standby_workers,
+                    worker_args=decode_args,
+                    exec_child=self._exec,
+                    next_name=self._next_decode_name,
+                    backoff_s=self.spec.restart_backoff_s,
+                    backoff_max_s=self.spec.restart_backoff_max_s,
+                    stop_timeout_s=self.spec.stop_timeout_s,
+                )
+                tg.create_task(self.standbys.run(), name="standby workers")
+
+            async def start_decode() -> None:
+                standby = self.standbys.take() if self.standbys is not None else None
+                child = await self._hand_over(standby, decode_args) if standby else None
+                if child is None:
+                    child = await self._spawn(self._next_decode_name(), "decode", decode_args)
+                if self.spec.supervise:
+                    tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
+
+            async def start_prefill() -> None:
+                name = f"prefill-{self._num_prefill_started}"
+                self._num_prefill_started += 1
+                args = ["--role", "prefill", *self.spec.prefill_args]
+                child = await self._spawn(name, "prefill", args)
+                if self.spec.supervise:
+                    tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
+
+            def retire(role: str) -> Callable[[], Awaitable[None]]:
+                async def retire_newest() -> None:
+                    child = live(role)[-1]
+                    child.is_retiring = True
+                    logger.info(
+                        "retiring %s pid=%d (SIGTERM: it drains)", child.name, child.proc.pid
+                    )
+                    tg.create_task(self._retire(child), name=f"retire {child.name}")
+
+                return retire_newest
+
+            pools = [
+                ScaledPool(
+                    role=WorkerRole.DECODE,
+                    min_workers=1,
+                    max_workers=self.spec.max_workers or self.spec.num_workers,
+                    count=lambda: len(live("decode")),
+                    start=start_decode,
+                    retire=retire("decode"),
+                )
+            ]
+            if self.spec.num_prefill_workers:
+                pools.append(
+                    ScaledPool(
+                        role=WorkerRole.PREFILL,
+                        min_workers=1,
+                        max_workers=self.spec.max_prefill_workers or self.spec.num_prefill_workers,
+                        count=lambda: len(live("prefill")),
+                        start=start_prefill,
+                        retire=retire("prefill"),
+                    )
+                )
+            await WorkerScaler(pools).follow(self.namespace, self.nats_url, security.nats)
 
     def _next_decode_name(self) -> str:
         self._num_decode_started += 1

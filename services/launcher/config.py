@@ -79,6 +79,13 @@ class UpConfig:
     max_workers: int = field(
         default=8, metadata=doc("with --planner: the most decode workers it may run")
     )
+    max_prefill_workers: int = field(
+        default=0,
+        metadata=doc(
+            "with --planner and prefill workers: the most prefill workers it may run"
+            " (0: --num-prefill-workers, a fixed prefill pool)"
+        ),
+    )
     planner_mode: str = field(default="load", metadata=doc("with --planner: load or sla"))
     num_standby_workers: int = field(
         default=1,
@@ -102,6 +109,11 @@ class UpConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.num_standby_workers < 0:
             raise ValueError(f"num_standby_workers must be >= 0, got {self.num_standby_workers}")
+        if self.max_prefill_workers and self.max_prefill_workers < self.num_prefill_workers:
+            raise ValueError(
+                f"max_prefill_workers must be 0 or >= num_prefill_workers "
+                f"({self.num_prefill_workers}), got {self.max_prefill_workers}"
+            )
         if self.planner and self.max_workers < self.num_workers:
             raise ValueError(
                 f"max_workers must be >= num_workers ({self.num_workers}), got {self.max_workers}"
@@ -130,6 +142,7 @@ class UpConfig:
             secure=self.secure,
             planner=self.planner,
             max_workers=self.max_workers if self.planner else 0,
+            max_prefill_workers=self.max_prefill_workers if self.planner else 0,
             planner_args=("--mode", self.planner_mode),
             num_standby_workers=self.num_standby_workers,
             # Every service that has objectives reads these (the frontend and the workers).

@@ -1,17 +1,19 @@
 """`baton up --planner`: the launcher's side of the planner's ``local`` connector.
 
-The planner publishes a ``ScaleCommand`` (a target number of workers per pool) every interval
-on ``baton.<ns>.planner.scale``. :class:`WorkerScaler` keeps the latest target for the decode
-pool, bounded by ``[min_workers, max_workers]``, and reconciles: it starts a decode worker
-(the same command line as the others) while there are fewer, and retires one (SIGTERM: it
-drains, finishes its requests and exits 0) while there are more. The cluster supplies how to
-count, start and retire workers; this module knows nothing of processes. Prefill targets are
-logged and ignored: this slice scales the decode pool only.
+The planner publishes a ``ScaleCommand`` (a target number of workers for one pool) when a
+target changes, on ``baton.<ns>.planner.scale``. :class:`WorkerScaler` keeps the latest target
+of each pool it runs (decode, and prefill when the cluster has a prefill pool), bounded by the
+pool's ``[min_workers, max_workers]``, and reconciles: it starts a worker of that role while
+there are fewer, and retires one (SIGTERM: it drains, moving its streams to a peer, and exits
+0) while there are more. The cluster supplies how to count, start and retire a pool's workers
+(counted by the role each worker is registered with now, so a worker the planner switched to
+the other role counts there); this module knows nothing of processes.
 """
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
@@ -24,57 +26,63 @@ from shared.security import BusSecurity
 logger = logging.getLogger(__name__)
 
 
-class WorkerScaler:
-    def __init__(
-        self,
-        *,
-        min_workers: int,
-        max_workers: int,
-        count: Callable[[], int],
-        start: Callable[[], Awaitable[None]],
-        retire: Callable[[], Awaitable[None]],
-    ) -> None:
-        if not 1 <= min_workers <= max_workers:
+@dataclass(slots=True)
+class ScaledPool:
+    """One role's workers as the launcher runs them."""
+
+    role: WorkerRole
+    min_workers: int
+    max_workers: int
+    count: Callable[[], int]
+    start: Callable[[], Awaitable[None]]
+    retire: Callable[[], Awaitable[None]]
+    target: int | None = None  # none until the planner says
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_workers <= self.max_workers:
             raise ValueError(
-                f"need 1 <= min_workers <= max_workers, got {min_workers} and {max_workers}"
+                f"need 0 <= min_workers <= max_workers for {self.role.name.lower()}, "
+                f"got {self.min_workers} and {self.max_workers}"
             )
-        self.min_workers = min_workers
-        self.max_workers = max_workers
-        self.target: int | None = None  # none until the planner says
-        self._count = count
-        self._start = start
-        self._retire = retire
+
+
+class WorkerScaler:
+    def __init__(self, pools: list[ScaledPool]) -> None:
+        self.pools = {pool.role: pool for pool in pools}
         self._changed = asyncio.Event()
         self._ignored_roles: set[WorkerRole] = set()
 
     def on_command(self, command: ScaleCommand) -> None:
-        """Take a new target (the latest wins)."""
-        if command.role is not WorkerRole.DECODE:
+        """Take a new target for its pool (the latest wins)."""
+        pool = self.pools.get(command.role)
+        if pool is None:
             if command.role not in self._ignored_roles:
                 self._ignored_roles.add(command.role)
                 logger.warning(
-                    "scale command ignored role=%s: baton up scales decode workers only",
+                    "scale command ignored role=%s: this cluster has no such pool to scale",
                     command.role.name.lower(),
                 )
             return
-        target = max(self.min_workers, min(self.max_workers, command.num_replicas))
-        if target != self.target:
+        target = max(pool.min_workers, min(pool.max_workers, command.num_replicas))
+        if target != pool.target:
             logger.info(
-                "scale target decode workers=%d asked=%d seq=%d reason=%s",
+                "scale target role=%s workers=%d asked=%d seq=%d reason=%s",
+                command.role.name.lower(),
                 target,
                 command.num_replicas,
                 command.seq,
                 command.reason,
             )
-            self.target = target
+            pool.target = target
             self._changed.set()
 
     async def reconcile(self) -> None:
-        """Start or retire decode workers, one at a time, until their count is the target."""
-        while self.target is not None and self._count() < self.target:
-            await self._start()
-        while self.target is not None and self._count() > self.target:
-            await self._retire()
+        """Start or retire workers, one at a time, until each pool's count is its target."""
+        for pool in self.pools.values():
+            while pool.target is not None and pool.count() < pool.target:
+                await pool.start()
+            while pool.target is not None and pool.count() > pool.target:
+                await pool.retire()
 
     async def follow(self, namespace: str, nats_url: str, security: BusSecurity) -> None:
         """Subscribe to the planner's commands and reconcile after each change, until

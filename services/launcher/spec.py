@@ -23,11 +23,14 @@ class ClusterSpec:
 
     ``planner``: also start ``baton-planner --connector local`` (with ``planner_args``) and
     follow its scale commands: start decode workers (``decode_args``) or retire them by
-    SIGTERM (they drain), between 1 and ``max_workers`` (0: ``num_workers``); see
-    docs/planner.md. With it, ``num_standby_workers`` decode worker processes are kept
-    started, imported and warm but unregistered (``standby.py``): a scale-up hands one its
-    assignment and it serves within a few tenths of a second, instead of a cold start's
-    seconds; another standby replaces it."""
+    SIGTERM (they drain), between 1 and ``max_workers`` (0: ``num_workers``), and prefill
+    workers (``prefill_args``) between 1 and ``max_prefill_workers`` (0:
+    ``num_prefill_workers``) when the cluster has a prefill pool; a worker counts in the pool
+    of the role it is registered with now (the planner may switch it); see docs/planner.md.
+    With it, ``num_standby_workers`` decode worker processes are kept started, imported and
+    warm but unregistered (``standby.py``): a scale-up hands one its assignment and it serves
+    within a few tenths of a second, instead of a cold start's seconds; another standby
+    replaces it."""
 
     namespace: str = "default"
     nats_url: str = ""  # empty: start a nats-server on a free port
@@ -54,6 +57,7 @@ class ClusterSpec:
     restart_reset_s: float = 30.0
     planner: bool = False
     max_workers: int = 0  # the planner's ceiling on decode workers (0: num_workers)
+    max_prefill_workers: int = 0  # its ceiling on prefill workers (0: num_prefill_workers)
     planner_args: tuple[str, ...] = ()
     num_standby_workers: int = 1  # with planner: warm decode processes kept for scale-ups
 
@@ -78,6 +82,11 @@ class ClusterSpec:
             raise ValueError(f"restart_reset_s must be >= 0, got {self.restart_reset_s}")
         if self.num_standby_workers < 0:
             raise ValueError(f"num_standby_workers must be >= 0, got {self.num_standby_workers}")
+        if self.max_prefill_workers and self.max_prefill_workers < self.num_prefill_workers:
+            raise ValueError(
+                f"max_prefill_workers must be >= num_prefill_workers "
+                f"({self.num_prefill_workers}), got {self.max_prefill_workers}"
+            )
         if self.max_workers and self.max_workers < self.num_workers:
             raise ValueError(
                 f"max_workers must be >= num_workers ({self.num_workers}), got {self.max_workers}"

@@ -2,8 +2,10 @@
 
 import asyncio
 
+import pytest
+
 from proto.messages import InstanceId, LoadMetrics, ScaleCommand, WorkerInfo, WorkerRole
-from services.launcher.scaler import WorkerScaler
+from services.launcher.scaler import ScaledPool, WorkerScaler
 from services.planner.observer import PoolObserver
 from services.planner.signals import Role
 
@@ -66,26 +68,50 @@ def command(n: int, role: WorkerRole = WorkerRole.DECODE) -> ScaleCommand:
     return ScaleCommand(planner_id=InstanceId("p"), role=role, num_replicas=n, reason="test")
 
 
-async def test_scaler_reconciles_to_the_target_within_its_limits():
-    workers: list[str] = ["w0"]
+async def test_scaler_reconciles_each_pool_to_its_target_within_its_limits():
+    pools: dict[str, list[str]] = {"decode": ["d0"], "prefill": ["p0"]}
     retired: list[str] = []
 
-    async def start() -> None:
-        workers.append(f"w{len(workers) + len(retired)}")
+    def make(role: WorkerRole, name: str, lo: int, hi: int) -> ScaledPool:
+        workers = pools[name]
 
-    async def retire() -> None:
-        retired.append(workers.pop())
+        async def start() -> None:
+            workers.append(f"{name[0]}{len(workers) + len(retired)}")
+
+        async def retire() -> None:
+            retired.append(workers.pop())
+
+        return ScaledPool(role, lo, hi, lambda: len(workers), start, retire)
 
     scaler = WorkerScaler(
-        min_workers=1, max_workers=3, count=lambda: len(workers), start=start, retire=retire
+        [make(WorkerRole.DECODE, "decode", 1, 3), make(WorkerRole.PREFILL, "prefill", 1, 2)]
     )
     scaler.on_command(command(5))
     await asyncio.wait_for(scaler.reconcile(), 1.0)
-    assert workers == ["w0", "w1", "w2"]
+    assert pools["decode"] == ["d0", "d1", "d2"]
     scaler.on_command(command(0))
     await asyncio.wait_for(scaler.reconcile(), 1.0)
-    assert (workers, retired) == (["w0"], ["w2", "w1"])
-    scaler.on_command(command(3, WorkerRole.PREFILL))  # not its pool: ignored
+    assert (pools["decode"], retired) == (["d0"], ["d2", "d1"])
+    scaler.on_command(command(9, WorkerRole.PREFILL))
     await asyncio.wait_for(scaler.reconcile(), 1.0)
-    assert scaler.target == 1
-    assert workers == ["w0"]
+    assert pools == {"decode": ["d0"], "prefill": ["p0", "p3"]}
+    assert scaler.pools[WorkerRole.PREFILL].target == 2
+    assert scaler.pools[WorkerRole.DECODE].target == 1
+
+
+async def test_scaler_ignores_a_pool_it_does_not_run(caplog):
+    scaler = WorkerScaler([])
+    scaler.on_command(command(3, WorkerRole.PREFILL))
+    scaler.on_command(command(4, WorkerRole.PREFILL))
+    await asyncio.wait_for(scaler.reconcile(), 1.0)
+    assert [r.message for r in caplog.records].count(
+        "scale command ignored role=prefill: this cluster has no such pool to scale"
+    ) == 1
+
+
+def test_a_pool_needs_sane_limits():
+    async def nothing() -> None:
+        return None
+
+    with pytest.raises(ValueError, match="min_workers <= max_workers"):
+        ScaledPool(WorkerRole.DECODE, 3, 2, lambda: 0, nothing, nothing)
