@@ -94,10 +94,7 @@ def metric(url: str, name: str) -> float:
 
 
 def role_pids(root_pid: int, role: str = "decode") -> set[int]:
-    root = psutil.Process(root_pid)
-    return {
-        p.pid for p in root.children(recursive=True) if f"--role {role}" in " ".join(p.cmdline())
-    }
+    return named_pids(root_pid, f"--role {role}")
 
 
 def named_pids(root_pid: int, needle: str) -> set[int]:
@@ -165,8 +162,22 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 120.0) -> None
             await asyncio.sleep(0.02)
 
 
+def logged_drain_s(log_dir: str, pid: int) -> float:
+    """The drain time the worker at ``pid`` logged (SIGTERM to lease revoked, everything
+    moved and closed), from its log; NaN if not found."""
+    for path in Path(log_dir).glob("decode-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if "worker stopped" in line and f"-{pid}-" in line and "drain_s=" in line:
+                return float(line.rpartition("drain_s=")[2].split()[0])
+    return math.nan
+
+
 def faulted_run(
-    args: argparse.Namespace, url: str, sampling: dict[str, Any], gaps: list[float]
+    args: argparse.Namespace,
+    url: str,
+    sampling: dict[str, Any],
+    gaps: list[float],
+    log_dir: str,
 ) -> tuple[list[str | None], dict[str, float]]:
     root = os.getpid()
     role = "prefill" if args.fault == "kill-prefill" else "decode"
@@ -221,6 +232,7 @@ def faulted_run(
         if args.fault == "drain":
             await until(lambda: not process.is_running() or process.status() == "zombie")
             facts["drain_s"] = time.monotonic() - faulted
+            facts["worker_drain_s"] = logged_drain_s(log_dir, victim)
         elif args.fault == "kill":
             await until(lambda: metric(url, "baton_frontend_silent_workers_total") > silent_before)
             facts["detect_s"] = time.monotonic() - faulted
@@ -289,11 +301,12 @@ def main() -> None:
             ("seeded", {"temperature": 0.8, "seed": 11}),
         ):
             started = time.monotonic()
-            expected = asyncio.run(run(args, cluster.url, sampling, []))
+            quiet_gaps: list[float] = []
+            expected = asyncio.run(run(args, cluster.url, sampling, quiet_gaps))
             undisturbed_s = time.monotonic() - started
             moved_before = metric(cluster.url, "baton_frontend_migrations_total")
             gaps: list[float] = []
-            got, facts = faulted_run(args, cluster.url, sampling, gaps)
+            got, facts = faulted_run(args, cluster.url, sampling, gaps, up.log_dir)
             moved = metric(cluster.url, "baton_frontend_migrations_total") - moved_before
             row = {
                 "undisturbed_completed": sum(t is not None for t in expected),
@@ -304,13 +317,16 @@ def main() -> None:
                 "longest_pause_p50_s": quantile(gaps, 0.5),
                 "longest_pause_p99_s": quantile(gaps, 0.99),
                 "longest_pause_max_s": max(gaps, default=float("nan")),
+                "undisturbed_longest_pause_p50_s": quantile(quiet_gaps, 0.5),
+                "undisturbed_longest_pause_p99_s": quantile(quiet_gaps, 0.99),
                 **facts,
             }
             results["runs"][name] = row
             how = {
                 "kill": f"detected in {row.get('detect_s', float('nan')):.2f} s",
                 "drain": (
-                    f"drained in {row.get('drain_s', float('nan')):.2f} s, "
+                    f"drained in {row.get('worker_drain_s', float('nan')):.2f} s by the worker's"
+                    f" log, exited {row.get('drain_s', float('nan')):.2f} s after SIGTERM, "
                     f"{row['moved_kv_bytes'] / 1e6:.1f} MB of KV moved"
                 ),
                 "kill-prefill": f"{row['prefill_fallbacks']:.0f} prefills fell back",
@@ -327,7 +343,9 @@ def main() -> None:
                 f"({row['victim_in_flight']:.0f} on the {args.fault} victim), {moved:.0f} moved; "
                 f"{how}; longest pause per stream p50/p99/max "
                 f"{row['longest_pause_p50_s']:.2f}/{row['longest_pause_p99_s']:.2f}/"
-                f"{row['longest_pause_max_s']:.2f} s; replacement ready after "
+                f"{row['longest_pause_max_s']:.2f} s (undisturbed p50/p99 "
+                f"{row['undisturbed_longest_pause_p50_s']:.2f}/"
+                f"{row['undisturbed_longest_pause_p99_s']:.2f} s); replacement ready after "
                 f"{row['one_short_s']:.1f} s; all streams done "
                 f"{row['streams_done_after_fault_s']:.1f} s after the fault "
                 f"(an undisturbed run took {undisturbed_s:.1f} s)"

@@ -415,27 +415,20 @@ class LocalCluster:
 
                 return retire_newest
 
+            def pool(
+                role: WorkerRole, most: int, start: Callable[[], Awaitable[None]]
+            ) -> ScaledPool:
+                name = role.name.lower()
+                return ScaledPool(role, 1, most, lambda: len(live(name)), start, retire(name))
+
             pools = [
-                ScaledPool(
-                    role=WorkerRole.DECODE,
-                    min_workers=1,
-                    max_workers=self.spec.max_workers or self.spec.num_workers,
-                    count=lambda: len(live("decode")),
-                    start=start_decode,
-                    retire=retire("decode"),
+                pool(
+                    WorkerRole.DECODE, self.spec.max_workers or self.spec.num_workers, start_decode
                 )
             ]
             if self.spec.num_prefill_workers:
-                pools.append(
-                    ScaledPool(
-                        role=WorkerRole.PREFILL,
-                        min_workers=1,
-                        max_workers=self.spec.max_prefill_workers or self.spec.num_prefill_workers,
-                        count=lambda: len(live("prefill")),
-                        start=start_prefill,
-                        retire=retire("prefill"),
-                    )
-                )
+                most = self.spec.max_prefill_workers or self.spec.num_prefill_workers
+                pools.append(pool(WorkerRole.PREFILL, most, start_prefill))
             await WorkerScaler(pools).follow(self.namespace, self.nats_url, security.nats)
 
     def _next_decode_name(self) -> str:

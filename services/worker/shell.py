@@ -300,6 +300,7 @@ class WorkerShell:
             logger.info("worker ready worker_id=%s role=%s", info.worker_id, info.role.name)
             await stopping.wait()
             logger.info("[shutdown] draining worker_id=%s", info.worker_id)
+            draining_since = time.monotonic()
             self.is_draining = True  # no new work, and no switch after the one under way
             if self.switcher is not None:
                 await self.switcher.close()  # a switch under way ends first (it is bounded)
@@ -310,7 +311,11 @@ class WorkerShell:
             for task in tasks:
                 task.cancel()
             await self.bus.flush()
-        logger.info("[shutdown] worker stopped worker_id=%s", info.worker_id)
+        logger.info(
+            "[shutdown] worker stopped worker_id=%s drain_s=%.3f",
+            info.worker_id,
+            time.monotonic() - draining_since,
+        )
 
     # --- role switching ------------------------------------------------------------------------
 
