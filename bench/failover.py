@@ -33,6 +33,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -43,8 +44,12 @@ from typing import Any
 import aiohttp
 import psutil
 
+from proto import subjects
+from proto.messages import WorkerInfo
 from services.launcher.config import UpConfig
 from services.launcher.threaded import cluster_in_thread
+from shared.codec import worker_info_decoder
+from shared.discovery import Discovery
 
 
 def body(i: int, args: argparse.Namespace, sampling: dict[str, Any]) -> dict[str, Any]:
@@ -154,12 +159,23 @@ async def run(
         )
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 120.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.02)
+def until(predicate: Callable[[], bool], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not true within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def registered_workers(etcd_url: str, namespace: str, role: str) -> list[WorkerInfo]:
+    """The workers of ``role`` registered in etcd now."""
+
+    async def get() -> list[WorkerInfo]:
+        async with Discovery.connect(etcd_url) as discovery:
+            values = await discovery.get_prefix(subjects.etcd_workers(namespace))
+        return [worker_info_decoder.decode(v) for v in values.values()]
+
+    return [info for info in asyncio.run(get()) if info.role.name.lower() == role]
 
 
 def logged_drain_s(log_dir: str, pid: int) -> float:
@@ -178,82 +194,83 @@ def faulted_run(
     sampling: dict[str, Any],
     gaps: list[float],
     log_dir: str,
+    etcd_url: str,
+    namespace: str,
 ) -> tuple[list[str | None], dict[str, float]]:
+    """The streams run in a thread of their own (their own event loop), so that nothing the
+    fault's orchestration does here (blocking HTTP and process calls) delays them."""
     root = os.getpid()
     role = "prefill" if args.fault == "kill-prefill" else "decode"
     victims = sorted(role_pids(root, role))
     facts: dict[str, float] = {}
-
-    async def server_fault() -> None:
+    texts: list[list[str | None]] = []
+    client = threading.Thread(
+        target=lambda: texts.append(asyncio.run(run(args, url, sampling, gaps))), name="client"
+    )
+    client.start()
+    time.sleep(args.kill_after_s)
+    facts["in_flight_at_fault"] = metric(url, "baton_frontend_in_flight_requests")
+    if args.fault in SERVER_FAULTS:
+        facts.update(victim_in_flight=math.nan, prefill_fallbacks=0.0, moved_kv_bytes=0.0)
         needle = SERVER_FAULTS[args.fault]
         [victim] = named_pids(root, needle)
         faulted = time.monotonic()
         if args.fault == "etcd":
             os.kill(victim, signal.SIGSTOP)
-            await asyncio.sleep(args.outage_s)
+            time.sleep(args.outage_s)
             os.kill(victim, signal.SIGCONT)
-            facts["one_short_s"] = time.monotonic() - faulted
-            return
-        os.kill(victim, signal.SIGKILL)
+        else:
+            os.kill(victim, signal.SIGKILL)
 
-        def replaced() -> bool:
-            fresh = named_pids(root, needle) - {victim}
-            if args.fault == "router":
-                return bool(fresh) and all(worker_ready(p) for p in fresh)
-            return bool(fresh)
+            def server_back() -> bool:
+                fresh = named_pids(root, needle) - {victim}
+                if args.fault == "router":
+                    return bool(fresh) and all(worker_ready(p) for p in fresh)
+                return bool(fresh)
 
-        await until(replaced)
+            until(server_back)
         facts["one_short_s"] = time.monotonic() - faulted
-
-    async def main() -> list[str | None]:
-        task = asyncio.create_task(run(args, url, sampling, gaps))
-        await asyncio.sleep(args.kill_after_s)
-        facts["in_flight_at_fault"] = metric(url, "baton_frontend_in_flight_requests")
-        if args.fault in SERVER_FAULTS:
-            facts.update(victim_in_flight=math.nan, prefill_fallbacks=0.0, moved_kv_bytes=0.0)
-            faulted = time.monotonic()
-            await server_fault()
-            texts = await task
-            facts["streams_done_after_fault_s"] = time.monotonic() - faulted
-            return texts
-        # The busiest worker of the role: the fault should hit as many streams as it can.
-        in_flight = {}
-        for pid in victims:
-            worker = worker_url(pid)
-            in_flight[pid] = -1.0 if worker is None else metric(worker, "baton_worker_in_flight")
-        victim = max(victims, key=lambda pid: in_flight[pid])
-        facts["victim_in_flight"] = in_flight[victim]
-        silent_before = metric(url, "baton_frontend_silent_workers_total")
-        fallbacks_before = decode_metric(root, "baton_worker_prefill_fallbacks")
-        moved_bytes_before = decode_metric(root, "baton_worker_moved_in_bytes")
-        process = psutil.Process(victim)
-        os.kill(victim, signal.SIGTERM if args.fault == "drain" else signal.SIGKILL)
-        faulted = time.monotonic()
-        if args.fault == "drain":
-            await until(lambda: not process.is_running() or process.status() == "zombie")
-            facts["drain_s"] = time.monotonic() - faulted
-            facts["worker_drain_s"] = logged_drain_s(log_dir, victim)
-        elif args.fault == "kill":
-            await until(lambda: metric(url, "baton_frontend_silent_workers_total") > silent_before)
-            facts["detect_s"] = time.monotonic() - faulted
-
-        def replaced() -> bool:
-            fresh = role_pids(root, role) - set(victims)
-            return bool(fresh) and all(worker_ready(p) for p in fresh)
-
-        await until(replaced)
-        facts["one_short_s"] = time.monotonic() - faulted
-        texts = await task
+        client.join()
         facts["streams_done_after_fault_s"] = time.monotonic() - faulted
-        facts["prefill_fallbacks"] = (
-            decode_metric(root, "baton_worker_prefill_fallbacks") - fallbacks_before
-        )
-        facts["moved_kv_bytes"] = (
-            decode_metric(root, "baton_worker_moved_in_bytes") - moved_bytes_before
-        )
-        return texts
+        return texts[0], facts
+    # The busiest worker of the role, as etcd lists them: the fault should hit as many streams
+    # as it can.
+    in_flight = {
+        info.pid: metric(info.http_url, "baton_worker_in_flight")
+        for info in registered_workers(etcd_url, namespace, role)
+    }
+    victim = max(in_flight, key=in_flight.__getitem__)
+    facts["victim_in_flight"] = in_flight[victim]
+    silent_before = metric(url, "baton_frontend_silent_workers_total")
+    fallbacks_before = decode_metric(root, "baton_worker_prefill_fallbacks")
+    moved_bytes_before = decode_metric(root, "baton_worker_moved_in_bytes")
+    process = psutil.Process(victim)
+    os.kill(victim, signal.SIGTERM if args.fault == "drain" else signal.SIGKILL)
+    faulted = time.monotonic()
+    if args.fault == "drain":
+        until(lambda: not process.is_running() or process.status() == "zombie")
+        facts["drain_s"] = time.monotonic() - faulted
+        facts["worker_drain_s"] = logged_drain_s(log_dir, victim)
+    elif args.fault == "kill":
+        until(lambda: metric(url, "baton_frontend_silent_workers_total") > silent_before)
+        facts["detect_s"] = time.monotonic() - faulted
 
-    return asyncio.run(main()), facts
+    def replaced() -> bool:
+        fresh = role_pids(root, role) - set(victims)
+        return bool(fresh) and all(worker_ready(p) for p in fresh)
+
+    until(replaced)
+    facts["one_short_s"] = time.monotonic() - faulted
+    client.join()
+    facts["streams_done_after_fault_s"] = time.monotonic() - faulted
+    facts["prefill_fallbacks"] = (
+        decode_metric(root, "baton_worker_prefill_fallbacks") - fallbacks_before
+    )
+    facts["moved_kv_bytes"] = (
+        decode_metric(root, "baton_worker_moved_in_bytes") - moved_bytes_before
+    )
+    facts["remote_prefills"] = decode_metric(root, "baton_worker_remote_prefills")
+    return texts[0], facts
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -306,7 +323,9 @@ def main() -> None:
             undisturbed_s = time.monotonic() - started
             moved_before = metric(cluster.url, "baton_frontend_migrations_total")
             gaps: list[float] = []
-            got, facts = faulted_run(args, cluster.url, sampling, gaps, up.log_dir)
+            got, facts = faulted_run(
+                args, cluster.url, sampling, gaps, up.log_dir, cluster.etcd_url, up.namespace
+            )
             moved = metric(cluster.url, "baton_frontend_migrations_total") - moved_before
             row = {
                 "undisturbed_completed": sum(t is not None for t in expected),
@@ -329,7 +348,10 @@ def main() -> None:
                     f" log, exited {row.get('drain_s', float('nan')):.2f} s after SIGTERM, "
                     f"{row['moved_kv_bytes'] / 1e6:.1f} MB of KV moved"
                 ),
-                "kill-prefill": f"{row['prefill_fallbacks']:.0f} prefills fell back",
+                "kill-prefill": (
+                    f"{row['prefill_fallbacks']:.0f} prefills fell back"
+                    f" ({row.get('remote_prefills', 0):.0f} remote prefills in the cluster so far)"
+                ),
                 "nats": f"nats-server back after {row['one_short_s']:.1f} s",
                 "etcd": f"etcd stopped {row['one_short_s']:.1f} s",
                 "router": f"router replaced after {row['one_short_s']:.1f} s",

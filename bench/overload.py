@@ -124,6 +124,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workers", type=int, default=1, help="decode workers")
     p.add_argument("--prefill", type=int, default=0, help="prefill workers")
+    p.add_argument(
+        "--frontends", type=int, default=0, help="frontend processes (0: as baton up chooses)"
+    )
     p.add_argument("--base-rate", type=float, default=200.0, help="the 1x load, req/s")
     p.add_argument("--levels", type=float, nargs="+", default=[1, 2, 4, 10])
     p.add_argument("--level-s", type=float, default=15.0)
@@ -150,6 +153,7 @@ def main() -> None:
         port=0,
         num_workers=args.workers,
         num_prefill_workers=args.prefill,
+        num_frontends=args.frontends,
         speedup=args.speedup,
         namespace=f"overload{uuid.uuid4().hex[:6]}",
         log_dir=tempfile.mkdtemp(prefix="baton-overload-"),
