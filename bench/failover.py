@@ -299,6 +299,8 @@ def main() -> None:
     if args.fault == "kill-prefill":  # every prompt to the prefill worker
         os.environ["BATON_ROUTER_MIN_REMOTE_PREFILL_TOKENS"] = "1"
         os.environ["BATON_ROUTER_MIN_REMOTE_PREFILL_FRACTION"] = "0"
+        # A burst must not fall back to placement by load for want of the router's answer.
+        os.environ["BATON_FRONTEND_ROUTE_TIMEOUT_S"] = "10"
     up = UpConfig(
         port=0,
         num_workers=args.workers,
