@@ -248,8 +248,10 @@ class ScheduledEngine:
                 f"min_tokens must be in [0, max_tokens={sampling.max_tokens}], "
                 f"got {sampling.min_tokens}"
             )
-        if sampling.temperature < 0:
+        if not sampling.temperature >= 0:  # NaN too: it compares false with everything
             raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
+        if not 0 < sampling.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
         if num_prompt + sampling.max_tokens > config.max_model_len:
             raise InvalidRequest(
                 f"prompt has {num_prompt} tokens and max_tokens is {sampling.max_tokens}; "

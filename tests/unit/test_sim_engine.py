@@ -232,6 +232,10 @@ def test_emitted_tokens_come_from_output_token_ids_or_eos():
         ([5], {"max_tokens": 0}, "max_tokens must be >= 1"),
         ([5], {"min_tokens": 20}, "min_tokens must be in"),
         ([5], {"temperature": -0.5}, "temperature must be >= 0"),
+        ([5], {"temperature": float("nan")}, "temperature must be >= 0"),
+        ([5], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ([5], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ([5], {"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
     ],
 )
 def test_add_request_rejects_requests_that_can_never_run(token_ids, sampling, message):
