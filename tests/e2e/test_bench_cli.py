@@ -23,7 +23,7 @@ async def test_bench_cli_reports_each_stage_of_a_short_run(start_cluster, tmp_pa
         "--client-procs", "2",
         "--metrics-url", f"{cluster.url}/metrics",
         "--watch-url", f"{cluster.url}/metrics",
-        "--watch", "baton_frontend_in_flight_requests,baton_frontend_up",
+        "--watch", "baton_frontend_output_tokens_total,baton_frontend_up",
         "--quiet",
         "--out", str(out),
         stdout=asyncio.subprocess.PIPE,
@@ -43,12 +43,14 @@ async def test_bench_cli_reports_each_stage_of_a_short_run(start_cluster, tmp_pa
     assert set(document["by_priority"]) == {"none", "high"}
     assert any(line.startswith("baton_frontend") for line in document["server_metrics"]["after"])
     assert document["client_cpu_s"] > 0
-    # Sampled each second during the run: the frontend's in-flight gauge, and nothing else
-    # (no baton_frontend_up exists).
+    # Sampled each second during the run: the frontend's output tokens, and nothing else
+    # (no baton_frontend_up exists). The counter grows while requests complete.
     watched = document["watched"]
     assert len(watched["t_s"]) >= 3
     assert watched["t_s"] == sorted(watched["t_s"])
-    assert list(watched["series"]) == ["baton_frontend_in_flight_requests"]
-    in_flight = watched["series"]["baton_frontend_in_flight_requests"]
-    assert len(in_flight) == len(watched["t_s"])
-    assert max(in_flight) >= 1  # requests were in flight while it sampled
+    [name] = watched["series"]
+    assert name.startswith("baton_frontend_output_tokens_total")
+    tokens = watched["series"][name]
+    assert len(tokens) == len(watched["t_s"])
+    assert tokens == sorted(tokens)
+    assert tokens[-1] > tokens[0]
