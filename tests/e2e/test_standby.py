@@ -71,6 +71,8 @@ async def test_scale_up_hands_over_a_warm_standby_that_serves_at_once(
         discovery.watch_workers(namespace) as directory,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
     ):
+        # The launcher makes its standby pool once its planner-following task has started.
+        await _until(lambda: cluster.standbys is not None, 20)
         pool = cluster.standbys
         assert pool is not None
         await _until(lambda: any(s.is_warm for s in pool.standbys), 20)
