@@ -217,7 +217,12 @@ class LocalCluster:
         args += ["--max-decode-workers", str(max_workers)]
         if self.spec.num_prefill_workers:  # a prefill pool it may size (and switch into)
             max_prefill = self.spec.max_prefill_workers or self.spec.num_prefill_workers
-            args += ["--min-prefill-workers", "1", "--max-prefill-workers", str(max_prefill)]
+            args += ["--min-prefill-workers", str(self.spec.min_prefill_workers)]
+            args += ["--max-prefill-workers", str(max_prefill)]
+        if self.spec.max_total_workers:
+            args += ["--max-total-workers", str(self.spec.max_total_workers)]
+        if self.spec.min_total_workers:
+            args += ["--min-total-workers", str(self.spec.min_total_workers)]
         args += self.spec.planner_args
         await self._spawn("planner", "planner", args)
 
@@ -416,19 +421,17 @@ class LocalCluster:
                 return retire_newest
 
             def pool(
-                role: WorkerRole, most: int, start: Callable[[], Awaitable[None]]
+                role: WorkerRole, least: int, most: int, start: Callable[[], Awaitable[None]]
             ) -> ScaledPool:
                 name = role.name.lower()
-                return ScaledPool(role, 1, most, lambda: len(live(name)), start, retire(name))
+                return ScaledPool(role, least, most, lambda: len(live(name)), start, retire(name))
 
-            pools = [
-                pool(
-                    WorkerRole.DECODE, self.spec.max_workers or self.spec.num_workers, start_decode
-                )
-            ]
+            most = self.spec.max_workers or self.spec.num_workers
+            pools = [pool(WorkerRole.DECODE, 1, most, start_decode)]
             if self.spec.num_prefill_workers:
                 most = self.spec.max_prefill_workers or self.spec.num_prefill_workers
-                pools.append(pool(WorkerRole.PREFILL, most, start_prefill))
+                least = min(self.spec.min_prefill_workers, most)
+                pools.append(pool(WorkerRole.PREFILL, least, most, start_prefill))
             await WorkerScaler(pools).follow(self.namespace, self.nats_url, security.nats)
 
     def _next_decode_name(self) -> str:

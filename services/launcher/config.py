@@ -86,6 +86,28 @@ class UpConfig:
             " (0: --num-prefill-workers, a fixed prefill pool)"
         ),
     )
+    min_prefill_workers: int = field(
+        default=1,
+        metadata=doc(
+            "with --planner and prefill workers: the fewest prefill workers (0: it may switch"
+            " or retire them all; decode workers then prefill their own prompts)"
+        ),
+    )
+    max_total_workers: int = field(
+        default=0,
+        metadata=doc(
+            "with --planner: the most decode and prefill workers together (0: no cap); at"
+            " the cap it moves capacity by switching a worker's role"
+        ),
+    )
+    min_total_workers: int = field(
+        default=0,
+        metadata=doc(
+            "with --planner: the fewest decode and prefill workers together (0: no floor);"
+            " equal to --max-total-workers, the total is fixed and only role switches move"
+            " capacity"
+        ),
+    )
     planner_mode: str = field(default="load", metadata=doc("with --planner: load or sla"))
     num_standby_workers: int = field(
         default=1,
@@ -105,6 +127,12 @@ class UpConfig:
             raise ValueError(f"num_frontends must be >= 0, got {self.num_frontends}")
         if self.num_prefill_workers < 0:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
+        if min(self.min_prefill_workers, self.max_total_workers, self.min_total_workers) < 0:
+            raise ValueError(
+                f"min_prefill_workers, max_total_workers and min_total_workers must be >= 0, "
+                f"got {self.min_prefill_workers}, {self.max_total_workers} and "
+                f"{self.min_total_workers}"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.num_standby_workers < 0:
@@ -143,6 +171,9 @@ class UpConfig:
             planner=self.planner,
             max_workers=self.max_workers if self.planner else 0,
             max_prefill_workers=self.max_prefill_workers if self.planner else 0,
+            min_prefill_workers=self.min_prefill_workers,
+            max_total_workers=self.max_total_workers if self.planner else 0,
+            min_total_workers=self.min_total_workers if self.planner else 0,
             planner_args=("--mode", self.planner_mode),
             num_standby_workers=self.num_standby_workers,
             # Every service that has objectives reads these (the frontend and the workers).

@@ -50,6 +50,7 @@ class WorkerScaler:
     def __init__(self, pools: list[ScaledPool]) -> None:
         self.pools = {pool.role: pool for pool in pools}
         self._changed = asyncio.Event()
+        self._commanded: set[WorkerRole] = set()  # pools with a command not yet reconciled
         self._ignored_roles: set[WorkerRole] = set()
 
     def on_command(self, command: ScaleCommand) -> None:
@@ -64,6 +65,10 @@ class WorkerScaler:
                 )
             return
         target = max(pool.min_workers, min(pool.max_workers, command.num_replicas))
+        # Reconciled even when the target is the one it had: the pool may have moved since
+        # (a role switch), and the planner commands a pool only when its target changes.
+        self._commanded.add(command.role)
+        self._changed.set()
         if target != pool.target:
             logger.info(
                 "scale target role=%s workers=%d asked=%d seq=%d reason=%s",
@@ -74,11 +79,14 @@ class WorkerScaler:
                 command.reason,
             )
             pool.target = target
-            self._changed.set()
 
     async def reconcile(self) -> None:
-        """Start or retire workers, one at a time, until each pool's count is its target."""
-        for pool in self.pools.values():
+        """Start or retire workers, one at a time, until each pool commanded since the last
+        reconcile has its target. Only those: a pool's old target may be stale (a role switch
+        moved a worker out of it without a command), and acting on it would start or retire
+        a worker the planner did not ask for."""
+        while self._commanded:
+            pool = self.pools[self._commanded.pop()]
             while pool.target is not None and pool.count() < pool.target:
                 await pool.start()
             while pool.target is not None and pool.count() > pool.target:

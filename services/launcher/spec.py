@@ -24,8 +24,11 @@ class ClusterSpec:
     ``planner``: also start ``baton-planner --connector local`` (with ``planner_args``) and
     follow its scale commands: start decode workers (``decode_args``) or retire them by
     SIGTERM (they drain), between 1 and ``max_workers`` (0: ``num_workers``), and prefill
-    workers (``prefill_args``) between 1 and ``max_prefill_workers`` (0:
-    ``num_prefill_workers``) when the cluster has a prefill pool; a worker counts in the pool
+    workers (``prefill_args``) between ``min_prefill_workers`` and ``max_prefill_workers``
+    (0: ``num_prefill_workers``) when the cluster has a prefill pool, with at most
+    ``max_total_workers`` and at least ``min_total_workers`` of both (0: no cap, no floor; at
+    the cap the planner moves capacity by switching a worker's role); a worker counts in the
+    pool
     of the role it is registered with now (the planner may switch it); see docs/planner.md.
     With it, ``num_standby_workers`` decode worker processes are kept started, imported and
     warm but unregistered (``standby.py``): a scale-up hands one its assignment and it serves
@@ -58,6 +61,9 @@ class ClusterSpec:
     planner: bool = False
     max_workers: int = 0  # the planner's ceiling on decode workers (0: num_workers)
     max_prefill_workers: int = 0  # its ceiling on prefill workers (0: num_prefill_workers)
+    min_prefill_workers: int = 1  # its floor (0: it may switch or retire them all)
+    max_total_workers: int = 0  # its cap on decode + prefill workers (0: none)
+    min_total_workers: int = 0  # its floor under them (0: none; = the cap: a fixed total)
     planner_args: tuple[str, ...] = ()
     num_standby_workers: int = 1  # with planner: warm decode processes kept for scale-ups
 
@@ -86,6 +92,12 @@ class ClusterSpec:
             raise ValueError(
                 f"max_prefill_workers must be >= num_prefill_workers "
                 f"({self.num_prefill_workers}), got {self.max_prefill_workers}"
+            )
+        if min(self.min_prefill_workers, self.max_total_workers, self.min_total_workers) < 0:
+            raise ValueError(
+                f"min_prefill_workers, max_total_workers and min_total_workers must be >= 0, "
+                f"got {self.min_prefill_workers}, {self.max_total_workers} and "
+                f"{self.min_total_workers}"
             )
         if self.max_workers and self.max_workers < self.num_workers:
             raise ValueError(

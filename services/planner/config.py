@@ -99,6 +99,14 @@ class PlannerConfig:
             "short of workers at this total gets one by a role switch or not at all"
         ),
     )
+    min_total_workers: int = field(
+        default=0,
+        metadata=doc(
+            "fewest decode and prefill workers together (0: only the per-pool limits); with "
+            "--max-total-workers the same, the total is fixed and only role switches move "
+            "capacity: an idle pool keeps its workers until the other asks for one"
+        ),
+    )
     role_switching: bool = field(
         default=True,
         metadata=doc(
@@ -166,8 +174,16 @@ class PlannerConfig:
             )
         if self.switch_timeout_s <= 0:
             raise ValueError(f"switch_timeout_s must be > 0, got {self.switch_timeout_s}")
-        if self.max_total_workers < 0:
-            raise ValueError(f"max_total_workers must be >= 0, got {self.max_total_workers}")
+        if self.max_total_workers < 0 or self.min_total_workers < 0:
+            raise ValueError(
+                f"max_total_workers and min_total_workers must be >= 0, "
+                f"got {self.max_total_workers} and {self.min_total_workers}"
+            )
+        if self.max_total_workers and self.min_total_workers > self.max_total_workers:
+            raise ValueError(
+                f"min_total_workers must be <= max_total_workers ({self.max_total_workers}), "
+                f"got {self.min_total_workers}"
+            )
         self.policy()  # raises ValueError naming a bad setting
         num_min = sum(pool.min_replicas for pool in self.limits().values())
         if self.max_total_workers and self.max_total_workers < num_min:

@@ -15,7 +15,7 @@ from services.planner.connectors import WORKER_ROLE, Connector
 from services.planner.metrics import PlannerMetrics
 from services.planner.observer import PoolObserver
 from services.planner.policy import Decision, PoolPlanner, Switch, choose_worker, plan_switch
-from services.planner.signals import PoolView, Role
+from services.planner.signals import PoolView, Role, with_local_prefill
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder, role_switch_reply_decoder
 from shared.errors import ServingError, from_reply
@@ -34,6 +34,7 @@ class Planner:
         self.observer = PoolObserver(config.report_stale_s)
         self.metrics = PlannerMetrics()
         policy = config.policy()
+        self._thresholds = policy.thresholds
         self.limits = config.limits()
         self.pools = {role: PoolPlanner(policy, limits) for role, limits in self.limits.items()}
         self.last_decisions: dict[Role, Decision] = {}
@@ -46,17 +47,26 @@ class Planner:
 
     def decide(self, now_s: float) -> dict[Role, Decision]:
         """One decision per pool, counted in the metrics and logged when it changes. With
-        ``--max-total-workers``, a pool may grow only into what the other leaves."""
+        ``--max-total-workers``, a pool may grow only into what the other leaves; with
+        ``--min-total-workers``, shrink only by what the other has above it."""
         views = {role: self.observer.view(role, now_s) for role in self.pools}
+        if Role.PREFILL in views:  # an empty prefill pool: its work waits on decode workers
+            views[Role.DECODE], views[Role.PREFILL] = with_local_prefill(
+                views[Role.DECODE],
+                views[Role.PREFILL],
+                self._thresholds,
+            )
         num_total = sum(view.num_workers for view in views.values())
-        cap = self.config.max_total_workers
+        cap, floor = self.config.max_total_workers, self.config.min_total_workers
         decisions = {}
         for role, pool in self.pools.items():
             view = views[role]
-            max_total = None
+            max_total = min_total = None
             if cap:
                 max_total = max(view.num_workers, view.num_workers + cap - num_total)
-            decision = pool.decide(view, now_s, max_total)
+            if floor:
+                min_total = min(view.num_workers, view.num_workers + floor - num_total)
+            decision = pool.decide(view, now_s, max_total, min_total)
             self.metrics.observe(role, view, decision)
             level = logging.INFO if decision.is_change else logging.DEBUG
             logger.log(

@@ -18,7 +18,9 @@ the desired number of workers and why. The rules, in order:
    (for a decrease) of the last one.
 6. **Limits**: never outside ``[min_replicas, max_replicas]``; a target outside is clamped at
    once (reason ``min``/``max``), a step past a limit is held (``at_min``/``at_max``). A cap
-   on the total of both pools (``max_total``) holds a step up too (``at_total``).
+   on the total of both pools (``max_total``) holds a step up too (``at_total``), a floor
+   under it (``min_total``) a step down (``at_total_min``): with both equal the total is
+   fixed, and only role switches move capacity.
 
 Load mode moves one worker per action; SLA mode goes up to its target in one action and down
 one worker per action (a worker removed drains its requests, which takes a while).
@@ -102,9 +104,10 @@ class Decision:
     """``desired`` workers (``previous`` before this decision); ``reason`` is one word from a
     small set (a metrics label: up/down by ``queue``, ``wait``, ``kv``, ``batch``, ``idle``,
     ``sla``, ``min``, ``max``; held by ``steady``, ``streak``, ``cooldown``, ``pending``,
-    ``no_reports``, ``at_min``, ``at_max``, ``at_total``, ``no_capacity``), ``detail`` a
-    sentence with the numbers. ``direction`` is what this interval's reading said, whether or
-    not it was acted on: +1 more workers, -1 fewer, 0 neither (or no reading)."""
+    ``no_reports``, ``at_min``, ``at_max``, ``at_total``, ``at_total_min``, ``no_capacity``),
+    ``detail`` a sentence with the numbers. ``direction`` is what this interval's reading
+    said, whether or not it was acted on: +1 more workers, -1 fewer, 0 neither (or no
+    reading)."""
 
     desired: int
     previous: int
@@ -130,10 +133,17 @@ class PoolPlanner:
         self._last_action_s = -math.inf
         self._history: deque[tuple[float, float]] = deque(maxlen=config.trend_window)
 
-    def decide(self, view: PoolView, now_s: float, max_total: int | None = None) -> Decision:
+    def decide(
+        self,
+        view: PoolView,
+        now_s: float,
+        max_total: int | None = None,
+        min_total: int | None = None,
+    ) -> Decision:
         """The desired number of workers for ``view`` at ``now_s`` (a monotonic clock); a
         step up holds (``at_total``) past ``max_total`` workers in this pool (what the cap on
-        both pools together leaves it)."""
+        both pools together leaves it), a step down (``at_total_min``) below ``min_total``
+        (what the floor under both leaves it)."""
         target = self.desired
         is_settling = now_s - self._last_action_s < self.config.settle_timeout_s
         if target is not None and view.num_workers != target and is_settling:
@@ -147,21 +157,22 @@ class PoolPlanner:
         if not view.loads:
             self._num_up = self._num_down = 0
             return self._hold(previous, "no_reports", "no fresh load report from the pool")
+        totals = (max_total, min_total)
         if self.config.mode is Mode.LOAD:
-            return self._decide_load(view, previous, now_s, max_total)
-        return self._decide_sla(view, previous, now_s, max_total)
+            return self._decide_load(view, previous, now_s, totals)
+        return self._decide_sla(view, previous, now_s, totals)
 
     def _decide_load(
-        self, view: PoolView, previous: int, now_s: float, max_total: int | None
+        self, view: PoolView, previous: int, now_s: float, totals: tuple[int | None, int | None]
     ) -> Decision:
         reading = pressure(view, self.config.thresholds, self.config.ttft_s)
         direction = 1 if reading.is_over else -1 if reading.is_under else 0
         return self._step(
-            direction, previous + direction, reading.label, reading.detail, now_s, max_total
+            direction, previous + direction, reading.label, reading.detail, now_s, totals
         )
 
     def _decide_sla(
-        self, view: PoolView, previous: int, now_s: float, max_total: int | None
+        self, view: PoolView, previous: int, now_s: float, totals: tuple[int | None, int | None]
     ) -> Decision:
         config = self.config
         need = demand(view, config.ttft_s, config.thresholds.max_wait_fraction)
@@ -181,7 +192,7 @@ class PoolPlanner:
         direction = (target > previous) - (target < previous)
         # Up to the target at once; down one worker at a time (each drains first).
         candidate = target if direction > 0 else previous - 1
-        return self._step(direction, candidate, "sla", detail, now_s, max_total)
+        return self._step(direction, candidate, "sla", detail, now_s, totals)
 
     def _step(
         self,
@@ -190,10 +201,12 @@ class PoolPlanner:
         label: str,
         detail: str,
         now_s: float,
-        max_total: int | None = None,
+        totals: tuple[int | None, int | None] = (None, None),
     ) -> Decision:
         """Count the streak of ``direction`` (+1 up, -1 down, 0 neither) and act on it when
-        it is long enough, the cool-down has passed and the limits allow."""
+        it is long enough, the cool-down has passed and the limits allow (``totals``: what
+        the cap and the floor on both pools together leave this one)."""
+        max_total, min_total = totals
         config = self.config
         previous = self.desired
         assert previous is not None  # set by decide()
@@ -223,6 +236,11 @@ class PoolPlanner:
             if bounded == previous:
                 text = f"{detail}; the total of both pools is at its cap"
                 return self._hold(previous, "at_total", text, direction)
+        if direction < 0 and min_total is not None and bounded < min_total:
+            bounded = min(previous, min_total)
+            if bounded == previous:
+                text = f"{detail}; the total of both pools is at its floor"
+                return self._hold(previous, "at_total_min", text, direction)
         return self._act(bounded, previous, label, detail, now_s, direction)
 
     def note_switch(self, delta: int, now_s: float) -> None:

@@ -7,7 +7,7 @@ measured speed behind the batch cap and the wait per token).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 
@@ -102,13 +102,58 @@ def pressure(view: PoolView, limits: Thresholds, ttft_s: float | None) -> Pressu
     for label, value, limit, text in readings:
         if value >= limit:
             return Pressure(True, False, label, f"{text} >= {limit:.3g}")
-    # Under: the same total load on one worker fewer stays well below every limit.
+    # Under: the same total load on one worker fewer stays well below every limit. For the
+    # last worker of a pool that may be empty, that is: no request on it (a KV cache that
+    # keeps finished requests' blocks for reuse is not work).
     fewer = view.num_workers - 1
+    if fewer == 0:
+        if any(load.num_running or load.num_waiting for load in loads):
+            return Pressure(False, False, "ok", "requests on the last worker")
+        return Pressure(False, True, "idle", "no request on the last worker")
     spread = view.num_workers / fewer if fewer > 0 else math.inf
     for label, value, limit, text in readings:
         if value > 0 and value * spread >= limits.down_fraction * limit:
             return Pressure(False, False, "ok", f"{text}: {fewer} workers would hold {label}")
     return Pressure(False, True, "idle", f"load fits on {fewer} workers")
+
+
+def with_local_prefill(
+    decode: PoolView, prefill: PoolView, limits: Thresholds
+) -> tuple[PoolView, PoolView]:
+    """The two pools' views when the prefill pool has no worker: the decode workers prefill
+    their own prompts, so a decode worker's queue is prefill work, unless its batch or its
+    KV cache is at its limit (then the queue waits for a batch slot or for blocks: decode
+    work). That work moves to the prefill
+    view, which keeps ``num_workers`` 0 and holds one load per decode worker (prompts queued,
+    their predicted wait, nothing running): the planner sees the demand for a first prefill
+    worker, and the decode pool's reading is left with its batch and its KV cache. With a
+    prefill worker registered, or no decode report, both views are returned as they are."""
+    if prefill.num_workers > 0 or not decode.loads:
+        return decode, prefill
+    decode_loads: list[WorkerLoad] = []
+    prefill_loads: list[WorkerLoad] = []
+    for load in decode.loads:
+        capacity = load.batch_capacity
+        is_full = capacity and load.num_running >= limits.max_batch_fraction * capacity
+        if is_full or load.kv_usage >= limits.max_kv_usage:
+            decode_loads.append(load)
+            prefill_loads.append(WorkerLoad())
+            continue
+        decode_loads.append(
+            replace(load, num_waiting=0, num_waiting_tokens=0, predicted_wait_s=0.0)
+        )
+        prefill_loads.append(
+            WorkerLoad(
+                num_waiting=load.num_waiting,
+                num_waiting_tokens=load.num_waiting_tokens,
+                predicted_wait_s=load.predicted_wait_s,
+                wait_per_token_s=load.wait_per_token_s,
+            )
+        )
+    return (
+        replace(decode, loads=tuple(decode_loads)),
+        replace(prefill, loads=tuple(prefill_loads)),
+    )
 
 
 @dataclass(frozen=True, slots=True)

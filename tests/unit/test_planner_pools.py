@@ -99,6 +99,36 @@ async def test_scaler_reconciles_each_pool_to_its_target_within_its_limits():
     assert scaler.pools[WorkerRole.DECODE].target == 1
 
 
+async def test_scaler_acts_only_on_the_pool_commanded(caplog):
+    """A role switch moves a worker between the pools without a command: the other pool's
+    old target is stale, and a command for one pool must not act on it."""
+    pools: dict[str, list[str]] = {"decode": ["d0"], "prefill": ["p0"]}
+    started: list[str] = []
+
+    def make(role: WorkerRole, name: str) -> ScaledPool:
+        async def start() -> None:
+            started.append(name)
+            pools[name].append(name)
+
+        async def retire() -> None:
+            pools[name].pop()
+
+        return ScaledPool(role, 0, 2, lambda: len(pools[name]), start, retire)
+
+    scaler = WorkerScaler([make(WorkerRole.DECODE, "decode"), make(WorkerRole.PREFILL, "prefill")])
+    scaler.on_command(command(1, WorkerRole.PREFILL))
+    await asyncio.wait_for(scaler.reconcile(), 1.0)
+    pools["decode"].append(pools["prefill"].pop())  # the prefill worker switched to decode
+    scaler.on_command(command(2))  # what the planner's decode target is after the switch
+    await asyncio.wait_for(scaler.reconcile(), 1.0)
+    assert started == []
+    assert pools == {"decode": ["d0", "p0"], "prefill": []}
+    # The same target again still reconciles: the pool is not what it was when it was set.
+    scaler.on_command(command(1, WorkerRole.PREFILL))
+    await asyncio.wait_for(scaler.reconcile(), 1.0)
+    assert started == ["prefill"]
+
+
 async def test_scaler_ignores_a_pool_it_does_not_run(caplog):
     scaler = WorkerScaler([])
     scaler.on_command(command(3, WorkerRole.PREFILL))

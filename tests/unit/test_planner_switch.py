@@ -16,7 +16,14 @@ from services.planner.policy import (
     choose_worker,
     plan_switch,
 )
-from services.planner.signals import PoolView, Role, WorkerLoad
+from services.planner.signals import (
+    PoolView,
+    Role,
+    Thresholds,
+    WorkerLoad,
+    pressure,
+    with_local_prefill,
+)
 
 LIMITS = {Role.DECODE: Limits(1, 4), Role.PREFILL: Limits(1, 4)}
 
@@ -231,3 +238,124 @@ def test_switch_candidates_are_the_pools_own_workers_with_their_reports():
     # b has less work but cannot hold KV for decode workers: a goes.
     assert choose_worker(candidates, Role.PREFILL) == "a"
     assert choose_worker(observer.candidates(Role.PREFILL, now_s=1.5), Role.DECODE) is None
+
+
+# --- an empty prefill pool: the decode workers' own prompts are its demand -----------------------
+
+
+def prompt_queue() -> WorkerLoad:
+    """A decode worker prefilling its own long prompts: a queue, its batch far from full."""
+    return WorkerLoad(
+        num_running=2,
+        num_waiting=6,
+        num_waiting_tokens=9000,
+        kv_usage=0.1,
+        predicted_wait_s=1.5,
+        wait_per_token_s=1e-4,
+        max_num_seqs=32,
+    )
+
+
+def test_an_empty_prefill_pool_reads_the_prompts_queued_on_decode_workers():
+    decode, prefill = with_local_prefill(
+        view(Role.DECODE, 2, prompt_queue()), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    assert (decode.num_workers, prefill.num_workers) == (2, 0)
+    assert [load.num_waiting for load in prefill.loads] == [6, 6]
+    assert [load.num_waiting_tokens for load in prefill.loads] == [9000, 9000]
+    assert [load.predicted_wait_s for load in prefill.loads] == [1.5, 1.5]
+    assert all(load.num_running == 0 and load.kv_usage == 0 for load in prefill.loads)
+    # The decode pool keeps its batch and KV cache, not the queue it handed over.
+    assert [(load.num_running, load.num_waiting, load.kv_usage) for load in decode.loads] == [
+        (2, 0, 0.1),
+        (2, 0, 0.1),
+    ]
+
+
+def test_a_full_batchs_queue_stays_decode_work():
+    full = WorkerLoad(num_running=8, num_waiting=6, num_waiting_tokens=100, max_num_seqs=8)
+    decode, prefill = with_local_prefill(
+        view(Role.DECODE, 2, full), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    assert decode.loads == (full, full)
+    assert all(load == WorkerLoad() for load in prefill.loads)
+
+
+def test_a_full_kv_caches_queue_stays_decode_work():
+    full = WorkerLoad(num_running=3, num_waiting=6, kv_usage=0.9, max_num_seqs=32)
+    decode, prefill = with_local_prefill(
+        view(Role.DECODE, 1, full), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    assert (decode.loads, prefill.loads) == ((full,), (WorkerLoad(),))
+
+
+def test_a_prefill_pool_with_a_worker_is_read_as_it_is():
+    pair = (view(Role.DECODE, 1, prompt_queue()), view(Role.PREFILL, 1, idle()))
+    assert with_local_prefill(*pair, Thresholds()) == pair
+    nothing = (view(Role.DECODE, 2, None), view(Role.PREFILL, 0, None))
+    assert with_local_prefill(*nothing, Thresholds()) == nothing
+
+
+def test_from_no_prefill_worker_a_prompt_queue_switches_a_decode_worker_back():
+    """1 + 1 at a cap of 2 went to 0 + 2 for a decode-heavy phase; long prompts come back:
+    the empty prefill pool steps up (held at the cap), the decode pool reads idle, and a
+    decode worker switches to prefill."""
+    limits = {Role.DECODE: Limits(1, 2), Role.PREFILL: Limits(0, 1)}
+    decode_view, prefill_view = with_local_prefill(
+        view(Role.DECODE, 2, prompt_queue()), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    config = PolicyConfig(up_intervals=1, down_intervals=5, up_cooldown_s=0.0)
+    prefill_plan = PoolPlanner(config, limits[Role.PREFILL])
+    decode_plan = PoolPlanner(config, limits[Role.DECODE])
+    decisions = {
+        Role.DECODE: decode_plan.decide(decode_view, now_s=10.0, max_total=2),
+        Role.PREFILL: prefill_plan.decide(prefill_view, now_s=10.0, max_total=0),
+    }
+    assert (decisions[Role.PREFILL].reason, decisions[Role.PREFILL].direction) == ("at_total", 1)
+    assert decisions[Role.DECODE].direction == -1
+    switch = plan_switch(decisions, {Role.DECODE: decode_view, Role.PREFILL: prefill_view}, limits)
+    assert switch is not None
+    assert (switch.source, switch.target) == (Role.DECODE, Role.PREFILL)
+    # Unread, the same reports would have made the decode pool ask for more (its queue).
+    unsplit = PoolPlanner(config, limits[Role.DECODE]).decide(
+        view(Role.DECODE, 2, prompt_queue()), now_s=10.0, max_total=2
+    )
+    assert unsplit.direction == 1
+
+
+def test_a_floor_on_the_total_holds_an_idle_pool_for_a_switch_instead_of_a_retirement():
+    """With the total fixed (floor = cap = 2), an idle prefill worker is not retired: it is
+    held (``at_total_min``) until the decode pool asks for a worker, then switched."""
+    limits = {Role.DECODE: Limits(1, 2), Role.PREFILL: Limits(0, 1)}
+    config = PolicyConfig(up_intervals=1, down_intervals=1, up_cooldown_s=0.0, down_cooldown_s=0.0)
+    prefill_plan = PoolPlanner(config, limits[Role.PREFILL])
+    held = prefill_plan.decide(view(Role.PREFILL, 1, idle()), now_s=10.0, min_total=1)
+    assert (held.desired, held.reason, held.direction) == (1, "at_total_min", -1)
+    # Without the floor the same reading retires the worker.
+    retired = PoolPlanner(config, limits[Role.PREFILL]).decide(
+        view(Role.PREFILL, 1, idle()), now_s=10.0
+    )
+    assert (retired.desired, retired.reason) == (0, "idle")
+    decode = PoolPlanner(config, limits[Role.DECODE]).decide(
+        view(Role.DECODE, 1, busy()), now_s=10.0, max_total=1
+    )
+    assert decode.reason == "at_total"
+    switch = plan_switch({Role.DECODE: decode, Role.PREFILL: held}, views(1, 1), limits)
+    assert switch is not None
+    assert (switch.source, switch.target) == (Role.PREFILL, Role.DECODE)
+
+
+def test_a_pools_last_worker_is_idle_when_no_request_is_on_it():
+    """A prefill worker keeps finished prompts' blocks cached (KV usage above 0): that is no
+    work, and its pool may go to zero; a request on it, however small, is."""
+    cached = WorkerLoad(kv_usage=0.4, max_num_seqs=8)
+    reading = pressure(view(Role.PREFILL, 1, cached), Thresholds(), None)
+    assert (reading.is_under, reading.label) == (True, "idle")
+    working = WorkerLoad(num_running=1, kv_usage=0.01, max_num_seqs=8)
+    reading = pressure(view(Role.PREFILL, 1, working), Thresholds(), None)
+    assert (reading.is_under, reading.is_over, reading.label) == (False, False, "ok")
+
+
+def test_planner_config_refuses_a_floor_above_the_cap():
+    with pytest.raises(ValueError, match="min_total_workers"):
+        PlannerConfig(max_total_workers=2, min_total_workers=3)
