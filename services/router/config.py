@@ -45,6 +45,13 @@ class RouterConfig:
         default=0.3,
         metadata=doc("... and at least this fraction of the prompt is not cached there"),
     )
+    max_remote_prefill_extra_wait_s: float = field(
+        default=0.25,
+        metadata=doc(
+            "... and the prefill pool would not make the prompt wait this much longer than "
+            "the decode worker's own queue would (inf: always remote)"
+        ),
+    )
     resync_timeout_s: float = field(
         default=5.0, metadata=doc("how long a worker may take to send its cached blocks")
     )
@@ -68,8 +75,9 @@ class RouterConfig:
             raise ValueError(f"bad remote prefill thresholds: {exc}") from exc
 
     def disagg_policy(self) -> DisaggPolicy:
-        """When a prefill is worth moving to a prefill worker (the ``min_remote_prefill_*``)."""
+        """When a prefill is worth moving to a prefill worker (the ``*_remote_prefill_*``)."""
         return DisaggPolicy(
             min_remote_tokens=self.min_remote_prefill_tokens,
             min_remote_fraction=self.min_remote_prefill_fraction,
+            max_extra_wait_s=self.max_remote_prefill_extra_wait_s,
         )

@@ -102,6 +102,8 @@ class WorkerLoad:
     num_pending_requests: int = 0
     num_pending_blocks: int = 0  # KV blocks of those requests
     num_pending_prefill_blocks: int = 0  # their uncached blocks: prefill queued there
+    predicted_wait_s: float = 0.0  # reported: until a new prompt would be prefilled there
+    wait_per_token_s: float = 0.0  # reported: what each queued prompt token adds to that
     num_load_blocks: int = 0  # derived: active + pending blocks
     projected_kv_usage: float = 0.0  # derived: load blocks / total (inf while draining)
     num_queued: int = 0  # derived: waiting + pending requests
@@ -117,6 +119,8 @@ class WorkerLoad:
         self.num_total_blocks = metrics.num_total_blocks
         self.kv_usage = metrics.kv_usage
         self.is_draining = metrics.is_draining
+        self.predicted_wait_s = metrics.predicted_wait_s
+        self.wait_per_token_s = metrics.wait_per_token_s
         self.num_pending_requests = 0
         self.num_pending_blocks = 0
         self.num_pending_prefill_blocks = 0
@@ -146,6 +150,12 @@ class WorkerLoad:
         num_new = self.pending_prefill_by_hash.pop(block_hash, 0)
         if num_new:
             self.num_pending_prefill_blocks = max(0, self.num_pending_prefill_blocks - num_new)
+
+    def prefill_wait_s(self, block_size: int) -> float:
+        """Until a new prompt would start prefilling here: the worker's last prediction
+        plus the prompts routed here since, at its measured cost per token."""
+        num_pending_tokens = self.num_pending_prefill_blocks * block_size
+        return self.predicted_wait_s + num_pending_tokens * self.wait_per_token_s
 
     def _refresh(self) -> None:
         self.num_load_blocks = self.num_active_blocks + self.num_pending_blocks

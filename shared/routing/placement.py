@@ -5,8 +5,10 @@ live workers etcd lists:
 
 1. the decode (or aggregated) worker, by ``Router.route`` over the serving pool;
 2. whether the prompt is prefilled remotely: only if the model has prefill workers that can
-   send KV, the decode worker can receive it (a ``kv_agent``), and ``DisaggPolicy.is_remote``
-   says the uncached part of the prompt is worth the transfer;
+   send KV, the decode worker can receive it (a ``kv_agent``), ``DisaggPolicy.is_remote``
+   says the uncached part of the prompt is worth the transfer, and
+   ``DisaggPolicy.is_worth_the_wait`` says the prefill pool's queue is not much longer than
+   the decode worker's own;
 3. if so, the prefill worker, by ``Router.route`` over the prefill pool with its own policy.
 
 Both choices are recorded as the chosen workers' pending load. A decode worker whose prompt
@@ -73,6 +75,10 @@ def place(
         prefill_ids
         and serving[decode.worker_id].kv_agent
         and disagg.is_remote(num_prompt_tokens, num_cached_tokens)
+        and disagg.is_worth_the_wait(
+            min(_prefill_wait_s(router, w, block_size) for w in prefill_ids),
+            _prefill_wait_s(router, decode.worker_id, block_size),
+        )
     ):
         prefill = router.route(block_hashes, prefill_ids, policy=prefill_policy)
     num_blocks = len(block_hashes)
@@ -80,3 +86,8 @@ def place(
         num_new_blocks = 0 if prefill is not None else num_blocks - decode.overlap_blocks
         router.note_routed(decode.worker_id, num_blocks, num_new_blocks, block_hashes[-1])
     return Placement(decode=decode, num_decode_cached_tokens=num_cached_tokens, prefill=prefill)
+
+
+def _prefill_wait_s(router: Router, worker_id: InstanceId, block_size: int) -> float:
+    load = router.load_of(worker_id)
+    return 0.0 if load is None else load.prefill_wait_s(block_size)

@@ -80,6 +80,12 @@ REPLY_PREFIX = "_INBOX.fuzz"
 REPLY_TYPES = ErrorReply | GenerateAccepted | PrefillDone | KVState | RouteDecision
 reply_decoder = msgspec.msgpack.Decoder(REPLY_TYPES)
 
+ALWAYS_REMOTE = (
+    "--min-remote-prefill-tokens", "1",
+    "--min-remote-prefill-fraction", "0",
+    "--max-remote-prefill-extra-wait-s", "inf",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Target:
@@ -315,7 +321,7 @@ async def fuzz_cluster(
         num_routers=1,
         num_prefill_workers=1,
         num_workers=1,
-        router_args=("--min-remote-prefill-tokens", "1", "--min-remote-prefill-fraction", "0"),
+        router_args=ALWAYS_REMOTE,
         prefill_args=(*sim, "--worker-id", PREFILL_ID),
         decode_args=(*sim, "--worker-id", DECODE_ID),
         frontend_args=("--frontend-id", FRONTEND_ID, "--route-timeout-s", "10"),

@@ -30,7 +30,11 @@ PLANNER_ARGS = (
     "--max-total-workers", "3",
     "--log-level", "info",
 )  # fmt: skip
-ALWAYS_REMOTE = ("--min-remote-prefill-tokens", "1", "--min-remote-prefill-fraction", "0")
+ALWAYS_REMOTE = (
+    "--min-remote-prefill-tokens", "1",
+    "--min-remote-prefill-fraction", "0",
+    "--max-remote-prefill-extra-wait-s", "inf",
+)  # fmt: skip
 
 
 def pools(directory: WorkerDirectory) -> tuple[int, int]:

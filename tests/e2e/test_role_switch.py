@@ -19,7 +19,11 @@ from shared.servers import ServerProcess
 from tests.chaos.test_migration import body, metric, run_all
 
 NUM_STREAMS = 40
-ALWAYS_REMOTE = ("--min-remote-prefill-tokens", "1", "--min-remote-prefill-fraction", "0")
+ALWAYS_REMOTE = (
+    "--min-remote-prefill-tokens", "1",
+    "--min-remote-prefill-fraction", "0",
+    "--max-remote-prefill-extra-wait-s", "inf",
+)  # fmt: skip
 
 
 async def directory(etcd_url: str, namespace: str) -> dict[int, WorkerInfo]:

@@ -15,7 +15,11 @@ from shared.discovery import Discovery
 
 MODEL = "baton-sim"
 SIM = ("--speedup", "20")
-ALWAYS_REMOTE = ("--min-remote-prefill-tokens", "1", "--min-remote-prefill-fraction", "0")
+ALWAYS_REMOTE = (
+    "--min-remote-prefill-tokens", "1",
+    "--min-remote-prefill-fraction", "0",
+    "--max-remote-prefill-extra-wait-s", "inf",
+)  # fmt: skip
 NUM_BAD = 7
 
 

@@ -2,7 +2,14 @@
 
 import pytest
 
-from proto.messages import BlockStored, InstanceId, KVEventBatch, WorkerInfo, WorkerRole
+from proto.messages import (
+    BlockStored,
+    InstanceId,
+    KVEventBatch,
+    LoadMetrics,
+    WorkerInfo,
+    WorkerRole,
+)
 from shared.errors import Unavailable
 from shared.kv_hash import hash_prompt_blocks
 from shared.routing.disagg import DisaggPolicy
@@ -47,7 +54,12 @@ def prompt(num_tokens: int, first: int = 0) -> list[int]:
     return list(range(first, first + num_tokens))
 
 
-def run_place(router: Router, workers: list[WorkerInfo], token_ids: list[int]) -> Placement:
+def run_place(
+    router: Router,
+    workers: list[WorkerInfo],
+    token_ids: list[int],
+    disagg: DisaggPolicy | None = None,
+) -> Placement:
     return place(
         router,
         workers,
@@ -55,7 +67,7 @@ def run_place(router: Router, workers: list[WorkerInfo], token_ids: list[int]) -
         hash_prompt_blocks(token_ids, BS),
         len(token_ids),
         block_size=BS,
-        disagg=DisaggPolicy(),
+        disagg=disagg or DisaggPolicy(),
     )
 
 
@@ -173,3 +185,60 @@ def test_place_without_a_serving_worker_is_unavailable():
     prefill_only = [worker(p, WorkerRole.PREFILL) for p in PREFILLS]
     with pytest.raises(Unavailable, match="no live worker serves model 'm'"):
         run_place(Router(), prefill_only, prompt(4096))
+
+
+def report(worker_id: InstanceId, *, wait_s: float, per_token_s: float = 1e-4) -> LoadMetrics:
+    return LoadMetrics(
+        worker_id=worker_id,
+        num_running=0,
+        num_waiting=0,
+        num_free_blocks=10_000,
+        num_total_blocks=10_000,
+        kv_usage=0.0,
+        predicted_wait_s=wait_s,
+        wait_per_token_s=per_token_s,
+    )
+
+
+def test_place_prefills_locally_when_the_prefill_pool_queue_is_much_longer():
+    """Conditional disaggregation by queue: a prefill pool that would start the prompt more
+    than ``max_extra_wait_s`` after the decode worker would leaves it to the decode worker."""
+    router = Router()
+    router.update_load(report(DECODE, wait_s=0.2))
+    for prefill_id in PREFILLS:
+        router.update_load(report(prefill_id, wait_s=1.5))
+    placement = run_place(router, cluster(), prompt(4096))
+    assert not placement.is_remote_prefill
+    decode_load = router.load_of(DECODE)
+    assert decode_load is not None
+    assert decode_load.num_pending_prefill_blocks == 256  # the decode worker computes it
+    assert all(router.load_of(p).num_pending_requests == 0 for p in PREFILLS)  # type: ignore[union-attr]
+
+    # One prefill worker that keeps up is enough for the prompt to go remote.
+    router = Router()
+    router.update_load(report(DECODE, wait_s=0.2))
+    router.update_load(report(PREFILLS[0], wait_s=1.5))
+    router.update_load(report(PREFILLS[1], wait_s=0.3))
+    assert run_place(router, cluster(), prompt(4096)).is_remote_prefill
+
+
+def test_the_prompts_routed_since_a_report_count_in_the_prefill_wait():
+    router = Router()
+    router.update_load(report(DECODE, wait_s=0.0))
+    for prefill_id in PREFILLS:
+        # 4,096 tokens at 1e-4 s each: every prompt routed adds 0.41 s to that worker's wait.
+        router.update_load(report(prefill_id, wait_s=0.0))
+    policy = DisaggPolicy(max_extra_wait_s=1.0)
+    remote = [run_place(router, cluster(), prompt(4096, first=i * 5000), policy) for i in range(8)]
+    # The prefill workers take prompts until each has over a second of them queued (three
+    # each); the seventh goes to the decode worker, whose own queue then makes the pool
+    # worth its wait again.
+    assert [p.is_remote_prefill for p in remote] == [True] * 6 + [False, True]
+
+
+def test_max_extra_wait_inf_always_sends_long_prompts_to_the_prefill_pool():
+    policy = DisaggPolicy(max_extra_wait_s=float("inf"))
+    assert policy.is_worth_the_wait(1e9, 0.0)
+    assert not DisaggPolicy().is_worth_the_wait(1.5, 0.2)
+    with pytest.raises(ValueError, match="max_extra_wait_s"):
+        DisaggPolicy(max_extra_wait_s=float("nan"))
