@@ -292,6 +292,10 @@ class LoadMetrics(Message, frozen=True, tag="load"):
     # Of ``num_running``: requests admitted that wait for their KV, from a prefill worker or
     # from the peer a stream moved from (they hold no batch slot yet).
     num_awaiting_kv: int = 0
+    # Counters since the worker started, admitted or not (the planner reads their rates):
+    # requests that came for its role, and the prompt tokens of those it would prefill.
+    num_arrived: int = 0
+    num_arrived_prefill_tokens: int = 0
 
 
 # --- KV cache events (consumed by the KV-aware router) -------------------------------------------

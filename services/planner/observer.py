@@ -1,7 +1,8 @@
 """The pools as the workers report them: the directory's members and their latest load."""
 
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from services.planner.policy import Candidate
@@ -20,24 +21,63 @@ class _Report:
     received_s: float
 
 
+RATE_WINDOW_S = 3.0  # arrival rates are measured over the reports of this long
+MIN_RATE_SPAN_S = 0.5  # ... once they span at least this long (before: 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrivals:
+    """A worker's arrival counters at one report."""
+
+    at_s: float
+    num_requests: int
+    num_prefill_tokens: int
+
+
 class PoolObserver:
-    """Keeps the last ``LoadMetrics`` of every registered worker; :meth:`view` gives one pool
-    with the workers that are registered and not draining, and their reports not older than
-    ``stale_s``. Pure: the caller passes the time."""
+    """Keeps the last ``LoadMetrics`` of every registered worker, and its arrival counters
+    over the last ``RATE_WINDOW_S``; :meth:`view` gives one pool with the workers that are
+    registered and not draining, and their reports not older than ``stale_s`` (with the
+    arrival rates the counters give). Pure: the caller passes the time."""
 
     def __init__(self, stale_s: float) -> None:
         self.stale_s = stale_s
         self.workers: dict[InstanceId, WorkerInfo] = {}
         self._reports: dict[InstanceId, _Report] = {}
+        self._arrivals: dict[InstanceId, deque[_Arrivals]] = {}
 
     def sync_workers(self, workers: Mapping[InstanceId, WorkerInfo]) -> None:
         """Take the directory's current members; forget the reports of those that left."""
         self.workers = dict(workers)
         for worker_id in [w for w in self._reports if w not in self.workers]:
             del self._reports[worker_id]
+            self._arrivals.pop(worker_id, None)
 
     def record(self, metrics: LoadMetrics, now_s: float) -> None:
         self._reports[metrics.worker_id] = _Report(metrics, now_s)
+        history = self._arrivals.setdefault(metrics.worker_id, deque())
+        sample = _Arrivals(now_s, metrics.num_arrived, metrics.num_arrived_prefill_tokens)
+        if history and sample.num_requests < history[-1].num_requests:
+            history.clear()  # counters went back: not the same run of the worker
+        history.append(sample)
+        # Keep the newest sample at or before the window's start: the rate spans the window.
+        while len(history) > 2 and history[1].at_s <= now_s - RATE_WINDOW_S:
+            history.popleft()
+
+    def arrival_rates(self, worker_id: InstanceId) -> tuple[float, float]:
+        """(requests, prompt tokens it prefills) per second arriving at a worker lately; 0
+        until its reports span ``MIN_RATE_SPAN_S``."""
+        history = self._arrivals.get(worker_id)
+        if not history:
+            return 0.0, 0.0
+        first, last = history[0], history[-1]
+        span_s = last.at_s - first.at_s
+        if span_s < MIN_RATE_SPAN_S:
+            return 0.0, 0.0
+        return (
+            (last.num_requests - first.num_requests) / span_s,
+            (last.num_prefill_tokens - first.num_prefill_tokens) / span_s,
+        )
 
     def view(self, role: Role, now_s: float) -> PoolView:
         members = self._members(role)
@@ -66,7 +106,12 @@ class PoolObserver:
             return None
         if report.metrics.is_draining:
             return None
-        return _load(report.metrics, info)
+        requests_per_s, tokens_per_s = self.arrival_rates(info.worker_id)
+        return replace(
+            _load(report.metrics, info),
+            arrival_rate=requests_per_s,
+            prefill_token_rate=tokens_per_s,
+        )
 
 
 def _load(metrics: LoadMetrics, info: WorkerInfo) -> WorkerLoad:

@@ -30,6 +30,8 @@ class WorkerLoad:
     wait_per_token_s: float = 0.0  # measured: how much longer the wait gets per queued token
     max_num_running: int = 0  # the batch cap its TPOT objective sets now (0: none)
     max_num_seqs: int = 0  # its configured batch limit (WorkerInfo), the cap without one
+    arrival_rate: float = 0.0  # requests per second arriving lately (its counters' rate)
+    prefill_token_rate: float = 0.0  # prompt tokens per second arriving that it prefills
 
     @property
     def batch_capacity(self) -> int:
@@ -148,6 +150,8 @@ def with_local_prefill(
                 num_waiting_tokens=load.num_waiting_tokens,
                 predicted_wait_s=load.predicted_wait_s,
                 wait_per_token_s=load.wait_per_token_s,
+                arrival_rate=load.arrival_rate,
+                prefill_token_rate=load.prefill_token_rate,
             )
         )
     return (
@@ -168,18 +172,21 @@ class Demand:
 
 def demand(view: PoolView, ttft_s: float | None, max_wait_fraction: float) -> Demand:
     """Decode: sequences in the pool (running and waiting), against each worker's batch
-    capacity (the cap its TPOT objective and measured speed set). Prefill: prompt tokens
-    queued, against the tokens one worker clears within ``max_wait_fraction`` of the TTFT
-    objective (one second without one), from its measured wait per token."""
+    capacity (the cap its TPOT objective and measured speed set). Prefill: the prompt tokens
+    to compute within a window of ``max_wait_fraction`` of the TTFT objective (one second
+    without one), those queued plus those arriving meanwhile at the pool's measured arrival
+    rate, against the tokens one worker clears in that window, from its measured wait per
+    token. The arrivals keep a pool that keeps up from looking empty between bursts."""
     loads = view.loads
     if view.role is Role.DECODE:
         amount = float(sum(load.num_running + load.num_waiting for load in loads))
         per_worker = _mean([float(load.batch_capacity) for load in loads if load.batch_capacity])
         return Demand(amount, per_worker, "sequences")
-    amount = float(sum(load.num_waiting_tokens for load in loads))
     window_s = max_wait_fraction * ttft_s if ttft_s is not None else 1.0
+    queued = sum(load.num_waiting_tokens for load in loads)
+    arriving = window_s * sum(load.prefill_token_rate for load in loads)
     rates = [1.0 / load.wait_per_token_s for load in loads if load.wait_per_token_s > 0]
-    return Demand(amount, window_s * _mean(rates), "prompt tokens")
+    return Demand(float(queued) + arriving, window_s * _mean(rates), "prompt tokens")
 
 
 def slope_per_s(samples: list[tuple[float, float]]) -> float:

@@ -86,6 +86,8 @@ class WorkerShell:
         self.bad_messages = BadMessages(self.log, "worker message")
         self.canary = EngineCanary(self.loop, context.worker_id)
         self.num_delivery_failures = 0
+        self.num_arrived = 0  # requests for its role, admitted or not
+        self.num_arrived_prefill_tokens = 0  # their prompt tokens, of those it prefills
         self._kv_event_seq = 0
         self.switcher: RoleSwitcher | None = None  # set by serve(): RoleSwitch is refused without
         self.info: WorkerInfo | None = None  # as registered (set by ``serve``)
@@ -160,6 +162,11 @@ class WorkerShell:
                 )
             if any(request.request_id in live.in_flight for live in self.roles):
                 raise InvalidRequest(f"request {request.request_id} is already running here")
+            # Demand, whether or not it is admitted: the planner plans from its rate.
+            prefills_here = role.prefills_here(request)
+            self.num_arrived += 1
+            if prefills_here:
+                self.num_arrived_prefill_tokens += len(request.token_ids)
             max_waiting = self.config.max_waiting
             stats = self.loop.stats()
             if stats.num_waiting >= max_waiting:
@@ -172,7 +179,7 @@ class WorkerShell:
                 stats,
                 self.loop.num_tokens_ahead(request.priority),
                 time.monotonic(),
-                prefills_here=role.prefills_here(request),
+                prefills_here=prefills_here,
             )
             await role.admit(request, reply_subject, admission)
         except ServingError as exc:
@@ -260,6 +267,8 @@ class WorkerShell:
             wait_per_token_s=objectives.wait_per_token_s(stats),
             max_waiting=self.config.max_waiting,
             num_awaiting_kv=stats.num_reserved + self.num_handoffs,
+            num_arrived=self.num_arrived,
+            num_arrived_prefill_tokens=self.num_arrived_prefill_tokens,
         )
 
     async def publish_load(self) -> None:

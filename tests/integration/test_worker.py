@@ -596,6 +596,9 @@ async def test_tpot_objective_caps_the_batch_from_measured_speed(bus, start_work
     load = decode.shell.load_metrics()
     assert load.max_num_running == budget.max_num_running
     assert load.step_per_seq_s == speed.per_seq_s
+    # The arrival counters the planner takes rates of: every request, every prompt token.
+    assert load.num_arrived == 1 + 3 + 6 + 12 + 24
+    assert load.num_arrived_prefill_tokens == load.num_arrived * len(PROMPT)
 
 
 async def test_canary_proves_an_idle_engine_serves_and_fails_when_its_loop_is_stuck(

@@ -230,6 +230,16 @@ def test_sla_mode_sizes_prefill_from_queued_tokens_and_the_ttft_objective():
     assert (decision.desired, decision.reason) == (6, "sla")
 
 
+def test_sla_mode_sizes_prefill_from_arriving_tokens_with_nothing_queued():
+    # A pool that keeps up has no queue between bursts: the arrivals say what it needs.
+    # 1,200 tokens/s arriving on each of 2 workers, a 0.5 s window: 1,200 tokens to clear
+    # in it; each worker clears 500 -> ceil(1200 / 350) = 4 at 70 %.
+    load = WorkerLoad(wait_per_token_s=0.001, prefill_token_rate=1200.0)
+    p = planner(max_replicas=8, mode=Mode.SLA, up_intervals=1, ttft_s=1.0)
+    decision = Clock().run(p, [pool(2, load, Role.PREFILL)])[0]
+    assert (decision.desired, decision.reason) == (4, "sla")
+
+
 def test_sla_mode_holds_until_capacity_is_measured():
     p = planner(mode=Mode.SLA, up_intervals=1)
     load = WorkerLoad(num_waiting_tokens=1000)  # no wait_per_token_s yet

@@ -145,3 +145,35 @@ def test_a_pool_needs_sane_limits():
 
     with pytest.raises(ValueError, match="min_workers <= max_workers"):
         ScaledPool(WorkerRole.DECODE, 3, 2, lambda: 0, nothing, nothing)
+
+
+def arrivals(worker_id: str, num: int, tokens: int) -> LoadMetrics:
+    return LoadMetrics(
+        worker_id=InstanceId(worker_id),
+        num_running=0,
+        num_waiting=0,
+        num_free_blocks=10,
+        num_total_blocks=10,
+        kv_usage=0.0,
+        num_arrived=num,
+        num_arrived_prefill_tokens=tokens,
+    )
+
+
+def test_observer_measures_each_workers_arrival_rate_over_its_recent_reports():
+    observer = PoolObserver(stale_s=10.0)
+    observer.sync_workers({InstanceId("a"): info("a")})
+    observer.record(arrivals("a", 0, 0), now_s=0.0)
+    assert observer.arrival_rates(InstanceId("a")) == (0.0, 0.0)  # one report: no rate yet
+    for second in range(1, 7):
+        observer.record(arrivals("a", 10 * second, 1000 * second), now_s=float(second))
+    assert observer.arrival_rates(InstanceId("a")) == pytest.approx((10.0, 1000.0))
+    [load] = observer.view(Role.DECODE, now_s=6.0).loads
+    assert (load.arrival_rate, load.prefill_token_rate) == pytest.approx((10.0, 1000.0))
+    # The rate follows the recent window: the load stops, the rate falls to 0 within it.
+    for second in range(7, 11):
+        observer.record(arrivals("a", 60, 6000), now_s=float(second))
+    assert observer.arrival_rates(InstanceId("a")) == (0.0, 0.0)
+    # A worker whose counters went back (a new run) starts over.
+    observer.record(arrivals("a", 1, 10), now_s=11.0)
+    assert observer.arrival_rates(InstanceId("a")) == (0.0, 0.0)
