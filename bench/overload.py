@@ -127,6 +127,9 @@ def main() -> None:
     p.add_argument(
         "--frontends", type=int, default=0, help="frontend processes (0: as baton up chooses)"
     )
+    p.add_argument(
+        "--frontend-nice", type=int, default=5, help="niceness added to the frontends (baton up's)"
+    )
     p.add_argument("--base-rate", type=float, default=200.0, help="the 1x load, req/s")
     p.add_argument("--levels", type=float, nargs="+", default=[1, 2, 4, 10])
     p.add_argument("--level-s", type=float, default=15.0)
@@ -154,6 +157,7 @@ def main() -> None:
         num_workers=args.workers,
         num_prefill_workers=args.prefill,
         num_frontends=args.frontends,
+        frontend_nice=args.frontend_nice,
         speedup=args.speedup,
         namespace=f"overload{uuid.uuid4().hex[:6]}",
         log_dir=tempfile.mkdtemp(prefix="baton-overload-"),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger(__name__).info(
         "config %s open_files_limit=%d", describe(config), raise_fd_limit()
     )
+    if config.nice:
+        os.nice(config.nice)  # before --procs starts the others: they inherit it
     if config.procs != 1:
         code = 0
 

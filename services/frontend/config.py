@@ -24,6 +24,14 @@ class FrontendConfig:
             "for their open files (docs/performance.md)"
         ),
     )
+    nice: int = field(
+        default=0,
+        metadata=doc(
+            "add this to the processes' niceness (0: none): where engines share the CPUs, "
+            "frontends that yield to them shed what the engines cannot serve instead of "
+            "taking the CPU the engines serve with"
+        ),
+    )
     reuse_port: bool = field(
         default=False,
         metadata=doc("share the port with other frontend processes (set for you by --procs)"),
@@ -156,6 +164,8 @@ class FrontendConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.procs < 0:
             raise ValueError(f"procs must be >= 0, got {self.procs}")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be in [0, 19], got {self.nice}")
         for name in ("queue_timeout_s", "write_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -57,6 +57,7 @@ async def serve_procs(config: FrontendConfig, argv: Sequence[str]) -> int:
     commands = []
     for i in range(num_procs):
         command = [*base, "--procs", "1", "--reuse-port", "true", "--port", str(port)]
+        command += ["--nice", "0"]  # inherited from this process already
         command += ["--metrics-dir", metrics_dir]
         if config.frontend_id:
             command += ["--frontend-id", f"{config.frontend_id}-{i}"]

@@ -30,6 +30,15 @@ class UpConfig:
             " most 8; docs/performance.md)"
         ),
     )
+    frontend_nice: int = field(
+        default=5,
+        metadata=doc(
+            "niceness added to the frontend processes (0-19): every process shares this"
+            " host's CPUs, and under overload a frontend that yields to the engines sheds"
+            " what they cannot serve instead of taking the CPU they serve with"
+            " (docs/admission.md)"
+        ),
+    )
     num_prefill_workers: int = field(
         default=0,
         metadata=doc("prefill workers to start (0: aggregated; more: disaggregated)"),
@@ -125,6 +134,8 @@ class UpConfig:
             raise ValueError(f"num_routers must be >= 0, got {self.num_routers}")
         if self.num_frontends < 0:
             raise ValueError(f"num_frontends must be >= 0, got {self.num_frontends}")
+        if not 0 <= self.frontend_nice <= 19:
+            raise ValueError(f"frontend_nice must be in [0, 19], got {self.frontend_nice}")
         if self.num_prefill_workers < 0:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
         if min(self.min_prefill_workers, self.max_total_workers, self.min_total_workers) < 0:
@@ -160,6 +171,7 @@ class UpConfig:
             num_prefill_workers=self.num_prefill_workers,
             num_workers=self.num_workers,
             num_frontends=self.num_frontends or default_num_procs(),
+            frontend_args=("--nice", str(self.frontend_nice)),
             router_args=("--mode", self.router_mode),
             prefill_args=engine,
             decode_args=engine,

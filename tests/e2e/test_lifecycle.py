@@ -2,12 +2,14 @@
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
 
 import aiohttp
 import openai
+import psutil
 
 from shared.discovery import Discovery
 from shared.servers import free_port
@@ -108,6 +110,17 @@ def test_baton_up_serves_and_stops_on_sigterm(tmp_path):
                 extra_body={"ignore_eos": True},
             )
             assert reply.usage.completion_tokens == 4
+            # The frontends yield the CPU to the engine (--frontend-nice 5); the rest do not.
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            nice = {
+                " ".join(child.cmdline()): child.nice()
+                for child in psutil.Process(proc.pid).children(recursive=True)
+            }
+            frontends = [n for cmd, n in nice.items() if "services.frontend" in cmd]
+            others = [n for cmd, n in nice.items() if "services.frontend" not in cmd]
+            assert frontends
+            assert set(frontends) == {min(19, base + 5)}
+            assert set(others) == {base}
         finally:
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
