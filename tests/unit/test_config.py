@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from services.frontend.config import FrontendConfig
+from services.launcher.config import UpConfig
 from services.worker.config import WorkerServiceConfig
 from shared.config import load_config
 from shared.engine.config import EngineConfig, WorkerConfig
@@ -92,3 +94,12 @@ class OuterConfig:
 def test_nested_config_fields_are_flattened_into_flags_and_env():
     config = load_config(OuterConfig, "svc", ["--block-size", "32"], env={"BATON_NAME": "y"})
     assert config == OuterConfig(inner=InnerConfig(block_size=32), name="y")
+
+
+def test_niceness_settings_stay_within_what_the_kernel_takes():
+    with pytest.raises(ValueError, match="nice"):
+        FrontendConfig(nice=20)
+    with pytest.raises(ValueError, match="frontend_nice"):
+        UpConfig(frontend_nice=-1)
+    # baton up hands its setting to the frontends; they apply it once, at start.
+    assert UpConfig(frontend_nice=3).cluster_spec().frontend_args == ("--nice", "3")
