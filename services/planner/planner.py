@@ -56,17 +56,25 @@ class Planner:
                 views[Role.PREFILL],
                 self._thresholds,
             )
-        num_total = sum(view.num_workers for view in views.values())
+        # The total as planned: each pool's target (a step not yet registered counts), and,
+        # once a pool has decided this interval, its new one, so that two pools never both
+        # step into the same room under the cap (or the same room over the floor).
+        targets = {
+            role: views[role].num_workers if pool.desired is None else pool.desired
+            for role, pool in self.pools.items()
+        }
         cap, floor = self.config.max_total_workers, self.config.min_total_workers
         decisions = {}
         for role, pool in self.pools.items():
             view = views[role]
+            num_total = sum(targets.values())
             max_total = min_total = None
             if cap:
                 max_total = max(view.num_workers, view.num_workers + cap - num_total)
             if floor:
                 min_total = min(view.num_workers, view.num_workers + floor - num_total)
             decision = pool.decide(view, now_s, max_total, min_total)
+            targets[role] = decision.desired
             self.metrics.observe(role, view, decision)
             level = logging.INFO if decision.is_change else logging.DEBUG
             logger.log(
@@ -86,7 +94,7 @@ class Planner:
 
     def plan_switch(self) -> Switch | None:
         """The role switch the last decisions call for, if switching is on."""
-        if not self.config.role_switching:
+        if not self.config.switches_roles:
             return None
         return plan_switch(self.last_decisions, self.last_views, self.limits)
 

@@ -5,7 +5,9 @@ import pytest
 
 from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from services.planner.config import PlannerConfig
+from services.planner.connectors import DryRunConnector
 from services.planner.observer import PoolObserver
+from services.planner.planner import Planner
 from services.planner.policy import (
     Candidate,
     Decision,
@@ -359,3 +361,43 @@ def test_a_pools_last_worker_is_idle_when_no_request_is_on_it():
 def test_planner_config_refuses_a_floor_above_the_cap():
     with pytest.raises(ValueError, match="min_total_workers"):
         PlannerConfig(max_total_workers=2, min_total_workers=3)
+
+
+def test_two_pools_never_step_into_the_same_room_under_the_total_cap():
+    """Cap 3, one decode and one prefill worker, both busy: one pool gets the third worker,
+    the other is held at the cap (it once stepped too, for a total of 4)."""
+    config = PlannerConfig(
+        max_prefill_workers=2,
+        max_decode_workers=2,
+        max_total_workers=3,
+        up_intervals=1,
+        up_cooldown_s=0.0,
+        role_switching=False,
+    )
+    planner = Planner(config, DryRunConnector())
+    planner.observer.sync_workers(
+        {
+            InstanceId("d"): worker("d", WorkerRole.DECODE),
+            InstanceId("p"): worker("p", WorkerRole.PREFILL),
+        }
+    )
+    queued = LoadMetrics(
+        worker_id=InstanceId("p"),
+        num_running=1,
+        num_waiting=10,
+        num_free_blocks=50,
+        num_total_blocks=100,
+        kv_usage=0.1,
+    )
+    planner.observer.record(report("d", num_running=8), now_s=1.0)
+    planner.observer.record(queued, now_s=1.0)
+    decisions = planner.decide(now_s=1.0)
+    assert sum(d.desired for d in decisions.values()) == 3
+    assert sorted(d.reason for d in decisions.values())[0] == "at_total"
+
+
+def test_no_role_switches_with_the_kubernetes_connector():
+    assert PlannerConfig().switches_roles
+    assert not PlannerConfig(role_switching=False).switches_roles
+    # A switched pod would stay in its Deployment: the replicas would say the wrong thing.
+    assert not PlannerConfig(connector="kubernetes").switches_roles
