@@ -89,6 +89,9 @@ class RoleSet:
             await role.settle(timeout_s)
             logger.info("retired role settled role=%s", role.kind.name.lower())
         finally:
+            # Its counts move to ``past_counts`` as it leaves ``retiring``, with no await
+            # between: /metrics never sees a counter drop (or count one twice).
+            self.past_counts.update(role.counters())
             self.retiring.remove(role)
             self._settling.pop(role, None)
             await self._close(role)
@@ -99,4 +102,3 @@ class RoleSet:
             task.cancel()
             await asyncio.wait([task])
         await role.close()
-        self.past_counts.update(role.counters())
