@@ -111,7 +111,8 @@ class PlannerConfig:
         default=True,
         metadata=doc(
             "when one pool wants a worker and the other can spare one, switch a worker's "
-            "role (prefill <-> decode, about a second) rather than start a process"
+            "role (prefill <-> decode, about a second) rather than start a process (not "
+            "with the kubernetes connector: a switched pod would stay in its Deployment)"
         ),
     )
     switch_timeout_s: float = field(
@@ -191,6 +192,12 @@ class PlannerConfig:
                 f"max_total_workers must be 0 or >= the pools' minimums ({num_min}), "
                 f"got {self.max_total_workers}"
             )
+
+    @property
+    def switches_roles(self) -> bool:
+        """Role switching, unless Kubernetes runs the pools: a switched pod would stay in its
+        Deployment, whose replicas would then no longer say what serves as what."""
+        return self.role_switching and self.connector != "kubernetes"
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
