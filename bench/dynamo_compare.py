@@ -399,7 +399,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default="baton,dynamo", help="which systems to measure")
     p.add_argument("--speedup", type=float, default=1000.0, help="engine time divisor, both")
     p.add_argument("--frontends", type=int, default=0, help="Baton: 0 as baton up chooses")
-    p.add_argument("--frontend-nice", type=int, default=5, help="Baton: as baton up (5)")
+    p.add_argument(
+        "--frontend-nice", type=int, default=UpConfig().frontend_nice, help="Baton: as baton up"
+    )
     p.add_argument("--model", default="dynamo-sim", help="Dynamo's served model name")
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--prompt-tokens", type=int, default=200, help="approximate prompt length")

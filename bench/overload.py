@@ -128,7 +128,10 @@ def main() -> None:
         "--frontends", type=int, default=0, help="frontend processes (0: as baton up chooses)"
     )
     p.add_argument(
-        "--frontend-nice", type=int, default=5, help="niceness added to the frontends (baton up's)"
+        "--frontend-nice",
+        type=int,
+        default=UpConfig().frontend_nice,
+        help="niceness added to the frontends (default: baton up's)",
     )
     p.add_argument("--base-rate", type=float, default=200.0, help="the 1x load, req/s")
     p.add_argument("--levels", type=float, nargs="+", default=[1, 2, 4, 10])

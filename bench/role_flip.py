@@ -42,6 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from services.bench.endpoint import parse_samples
 from services.launcher.config import UpConfig
 from services.launcher.threaded import cluster_in_thread
 from shared.slo import SLOConfig
@@ -49,20 +50,21 @@ from shared.slo import SLOConfig
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = Path("/work/shared/traces/mooncake_conversation_trace.jsonl")
 SAMPLE_S = 0.2
-_GAUGE = re.compile(r"^(baton_planner_\w+?)(?:\{([^}]*)\})? (\S+)$")
+
+
+PLANNER_METRICS = (
+    "baton_planner_actual_workers",
+    "baton_planner_role_switches_total",
+    "baton_planner_role_switch_seconds",
+    "baton_planner_decisions_total",
+)
 
 
 def read_planner(url: str) -> dict[str, float]:
     """The planner's pool gauges and switch counters, by ``name{labels}``."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=2) as resp:
-        text = resp.read().decode()
-    wanted = ("actual_workers", "role_switches_total", "role_switch_seconds", "decisions_total")
-    out = {}
-    for line in text.splitlines():
-        match = _GAUGE.match(line)
-        if match and any(w in match.group(1) for w in wanted):
-            out[f"{match.group(1)}{{{match.group(2) or ''}}}"] = float(match.group(3))
-    return out
+        lines = resp.read().decode().splitlines()
+    return parse_samples(lines, PLANNER_METRICS)
 
 
 class Sampler(threading.Thread):

@@ -93,6 +93,11 @@ class ClusterSpec:
                 f"max_prefill_workers must be >= num_prefill_workers "
                 f"({self.num_prefill_workers}), got {self.max_prefill_workers}"
             )
+        if self.max_total_workers and self.min_total_workers > self.max_total_workers:
+            raise ValueError(
+                f"min_total_workers must be <= max_total_workers ({self.max_total_workers}), "
+                f"got {self.min_total_workers}"
+            )
         if min(self.min_prefill_workers, self.max_total_workers, self.min_total_workers) < 0:
             raise ValueError(
                 f"min_prefill_workers, max_total_workers and min_total_workers must be >= 0, "

@@ -67,6 +67,7 @@ from shared.codec import (
     worker_inbound_decoder,
 )
 from shared.servers import ServerProcess
+from tests.e2e.args import ALWAYS_REMOTE
 
 MODEL = "baton-sim"
 SEED = 20240611
@@ -79,12 +80,6 @@ MAX_LOG_LINES = 40  # per process, for everything this test does: O(1), not O(me
 REPLY_PREFIX = "_INBOX.fuzz"
 REPLY_TYPES = ErrorReply | GenerateAccepted | PrefillDone | KVState | RouteDecision
 reply_decoder = msgspec.msgpack.Decoder(REPLY_TYPES)
-
-ALWAYS_REMOTE = (
-    "--min-remote-prefill-tokens", "1",
-    "--min-remote-prefill-fraction", "0",
-    "--max-remote-prefill-extra-wait-s", "inf",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)

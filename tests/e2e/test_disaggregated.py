@@ -13,14 +13,10 @@ from proto.messages import LoadMetrics, PrefillDone, PrefillRequest, RequestId, 
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder, prefill_reply_decoder
 from shared.kv_transfer import available_kinds
+from tests.e2e.args import ALWAYS_REMOTE
 
 MODEL = "baton-sim"
 TORCH = ("--engine", "torch", "--num-kv-blocks", "1024", "--max-model-len", "4096")
-ALWAYS_REMOTE = (
-    "--min-remote-prefill-tokens", "1",
-    "--min-remote-prefill-fraction", "0",
-    "--max-remote-prefill-extra-wait-s", "inf",
-)  # fmt: skip
 # The router decides local or remote prefill; a frontend that waits for its answer (rather
 # than placing by itself after 50 ms on a busy machine) makes that decision the router's.
 WAIT_FOR_ROUTER = ("--route-timeout-s", "10")

@@ -15,6 +15,7 @@ from services.launcher.cluster import ClusterSpec, LocalCluster, local_cluster
 from shared.discovery import Discovery
 from shared.discovery.watch import WorkerDirectory
 from shared.servers import ServerProcess
+from tests.e2e.args import ALWAYS_REMOTE
 
 MODEL = "baton-sim"
 PLANNER_ARGS = (
@@ -29,11 +30,6 @@ PLANNER_ARGS = (
     "--max-prefill-workers", "2",
     "--max-total-workers", "3",
     "--log-level", "info",
-)  # fmt: skip
-ALWAYS_REMOTE = (
-    "--min-remote-prefill-tokens", "1",
-    "--min-remote-prefill-fraction", "0",
-    "--max-remote-prefill-extra-wait-s", "inf",
 )  # fmt: skip
 
 

@@ -12,14 +12,10 @@ from proto.messages import PrefillRequest, RequestId, SamplingParams, WorkerInfo
 from shared.bus import Bus
 from shared.codec import prefill_reply_decoder, worker_info_decoder
 from shared.discovery import Discovery
+from tests.e2e.args import ALWAYS_REMOTE
 
 MODEL = "baton-sim"
 SIM = ("--speedup", "20")
-ALWAYS_REMOTE = (
-    "--min-remote-prefill-tokens", "1",
-    "--min-remote-prefill-fraction", "0",
-    "--max-remote-prefill-extra-wait-s", "inf",
-)  # fmt: skip
 NUM_BAD = 7
 
 

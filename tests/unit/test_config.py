@@ -103,3 +103,9 @@ def test_niceness_settings_stay_within_what_the_kernel_takes():
         UpConfig(frontend_nice=-1)
     # baton up hands its setting to the frontends; they apply it once, at start.
     assert UpConfig(frontend_nice=3).cluster_spec().frontend_args == ("--nice", "3")
+
+
+def test_baton_up_refuses_a_floor_on_the_total_above_its_cap():
+    # Refused before any process starts, not by the planner once the cluster is up.
+    with pytest.raises(ValueError, match="min_total_workers"):
+        UpConfig(planner=True, max_total_workers=2, min_total_workers=3).cluster_spec()

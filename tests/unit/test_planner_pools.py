@@ -99,7 +99,7 @@ async def test_scaler_reconciles_each_pool_to_its_target_within_its_limits():
     assert scaler.pools[WorkerRole.DECODE].target == 1
 
 
-async def test_scaler_acts_only_on_the_pool_commanded(caplog):
+async def test_scaler_acts_only_on_the_pool_commanded():
     """A role switch moves a worker between the pools without a command: the other pool's
     old target is stale, and a command for one pool must not act on it."""
     pools: dict[str, list[str]] = {"decode": ["d0"], "prefill": ["p0"]}
