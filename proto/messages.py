@@ -69,6 +69,32 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    # Engine features (``ModelCard.features`` says which engines have them; the frontend
+    # refuses a request whose model lacks one). Penalties as vLLM applies them: presence and
+    # frequency over the output tokens, repetition over prompt and output (HF's rule).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+    # Report each output token's log-probability and this many likeliest alternatives
+    # (0: the chosen token's only; None: none).
+    logprobs: int | None = None
+
+
+# What an engine can do beyond plain sampling; a worker lists its engine's in ``ModelCard``.
+FEATURE_LOGPROBS = "logprobs"
+FEATURE_PENALTIES = "penalties"
+FEATURE_LOGIT_BIAS = "logit_bias"
+FEATURE_STRUCTURED_OUTPUTS = "structured_outputs"
+
+
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One output token's log-probability under the model's distribution (before penalties,
+    bias and temperature: vLLM's default), and the likeliest tokens at its position as
+    (token id, log-probability) pairs, likeliest first."""
+
+    logprob: float
+    top: list[tuple[int, float]] = []
 
 
 # --- requests: frontend -> worker -------------------------------------------------------------
@@ -168,6 +194,7 @@ class PrefillDone(Message, frozen=True, tag="prefill_done"):
     block_descriptors: list[tuple[int, int]]
     queue_s: float = 0.0
     prefill_s: float = 0.0
+    first_token_logprobs: TokenLogprobs | None = None  # when the sampling asked for logprobs
 
 
 class KVRelease(Message, frozen=True, tag="kv_release"):
@@ -228,6 +255,8 @@ class TokenChunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # With ``ABORT`` and an ``error``: the worker is draining and holds this request's KV for
     # the worker it moves to (a live migration).
     moved_kv: KVHandle | None = None
+    # One per token of ``token_ids`` when the request asked for logprobs.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class TokenBatch(Message, frozen=True, tag="tokens"):
@@ -249,6 +278,7 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     kv_block_size: int
     eos_token_ids: list[int] = []
     created: int = 0
+    features: list[str] = []  # FEATURE_* its engine has (older workers: none said)
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

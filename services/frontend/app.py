@@ -8,13 +8,21 @@ import socket
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proto.messages import FinishReason, ModelCard, RequestId, SamplingParams, TTFTBreakdown
+from proto.messages import (
+    FinishReason,
+    ModelCard,
+    RequestId,
+    SamplingParams,
+    TokenLogprobs,
+    TTFTBreakdown,
+)
 from services.frontend.auth import api_key_auth, load_api_keys
 from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator, new_request_id
@@ -32,6 +40,7 @@ from services.frontend.openai_types import (
     SamplingFields,
     chat_decoder,
     chat_messages,
+    check_features,
     check_limits,
     completion_decoder,
     completion_prompt,
@@ -40,13 +49,23 @@ from services.frontend.openai_types import (
 )
 from services.frontend.openapi import openapi_document
 from services.frontend.pressure import LoopPressure
-from services.frontend.render import DONE, FINISH_REASONS, Kind, Renderer, error_body, usage
+from services.frontend.render import (
+    DONE,
+    FINISH_REASONS,
+    Kind,
+    LogprobsRenderer,
+    Renderer,
+    error_body,
+    merge_logprobs,
+    usage,
+)
 from services.frontend.worker_pool import WorkerPool
 from shared.errors import Cancelled, InvalidRequest, NotFound, Overloaded, ServingError, Shed
 from shared.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 logger = logging.getLogger(__name__)
 
+_SEED_MASK = (1 << 64) - 1
 _PATH_IN_ERROR = re.compile(r"at `\$\.?([^`]*)`")
 # Unread bytes of a stream past which its writes get a deadline (aiohttp waits for the
 # client itself once 64 KiB are pending: the buffer never grows past about that).
@@ -260,6 +279,7 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         card = state.models.card(body.model)
         if card is None:
             raise NotFound(f"model {body.model!r} does not exist")
+        check_features(body, card.name, card.features)
         if state.is_draining:
             raise Overloaded("this frontend is shutting down", retry_after_s=1.0)
         if state.num_in_flight > state.max_in_flight:
@@ -285,7 +305,9 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         max_tokens = body.max_tokens
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
-        sampling = sampling_params(body, max_tokens, len(prompt_ids), card.context_length)
+        sampling = sampling_params(
+            body, max_tokens, len(prompt_ids), card.context_length, tokenizer.vocab_size
+        )
         stops = stop_strings(body.stop, request.app[LIMITS].max_stop_strings)
         state.metrics.prompt_tokens.inc(len(prompt_ids))
         call = _Call(
@@ -318,8 +340,126 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
         state.metrics.requests.labels(model, endpoint, status).inc()
 
 
+@dataclass(slots=True)
+class _Piece:
+    """What arrived for one choice since its last piece."""
+
+    index: int
+    text: str
+    done: bool
+    logprobs: dict[str, Any] | None = None
+
+
+class _Choice:
+    """One choice of a completion: its own request on a worker, detokenized, stop strings
+    applied, its log-probabilities rendered."""
+
+    def __init__(
+        self,
+        call: "_Call",
+        index: int,
+        request_id: RequestId,
+        sampling: SamplingParams,
+        stops: list[str],
+    ) -> None:
+        self.call = call
+        self.index = index
+        self.request_id = request_id
+        self.sampling = sampling
+        self.detokenizer = IncrementalDetokenizer(call.tokenizer)
+        self.stop_matcher = StopStringMatcher(stops) if stops else None
+        self.logprobs = (
+            LogprobsRenderer(call.kind, call.token_text) if sampling.logprobs is not None else None
+        )
+        self.num_output_tokens = 0
+        self.num_cached_tokens = 0
+        self.finish_reason = "stop"
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first; None for fewer than two tokens."""
+        if self.num_output_tokens < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (self.num_output_tokens - 1)
+
+    def _text(self, token_ids: list[int]) -> tuple[str, bool]:
+        """New text for these tokens, and whether a stop string ended the stream."""
+        text = self.detokenizer.push(token_ids)
+        if self.stop_matcher is None:
+            return text, False
+        return self.stop_matcher.push(text)
+
+    def _final_text(self) -> str:
+        text = self.detokenizer.flush()
+        if self.stop_matcher is None:
+            return text
+        emitted, stopped = self.stop_matcher.push(text)
+        return emitted if stopped else emitted + self.stop_matcher.flush()
+
+    def _render_logprobs(
+        self, token_ids: list[int], reports: list[TokenLogprobs]
+    ) -> dict[str, Any] | None:
+        if self.logprobs is None or not token_ids:
+            return None
+        if len(reports) != len(token_ids):
+            # Every chunk of an engine with the feature carries them; a stream resumed after
+            # a migration may start with tokens whose reports came from the worker it left.
+            logger.warning(
+                "logprobs missing request_id=%s tokens=%d reports=%d",
+                self.request_id,
+                len(token_ids),
+                len(reports),
+            )
+            token_ids = token_ids[len(token_ids) - len(reports) :] if reports else []
+        return self.logprobs.render(token_ids, reports) if token_ids else None
+
+    async def pieces(self) -> AsyncGenerator[_Piece, None]:
+        """One piece per batch of arrived chunks; the last one is ``done``."""
+        call = self.call
+        generator = call.state.generator.generate(
+            self.request_id,
+            call.card.name,
+            call.prompt_ids,
+            self.sampling,
+            call.objectives,
+            call.deadline_s,
+        )
+        index = self.index
+        try:
+            async for chunks in generator:
+                token_ids: list[int] = []
+                reports: list[TokenLogprobs] = []
+                finish: FinishReason | None = None
+                ttft: TTFTBreakdown | None = None
+                for chunk in chunks:
+                    token_ids.extend(chunk.token_ids)
+                    if chunk.logprobs:
+                        reports.extend(chunk.logprobs)
+                    if chunk.ttft is not None:
+                        ttft = chunk.ttft
+                    if chunk.finish_reason is not None:
+                        finish = chunk.finish_reason
+                        self.num_cached_tokens = chunk.num_cached_tokens
+                call.observe(self, len(token_ids), ttft)
+                logprobs = self._render_logprobs(token_ids, reports)
+                text, stopped = self._text(token_ids)
+                if stopped:
+                    self.finish_reason = "stop"
+                    yield _Piece(index, text, True, logprobs)
+                    return
+                if finish is not None:
+                    self.finish_reason = FINISH_REASONS[finish]
+                    yield _Piece(index, text + self._final_text(), True, logprobs)
+                    return
+                yield _Piece(index, text, False, logprobs)
+            yield _Piece(index, self._final_text(), True)
+        finally:
+            await generator.aclose()
+
+
 class _Call:
-    """One completion being served: follows the stream, detokenizes, applies stop strings."""
+    """One completion being served: its ``n`` choices, merged into one response."""
 
     def __init__(
         self,
@@ -336,61 +476,50 @@ class _Call:
     ) -> None:
         self.request = request
         self.state = state
-        self.request_id: RequestId = new_request_id()
+        self.kind = kind
         self.card = card
+        self.tokenizer = tokenizer
         self.prompt_ids = prompt_ids
-        self.sampling = sampling
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stop_matcher = StopStringMatcher(stops) if stops else None
         self.started = started
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.renderer = Renderer(kind, self.request_id, card.name, include_usage=include_usage)
-        self.num_output_tokens = 0
-        self.num_cached_tokens = 0
-        self.finish_reason = "stop"
         self.objectives = RequestObjectives()
         self.deadline_s: float | None = None
+        self.choices = [
+            _Choice(self, i, new_request_id(), _choice_sampling(sampling, i), stops)
+            for i in range(body.n)
+        ]
+        self.request_id = self.choices[0].request_id
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.renderer = Renderer(kind, self.request_id, card.name, include_usage=include_usage)
+        self.num_output_tokens = 0  # every choice's
         self.error: ServingError | None = None  # a stream that ended with an error event
         self.is_cut = False  # a client that stopped reading, cut after write_timeout_s
-        self._first_token_at = 0.0
-        self._last_token_at = 0.0
 
-    def tpot_s(self) -> float | None:
-        """Time per output token after the first; None for fewer than two tokens."""
-        if self.num_output_tokens < 2:
-            return None
-        return (self._last_token_at - self._first_token_at) / (self.num_output_tokens - 1)
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def outcome(self) -> Outcome:
-        """Good if the first token and the pace met the objectives (and the TPOT histogram
-        gets this request's pace: one observation per request, none per token)."""
+        """Good if the first token and the pace (of the first choice) met the objectives (and
+        the TPOT histogram gets that pace: one observation per request, none per token)."""
         if self.num_output_tokens == 0:
             return Outcome.ERROR
-        ttft_s = self._first_token_at - self.started
-        tpot_s = self.tpot_s()
+        first = min(c.first_token_at for c in self.choices if c.num_output_tokens)
+        tpot_s = self.choices[0].tpot_s()
         if tpot_s is not None:
             self.state.metrics.tpot.observe(tpot_s)
-        return Outcome.GOOD if self.objectives.is_good(ttft_s, tpot_s) else Outcome.SLO_MISS
+        return (
+            Outcome.GOOD
+            if self.objectives.is_good(first - self.started, tpot_s)
+            else (Outcome.SLO_MISS)
+        )
 
-    def _text(self, token_ids: list[int]) -> tuple[str, bool]:
-        """New text for these tokens, and whether a stop string ended the stream."""
-        text = self.detokenizer.push(token_ids)
-        if self.stop_matcher is None:
-            return text, False
-        return self.stop_matcher.push(text)
-
-    def _final_text(self) -> str:
-        text = self.detokenizer.flush()
-        if self.stop_matcher is None:
-            return text
-        emitted, stopped = self.stop_matcher.push(text)
-        return emitted if stopped else emitted + self.stop_matcher.flush()
-
-    def _observe(self, num_new: int, ttft: TTFTBreakdown | None) -> None:
+    def observe(self, choice: _Choice, num_new: int, ttft: TTFTBreakdown | None) -> None:
         now = time.monotonic()
         metrics = self.state.metrics
+        if choice.num_output_tokens == 0:
+            choice.first_token_at = now
+            if ttft is not None and ttft.is_remote_prefill:
+                metrics.remote_prefills.inc()
         if self.num_output_tokens == 0:
-            self._first_token_at = now
             total = now - self.started
             metrics.ttft.observe(total)
             if ttft is not None:
@@ -400,56 +529,68 @@ class _Call:
                 phases.labels("transfer").observe(ttft.transfer_s)
                 rest = total - ttft.queue_s - ttft.prefill_s - ttft.transfer_s
                 phases.labels("other").observe(max(0.0, rest))
-                if ttft.is_remote_prefill:
-                    metrics.remote_prefills.inc()
-        self._last_token_at = now
+        choice.last_token_at = now
+        choice.num_output_tokens += num_new
         self.num_output_tokens += num_new
         metrics.num_output_tokens += num_new
 
-    async def _chunks(self) -> AsyncGenerator[tuple[str, bool], None]:
-        """(text, finish reason or None) per batch of arrived chunks."""
-        generator = self.state.generator.generate(
-            self.request_id,
-            self.card.name,
-            self.prompt_ids,
-            self.sampling,
-            self.objectives,
-            self.deadline_s,
-        )
+    async def _pieces(self) -> AsyncGenerator[_Piece, None]:
+        """Every choice's pieces as they come: one choice's directly, several through tasks
+        that each follow one (closing this aborts every choice still running)."""
+        if len(self.choices) == 1:
+            pieces = self.choices[0].pieces()
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                await pieces.aclose()
+            return
+        # Bounded: each choice puts at most one piece per chunk batch of its own stream.
+        queue: asyncio.Queue[_Piece | Exception] = asyncio.Queue()
+
+        async def follow(choice: _Choice) -> None:
+            try:
+                async for piece in choice.pieces():
+                    queue.put_nowait(piece)
+            except Exception as exc:  # handed to the reader, which raises it
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(follow(choice)) for choice in self.choices]
         try:
-            async for chunks in generator:
-                token_ids: list[int] = []
-                finish: FinishReason | None = None
-                ttft: TTFTBreakdown | None = None
-                for chunk in chunks:
-                    token_ids.extend(chunk.token_ids)
-                    if chunk.ttft is not None:
-                        ttft = chunk.ttft
-                    if chunk.finish_reason is not None:
-                        finish = chunk.finish_reason
-                        self.num_cached_tokens = chunk.num_cached_tokens
-                self._observe(len(token_ids), ttft)
-                text, stopped = self._text(token_ids)
-                if stopped:
-                    self.finish_reason = "stop"
-                    yield text, True
-                    return
-                if finish is not None:
-                    self.finish_reason = FINISH_REASONS[finish]
-                    yield text + self._final_text(), True
-                    return
-                yield text, False
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.done:
+                    remaining -= 1
+                yield item
         finally:
-            await generator.aclose()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _usage(self) -> dict[str, object]:
-        return usage(len(self.prompt_ids), self.num_output_tokens, self.num_cached_tokens)
+        return usage(
+            len(self.prompt_ids), self.num_output_tokens, self.choices[0].num_cached_tokens
+        )
 
     async def collect(self) -> web.Response:
-        parts = []
-        async for text, _ in self._chunks():
-            parts.append(text)
-        body = self.renderer.full_response("".join(parts), self.finish_reason, self._usage())
+        texts: list[list[str]] = [[] for _ in self.choices]
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in self.choices]
+        async for piece in self._pieces():
+            texts[piece.index].append(piece.text)
+            if piece.logprobs is not None:
+                logprobs[piece.index].append(piece.logprobs)
+        choices = [
+            (
+                "".join(texts[c.index]),
+                c.finish_reason,
+                merge_logprobs(self.kind, logprobs[c.index]) if c.logprobs is not None else None,
+            )
+            for c in self.choices
+        ]
+        body = self.renderer.full_response(choices, self._usage())
         return web.Response(body=body, content_type="application/json")
 
     async def _send(self, response: web.StreamResponse, data: bytes) -> None:
@@ -480,34 +621,38 @@ class _Call:
             raise asyncio.CancelledError from None
 
     async def stream(self) -> web.StreamResponse:
-        chunks = self._chunks()
+        pieces = self._pieces()
         # Place the request before answering 200, so refusals still get a proper status.
         try:
-            first = await chunks.__anext__()
+            first: _Piece | None = await pieces.__anext__()
         except StopAsyncIteration:
-            first = ("", True)
+            first = None
         response = web.StreamResponse(headers=_SSE_HEADERS)
         _bound_send_buffer(self.request)
         await response.prepare(self.request)
         renderer = self.renderer
-        out = bytearray(renderer.first_event())
+        out = bytearray(renderer.first_event(len(self.choices)))
+        remaining = len(self.choices)
         try:
-            item: tuple[str, bool] | None = first
-            while item is not None:
-                text, done = item
-                if text:
-                    out += renderer.text_event(text)
-                if done:
-                    out += renderer.finish_event(self.finish_reason)
-                    if renderer.include_usage:
-                        out += renderer.usage_event(self._usage())
-                    out += DONE
-                    await self._send(response, bytes(out))
-                    break
+            piece = first
+            while piece is not None:
+                if piece.text or piece.logprobs is not None:
+                    out += renderer.text_event(piece.text, piece.index, piece.logprobs)
+                if piece.done:
+                    out += renderer.finish_event(
+                        self.choices[piece.index].finish_reason, piece.index
+                    )
+                    remaining -= 1
+                    if not remaining:
+                        break
                 if out:
                     await self._send(response, bytes(out))
                     out.clear()
-                item = await chunks.__anext__()
+                piece = await pieces.__anext__()
+            if renderer.include_usage:
+                out += renderer.usage_event(self._usage())
+            out += DONE
+            await self._send(response, bytes(out))
         except ServingError as exc:
             if isinstance(exc, Cancelled):
                 raise
@@ -516,9 +661,17 @@ class _Call:
             out += renderer.error_event(exc) + DONE
             await self._send(response, bytes(out))
         finally:
-            await chunks.aclose()
+            await pieces.aclose()
         await response.write_eof()
         return response
+
+
+def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """Choice ``index``'s sampling: a seeded request's choices draw from seeds ``seed``,
+    ``seed + 1``, ... (so they differ, and each is reproducible on its own)."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return msgspec.structs.replace(sampling, seed=(sampling.seed + index) & _SEED_MASK)
 
 
 def _bound_send_buffer(request: web.Request) -> None:

@@ -6,16 +6,26 @@ Unknown fields are ignored (clients send many we do not use); fields we cannot h
 value other than their default are refused, never silently dropped.
 """
 
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from proto.messages import SamplingParams
+from proto.messages import (
+    FEATURE_LOGIT_BIAS,
+    FEATURE_LOGPROBS,
+    FEATURE_PENALTIES,
+    FEATURE_STRUCTURED_OUTPUTS,
+    SamplingParams,
+)
 from shared.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+MAX_N = 16  # choices per request
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries
 
 
 class FieldError(InvalidRequest):
@@ -39,7 +49,10 @@ class RequestLimits:
 PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-Unsupported = Annotated[float, Meta(ge=0.0, le=0.0, description="only 0 is supported")]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
 Priority = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
 Milliseconds = Annotated[float, Meta(gt=0.0, le=86_400_000.0)]
 TokenId = Annotated[int, Meta(ge=0)]
@@ -60,6 +73,22 @@ class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
     include_usage: bool = False
 
 
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ToolFunction(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(msgspec.Struct, frozen=True, kw_only=True):
+    type: Literal["function"]
+    function: ToolFunction
+
+
 class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     """The fields chat and text completions share."""
 
@@ -69,15 +98,32 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     top_p: TopP | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is supported")] = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
+    best_of: Annotated[int, Meta(ge=1, le=MAX_N, description="only equal to n")] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     user: str | None = None
-    presence_penalty: Unsupported = 0.0
-    frequency_penalty: Unsupported = 0.0
-    logprobs: bool | int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: (
+        Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS, description="token id -> bias")]
+        | None
+    ) = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM's extensions
+    repetition_penalty: RepetitionPenalty | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_STRINGS * 4)] | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives to report per output token (0: the chosen token's only); None: none."""
+        return None
+
     # Baton's extensions (docs/admission.md): lower priority is served first and shed last
     # (vLLM's convention); objectives may only tighten the server's.
     priority: Priority = 0
@@ -88,6 +134,16 @@ class SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
 class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise FieldError("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
 
 
 class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
@@ -96,6 +152,12 @@ class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
         | Annotated[list[TokenId | str | list[TokenId]], Meta(min_length=1)]
     )
     echo: bool = False
+    logprobs: TopLogprobs | None = None
+    suffix: str | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
@@ -129,6 +191,8 @@ def completion_prompt(request: CompletionRequest) -> str | list[int]:
     """The one prompt of a text completion: a string or a list of token ids."""
     if request.echo:
         raise FieldError("echo is not supported", param="echo")
+    if request.suffix:
+        raise FieldError("suffix is not supported", param="suffix")
     prompt = request.prompt
     if isinstance(prompt, str):
         return prompt
@@ -190,8 +254,65 @@ def check_limits(request: SamplingFields, limits: RequestLimits) -> None:
             param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
         )
     stop_strings(request.stop, limits.max_stop_strings)
-    if request.n != 1:
-        raise FieldError(f"n: only n=1 is supported, got {request.n}", param="n")
+    if request.best_of is not None and request.best_of != request.n:
+        raise FieldError(
+            f"best_of: only equal to n ({request.n}) is supported, got {request.best_of}",
+            param="best_of",
+        )
+
+
+def check_features(request: SamplingFields, model: str, features: Collection[str]) -> None:
+    """Refuse (400) a field whose model's engine cannot honour it, rather than ignore it."""
+
+    def need(feature: str, param: str, what: str) -> None:
+        if feature not in features:
+            engines = ", ".join(sorted(features)) or "none"
+            raise FieldError(
+                f"{what} is not supported by the engine serving {model!r} "
+                f"(its features: {engines})",
+                param=param,
+            )
+
+    if request.num_logprobs is not None:
+        need(FEATURE_LOGPROBS, "logprobs", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, name):
+            need(FEATURE_PENALTIES, name, name)
+    if request.repetition_penalty not in (None, 1.0):
+        need(FEATURE_PENALTIES, "repetition_penalty", "repetition_penalty")
+    if request.logit_bias:
+        need(FEATURE_LOGIT_BIAS, "logit_bias", "logit_bias")
+    if request.response_format is not None and request.response_format.type != "text":
+        need(
+            FEATURE_STRUCTURED_OUTPUTS,
+            "response_format",
+            f"response_format {request.response_format.type}",
+        )
+    if request.tools and request.tool_choice != "none":
+        # No engine here parses tool calls out of its output yet: never pretend to.
+        raise FieldError('tools are not supported (tool_choice "none" only)', param="tools")
+    if request.tool_choice not in (None, "none", "auto") and not request.tools:
+        raise FieldError("tool_choice needs tools", param="tool_choice")
+
+
+def _logit_bias(fields: SamplingFields, vocab_size: int) -> dict[int, float]:
+    if not fields.logit_bias:
+        return {}
+    bias: dict[int, float] = {}
+    for key, value in fields.logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise FieldError(
+                f"logit_bias: keys are token ids, got {key[:40]!r}", param="logit_bias"
+            ) from None
+        if not 0 <= token_id < vocab_size:
+            raise FieldError(
+                f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                param="logit_bias",
+            )
+        bias[token_id] = value
+    return bias
 
 
 def sampling_params(
@@ -199,17 +320,21 @@ def sampling_params(
     max_tokens: int | None,
     num_prompt_tokens: int,
     context_length: int,
+    vocab_size: int = 1 << 31,
 ) -> SamplingParams:
     """Check the sampling fields against the model and build the engine's SamplingParams.
 
-    ``max_tokens`` defaults to what the context leaves after the prompt.
+    ``max_tokens`` defaults to what the context leaves after the prompt. Whether the engine
+    has the features asked for is ``check_features``'s question.
     """
-    if fields.n != 1:
-        raise InvalidRequest(f"n: only n=1 is supported, got {fields.n}")
-    if fields.logprobs not in (None, False, 0):
-        raise InvalidRequest("logprobs are not supported")
-    if fields.presence_penalty != 0.0 or fields.frequency_penalty != 0.0:
-        raise InvalidRequest("presence_penalty and frequency_penalty are not supported")
+    num_logprobs = fields.num_logprobs
+    stop_token_ids = list(fields.stop_token_ids or ())
+    for token_id in stop_token_ids:
+        if token_id >= vocab_size:
+            raise FieldError(
+                f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})",
+                param="stop_token_ids",
+            )
     temperature = 1.0 if fields.temperature is None else fields.temperature
     if not 0.0 <= temperature <= 2.0:
         raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}")
@@ -241,4 +366,10 @@ def sampling_params(
         top_p=top_p,
         seed=fields.seed,
         ignore_eos=fields.ignore_eos,
+        stop_token_ids=stop_token_ids,
+        presence_penalty=fields.presence_penalty or 0.0,
+        frequency_penalty=fields.frequency_penalty or 0.0,
+        repetition_penalty=fields.repetition_penalty or 1.0,
+        logit_bias=_logit_bias(fields, vocab_size),
+        logprobs=num_logprobs,
     )

@@ -5,11 +5,12 @@ request and only the text is encoded per event.
 """
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
 
-from proto.messages import FinishReason
+from proto.messages import FinishReason, TokenLogprobs
 from shared.errors import ServingError
 
 Kind = Literal["chat", "completion"]
@@ -51,6 +52,53 @@ def usage(
     }
 
 
+class LogprobsRenderer:
+    """OpenAI ``logprobs`` objects for one choice's tokens. ``token_text`` gives a token's
+    text (a token that is part of a multi-byte character renders as a replacement character,
+    as in OpenAI's; ``bytes`` is that text's UTF-8)."""
+
+    def __init__(self, kind: Kind, token_text: Callable[[int], str]) -> None:
+        self.kind = kind
+        self.token_text = token_text
+        self.text_offset = 0  # completions: where the next token's text starts
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def render(self, token_ids: Sequence[int], reports: Sequence[TokenLogprobs]) -> dict[str, Any]:
+        """The ``logprobs`` object of these tokens (one report each)."""
+        if self.kind == "chat":
+            content = []
+            for token_id, report in zip(token_ids, reports, strict=True):
+                entry = self._entry(token_id, report.logprob)
+                entry["top_logprobs"] = [self._entry(t, lp) for t, lp in report.top]
+                content.append(entry)
+            return {"content": content}
+        tokens: list[str] = []
+        offsets: list[int] = []
+        for token_id in token_ids:
+            text = self.token_text(token_id)
+            tokens.append(text)
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [r.logprob for r in reports],
+            "top_logprobs": [{self.token_text(t): lp for t, lp in r.top} for r in reports],
+            "text_offset": offsets,
+        }
+
+
+def merge_logprobs(kind: Kind, parts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """One choice's ``logprobs`` objects, rendered piece by piece, as one (non-streaming)."""
+    if not parts:
+        return None
+    if kind == "chat":
+        return {"content": [entry for part in parts for entry in part["content"]]}
+    return {key: [item for part in parts for item in part[key]] for key in parts[0]}
+
+
 class Renderer:
     """Builds one request's response bodies and events."""
 
@@ -88,34 +136,48 @@ class Renderer:
             body["usage"] = None
         return body
 
-    def first_event(self) -> bytes:
-        """Chat streams open with the assistant role; text completions send nothing first."""
+    def first_event(self, num_choices: int = 1) -> bytes:
+        """Chat streams open with the assistant role (per choice); text completions send
+        nothing first."""
         if self.kind != "chat":
             return b""
-        return self._event(
-            self._chunk(
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
+        return b"".join(
+            self._event(
+                self._chunk(
+                    {
+                        "index": index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                )
             )
+            for index in range(num_choices)
         )
 
-    def text_event(self, text: str) -> bytes:
-        return self._text_prefix + _json.encode(text) + self._text_suffix
+    def text_event(
+        self, text: str, index: int = 0, logprobs: dict[str, Any] | None = None
+    ) -> bytes:
+        if index == 0 and logprobs is None:  # the hot path: one choice, no logprobs
+            return self._text_prefix + _json.encode(text) + self._text_suffix
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": index, "delta": {"content": text}}
+        else:
+            choice = {"index": index, "text": text}
+        choice["logprobs"] = logprobs
+        choice["finish_reason"] = None
+        return self._event(self._chunk(choice))
 
-    def finish_event(self, finish_reason: str) -> bytes:
+    def finish_event(self, finish_reason: str, index: int = 0) -> bytes:
         if self.kind == "chat":
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": index,
                 "delta": {},
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
         else:
-            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason}
         return self._event(self._chunk(choice))
 
     def usage_event(self, usage_body: dict[str, Any]) -> bytes:
@@ -127,26 +189,40 @@ class Renderer:
     def error_event(self, error: ServingError) -> bytes:
         return self._event(error_body(error))
 
-    def full_response(self, text: str, finish_reason: str, usage_body: dict[str, Any]) -> bytes:
-        """The body of a non-streaming response."""
-        if self.kind == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            obj = "text_completion"
+    def full_response(
+        self,
+        choices: Sequence[tuple[str, str, dict[str, Any] | None]],
+        usage_body: dict[str, Any],
+    ) -> bytes:
+        """The body of a non-streaming response: (text, finish reason, logprobs) per choice."""
+        rendered: list[dict[str, Any]] = []
+        for index, (text, finish_reason, logprobs) in enumerate(choices):
+            if self.kind == "chat":
+                rendered.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                    }
+                )
+            else:
+                rendered.append(
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                    }
+                )
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return _json.encode(
             {
                 "id": self.response_id,
                 "object": obj,
                 "created": self.created,
                 "model": self.model,
-                "choices": [choice],
+                "choices": rendered,
                 "usage": usage_body,
             }
         )

@@ -141,6 +141,7 @@ class DecodeRole(Role):
                     out.num_prompt_tokens,
                     out.num_cached_tokens,
                     num_output_tokens=out.num_output_tokens,
+                    logprobs=out.logprobs,
                 )
                 for out in result.outputs
             ]

@@ -224,6 +224,7 @@ class RemotePrefill:
                 transfer_s=transfer_s,
                 is_remote_prefill=True,
             ),
+            logprobs=[done.first_token_logprobs] if done.first_token_logprobs else None,
         )
 
     async def _prefill(self, subject: str, request: EngineRequest) -> PrefillDone:

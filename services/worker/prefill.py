@@ -121,6 +121,7 @@ class PrefillRole(Role):
             block_descriptors=self._connector.describe(out.held_block_ids),
             queue_s=max(0.0, time.monotonic() - entry.arrived_s - duration_s),
             prefill_s=duration_s,
+            first_token_logprobs=out.logprobs[0] if out.logprobs else None,
         )
 
     async def release(self, request_id: RequestId) -> None:

@@ -95,4 +95,5 @@ def model_card(runtime: WorkerRuntime, engine: EngineConfig) -> ModelCard:
         context_length=engine.max_model_len,
         kv_block_size=engine.block_size,
         eos_token_ids=runtime.tokenizer.eos_token_ids,
+        features=sorted(runtime.built.engine.features),
     )

@@ -70,6 +70,11 @@ class ScheduledEngine:
         """The runner's KV cache memory, for a transfer agent to register."""
         return self.runner.kv_region
 
+    @property
+    def features(self) -> frozenset[str]:
+        """The runner's sampling features (``proto.messages.FEATURE_*``)."""
+        return self.runner.features
+
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; raises ``InvalidRequest`` if it could never run here."""
         seq = self._new_sequence(request)
@@ -114,6 +119,10 @@ class ScheduledEngine:
             )
             for seq, token_id in zip(plan.seqs, result.token_ids, strict=True)
         ]
+        if result.logprobs is not None:
+            for out, report in zip(outputs, result.logprobs, strict=True):
+                if report is not None:
+                    out.logprobs = [report]
         for seq in finished:
             self.runner.remove(seq.request_id)
         return StepResult(

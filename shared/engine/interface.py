@@ -18,7 +18,14 @@ from typing import Protocol
 
 import msgspec
 
-from proto.messages import BlockHash, FinishReason, KVEvent, RequestId, SamplingParams
+from proto.messages import (
+    BlockHash,
+    FinishReason,
+    KVEvent,
+    RequestId,
+    SamplingParams,
+    TokenLogprobs,
+)
 from shared.engine.runner import KVRegion
 from shared.engine.speed import StepBudget
 
@@ -72,6 +79,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     held_block_ids: list[int] | None = None
     num_output_tokens: int = 0  # its output tokens so far, this step's (and resumed ones) included
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the sampling asks
 
 
 @dataclass(slots=True)
@@ -120,6 +128,11 @@ class Engine(Protocol):
     @property
     def kv_region(self) -> KVRegion | None:
         """The KV cache memory a transfer agent registers, or None when there is none."""
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What it can do beyond plain sampling (``proto.messages.FEATURE_*``); the frontend
+        refuses a request that needs one its model's engine lacks."""
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request. Raises ``shared.errors.InvalidRequest`` if it can never run

@@ -9,7 +9,7 @@ transformer over a paged KV cache. Both see the same ``BatchPlan``.
 from dataclasses import dataclass
 from typing import Protocol
 
-from proto.messages import RequestId
+from proto.messages import RequestId, TokenLogprobs
 from shared.engine.scheduler import BatchPlan
 from shared.engine.sequence import Sequence
 
@@ -41,10 +41,13 @@ class KVRegion:
 @dataclass(slots=True)
 class RunResult:
     """One sampled token per scheduled sequence (in ``plan.seqs`` order) and the step's time:
-    modelled time for a simulated runner, the measured time for a real one."""
+    modelled time for a simulated runner, the measured time for a real one; with the tokens'
+    log-probabilities, in the same order, when any sequence asked for them (None for one that
+    did not)."""
 
     token_ids: list[int]
     duration_s: float
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 class Runner(Protocol):
@@ -75,3 +78,7 @@ class Runner(Protocol):
     @property
     def kv_region(self) -> KVRegion | None:
         """The KV cache memory, or None when the runner has none to transfer."""
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What it can do beyond plain sampling (``proto.messages.FEATURE_*``)."""

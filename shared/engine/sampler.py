@@ -1,4 +1,5 @@
-"""Next-token sampling from a batch of logits: greedy, or temperature and top-p.
+"""Next-token sampling from a batch of logits: greedy, or temperature and top-p, after the
+request's logit bias and penalties; with each token's log-probability when asked.
 
 A sampled token is a pure function of the request's key, its output index and the logits: the
 random draw for output index ``k`` comes from a generator seeded with ``hash(key, k)``, where
@@ -12,7 +13,7 @@ import struct
 
 import torch
 
-from proto.messages import RequestId, SamplingParams
+from proto.messages import RequestId, SamplingParams, TokenLogprobs
 from shared.engine.sequence import Sequence
 
 GREEDY_EPS = 1e-5  # below this temperature sampling is argmax, as in vLLM
@@ -43,6 +44,11 @@ class Sampler:
     ``add``/``remove`` cache each request's key (a sequence never added still samples, with
     its key computed on the spot). EOS (unless ``ignore_eos``) and ``stop_token_ids`` are
     masked while a sequence has fewer than ``min_tokens`` outputs, so it cannot stop early.
+
+    Order, per row: log-probabilities of the raw logits (reported, as vLLM's default), then
+    ``logit_bias``, the repetition penalty (HF's rule: a seen token's positive logit divided by
+    it, a negative one multiplied), frequency and presence penalties (over output tokens only,
+    OpenAI's rule), the stop mask, temperature and top-p.
     """
 
     def __init__(self, vocab_size: int, eos_token_id: int | None, device: torch.device) -> None:
@@ -60,9 +66,29 @@ class Sampler:
         """Forget the request. Idempotent."""
         self._keys.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
         """One token per row of float32 ``logits`` ``[len(seqs), vocab]`` (modified in place):
-        the token that follows ``seqs[i].token_ids``."""
+        the token that follows ``seqs[i].token_ids``; and, when any sequence asked for them,
+        each row's ``TokenLogprobs`` (None for rows that did not ask)."""
+        logprob_rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None]
+        raw = (
+            logits.index_select(0, torch.tensor(logprob_rows, device=self.device)).log_softmax(
+                dim=-1
+            )
+            if logprob_rows
+            else None
+        )
+        for i, seq in enumerate(seqs):
+            sampling = seq.sampling
+            if (
+                sampling.logit_bias
+                or sampling.repetition_penalty != 1.0
+                or sampling.presence_penalty
+                or sampling.frequency_penalty
+            ):
+                self._adjust(logits[i], seq)
         self._mask_stops(logits, seqs)
         token_ids = logits.argmax(dim=-1)
         rows = [i for i, seq in enumerate(seqs) if seq.sampling.temperature >= GREEDY_EPS]
@@ -76,7 +102,37 @@ class Sampler:
                 probs = _top_p(probs, torch.tensor(top_ps, device=self.device))
             noise = torch.stack([self._noise(s) for s in picked]).to(self.device)
             token_ids.index_copy_(0, row_index, (probs / noise).argmax(dim=-1))
-        return [int(t) for t in token_ids.tolist()]
+        chosen = [int(t) for t in token_ids.tolist()]
+        if raw is None:
+            return chosen, None
+        reports: list[TokenLogprobs | None] = [None] * len(seqs)
+        for row, i in enumerate(logprob_rows):
+            reports[i] = _report(raw[row], chosen[i], seqs[i].sampling.logprobs or 0)
+        return chosen, reports
+
+    def _adjust(self, row: torch.Tensor, seq: Sequence) -> None:
+        """Apply ``seq``'s logit bias and penalties to its logits row, in place."""
+        sampling = seq.sampling
+        dev = self.device
+        if sampling.logit_bias:
+            ids = [t for t in sampling.logit_bias if 0 <= t < self.vocab_size]
+            if ids:
+                bias = torch.tensor([sampling.logit_bias[t] for t in ids], device=dev)
+                row.index_add_(0, torch.tensor(ids, device=dev), bias)
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=dev)
+            seen = seen[seen < self.vocab_size]
+            values = row.index_select(0, seen)
+            penalty = sampling.repetition_penalty
+            row.index_copy_(0, seen, torch.where(values > 0, values / penalty, values * penalty))
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            output = seq.token_ids[seq.num_prompt_tokens :]
+            if output:
+                counts = torch.bincount(
+                    torch.tensor(output, dtype=torch.long), minlength=self.vocab_size
+                )[: self.vocab_size].to(dev, row.dtype)
+                row -= counts * sampling.frequency_penalty
+                row -= (counts > 0).to(row.dtype) * sampling.presence_penalty
 
     def _noise(self, seq: Sequence) -> torch.Tensor:
         """Exponential(1) draws over the vocabulary; ``argmax(probs / noise)`` is then a sample
@@ -105,6 +161,15 @@ class Sampler:
         if rows:
             index = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
             logits.index_put_(index, torch.tensor(float("-inf"), device=self.device))
+
+
+def _report(logprobs: torch.Tensor, token_id: int, num_top: int) -> TokenLogprobs:
+    """The chosen token's log-probability and the ``num_top`` likeliest alternatives."""
+    top: list[tuple[int, float]] = []
+    if num_top > 0:
+        values, ids = logprobs.topk(min(num_top, logprobs.numel()))
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprobs(float(logprobs[token_id]), top)
 
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

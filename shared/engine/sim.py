@@ -177,6 +177,12 @@ class SimRunner:
         """The KV buffer, block-major; None when ``kv_block_bytes`` is 0."""
         return self._kv_region
 
+    @property
+    def features(self) -> frozenset[str]:
+        """None: its tokens come from no distribution, so there are no log-probabilities to
+        report and no logits to bias or penalise (such requests are refused, not ignored)."""
+        return frozenset()
+
     def add(self, seq: Sequence) -> None:
         """Set up the request's token stream (a pure function of the request)."""
         self._streams[seq.request_id] = self._make_stream(seq)

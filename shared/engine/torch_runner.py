@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from proto.messages import RequestId
+from proto.messages import FEATURE_LOGIT_BIAS, FEATURE_LOGPROBS, FEATURE_PENALTIES, RequestId
 from shared.engine.model import LlamaModel, ModelConfig
 from shared.engine.runner import KVRegion, RunResult
 from shared.engine.sampler import Sampler
@@ -146,6 +146,11 @@ class TorchRunner:
             device=str(self.kv_cache.device),
         )
 
+    @property
+    def features(self) -> frozenset[str]:
+        """Real logits: log-probabilities, penalties and logit bias all apply."""
+        return frozenset({FEATURE_LOGPROBS, FEATURE_PENALTIES, FEATURE_LOGIT_BIAS})
+
     def add(self, seq: Sequence) -> None:
         """Set up the request's sampler state."""
         self._sampler.add(seq)
@@ -163,10 +168,10 @@ class TorchRunner:
             return RunResult([], 0.0)
         logits = self.compute_logits(plan)
         with torch.inference_mode():
-            token_ids = self._sampler.sample(logits, plan.seqs)
+            token_ids, logprobs = self._sampler.sample(logits, plan.seqs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return RunResult(token_ids, time.perf_counter() - start)
+        return RunResult(token_ids, time.perf_counter() - start, logprobs)
 
     def compute_logits(self, plan: BatchPlan) -> torch.Tensor:
         """The model half of ``execute``: write the KV of every scheduled token and return the

@@ -127,7 +127,7 @@ def test_stop_string_ends_the_stream_before_it(cluster):
             "messages[0].role",
         ),
         ({"model": MODEL, "messages": []}, 400, None),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, None),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, None),
         (
             {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
             400,

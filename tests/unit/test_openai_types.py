@@ -9,6 +9,7 @@ from services.frontend.openai_types import (
     RequestLimits,
     chat_decoder,
     chat_messages,
+    check_features,
     check_limits,
     completion_decoder,
     completion_prompt,
@@ -21,6 +22,11 @@ from shared.errors import InvalidRequest
 def chat(**fields):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
     return chat_decoder.decode(msgspec.json.encode(body))
+
+
+def completion(**fields):
+    body = {"model": "m", "prompt": "hi", **fields}
+    return completion_decoder.decode(msgspec.json.encode(body))
 
 
 def test_max_tokens_defaults_to_the_room_left_in_the_context():
@@ -41,21 +47,94 @@ def test_fields_map_to_sampling_params():
         ({}, 96, 5, "exceeds the model's context of 100"),
         ({}, None, 100, "context is 100"),
         ({"min_tokens": 9}, 5, 5, "min_tokens"),
-        ({"logprobs": True}, 5, 5, "logprobs"),
+        ({"top_logprobs": 2}, 5, 5, "top_logprobs needs logprobs"),
+        ({"logit_bias": {"x": 1}}, 5, 5, "keys are token ids"),
+        ({"logit_bias": {"1000": 1}}, 5, 5, "outside the vocabulary"),
+        ({"stop_token_ids": [1000]}, 5, 5, "outside the vocabulary"),
     ],
 )
 def test_invalid_sampling_is_refused(fields, max_tokens, prompt_len, match):
     with pytest.raises(InvalidRequest, match=match):
-        sampling_params(chat(**fields), max_tokens, prompt_len, 100)
+        sampling_params(chat(**fields), max_tokens, prompt_len, 100, vocab_size=1000)
+
+
+def test_engine_features_map_to_sampling_params():
+    body = chat(
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        repetition_penalty=1.2,
+        logit_bias={"7": 5, "9": -100},
+        logprobs=True,
+        top_logprobs=3,
+        stop_token_ids=[4],
+    )
+    assert sampling_params(body, 10, 5, 100, vocab_size=1000) == SamplingParams(
+        max_tokens=10,
+        stop_token_ids=[4],
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        repetition_penalty=1.2,
+        logit_bias={7: 5.0, 9: -100.0},
+        logprobs=3,
+    )
+    assert sampling_params(chat(logprobs=True), 10, 5, 100).logprobs == 0
+    assert sampling_params(chat(logprobs=False), 10, 5, 100).logprobs is None
+    assert sampling_params(completion(logprobs=2), 10, 5, 100).logprobs == 2
+
+
+ALL = ["logit_bias", "logprobs", "penalties", "structured_outputs"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (chat(logprobs=True), "logprobs"),
+        (completion(logprobs=0), "logprobs"),
+        (chat(presence_penalty=0.1), "presence_penalty"),
+        (chat(frequency_penalty=0.1), "frequency_penalty"),
+        (chat(repetition_penalty=1.1), "repetition_penalty"),
+        (chat(logit_bias={"1": 1}), "logit_bias"),
+        (chat(response_format={"type": "json_object"}), "response_format"),
+    ],
+)
+def test_a_field_the_engine_cannot_honour_is_refused_not_ignored(body, param):
+    with pytest.raises(FieldError, match="not supported by the engine serving 'm'") as caught:
+        check_features(body, "m", [])
+    assert caught.value.param == param
+    check_features(body, "m", ALL)
+
+
+def test_plain_requests_need_no_feature():
+    for body in (
+        chat(),
+        chat(logprobs=False, presence_penalty=0, repetition_penalty=1.0, logit_bias={}),
+        chat(response_format={"type": "text"}, tools=[], tool_choice="none"),
+        completion(logprobs=None),
+    ):
+        check_features(body, "m", [])
+
+
+def test_tools_are_refused_until_an_engine_parses_tool_calls():
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(FieldError, match="tools are not supported") as caught:
+        check_features(chat(tools=[tool]), "m", ALL)
+    assert caught.value.param == "tools"
+    check_features(chat(tools=[tool], tool_choice="none"), "m", ALL)
+    with pytest.raises(FieldError, match="tool_choice needs tools"):
+        check_features(chat(tool_choice="required"), "m", ALL)
 
 
 @pytest.mark.parametrize(
     ("fields", "path"),
     [
-        ({"n": 3}, "n"),
+        ({"n": 17}, "n"),
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {"1": 101}}, r"logit_bias\[\.\.\.\]"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"priority": 10**7}, "priority"),
         ({"slo_ttft_ms": 0}, "slo_ttft_ms"),
@@ -114,11 +193,6 @@ def test_stop_strings():
 LIMITS = RequestLimits(max_messages=2, max_prompt_chars=10, max_stop_strings=1)
 
 
-def completion(**fields):
-    body = {"model": "m", "prompt": "hi", **fields}
-    return completion_decoder.decode(msgspec.json.encode(body))
-
-
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -144,6 +218,15 @@ def test_check_limits_passes_requests_at_the_limits():
     check_limits(completion(prompt=list(range(1000))), LIMITS)  # token ids: the context bounds them
 
 
-def test_echo_is_refused_rather_than_ignored():
+def test_echo_and_suffix_are_refused_rather_than_ignored():
     with pytest.raises(FieldError, match="echo"):
         completion_prompt(completion(echo=True))
+    with pytest.raises(FieldError, match="suffix"):
+        completion_prompt(completion(suffix="end"))
+
+
+def test_best_of_must_equal_n():
+    check_limits(chat(n=3, best_of=3), RequestLimits())
+    with pytest.raises(FieldError, match="best_of") as caught:
+        check_limits(chat(n=2, best_of=4), RequestLimits())
+    assert caught.value.param == "best_of"

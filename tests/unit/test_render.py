@@ -2,7 +2,8 @@
 
 import json
 
-from services.frontend.render import DONE, Renderer, usage
+from proto.messages import TokenLogprobs
+from services.frontend.render import DONE, LogprobsRenderer, Renderer, merge_logprobs, usage
 from shared.errors import Overloaded
 
 
@@ -45,8 +46,64 @@ def test_completion_events_carry_text():
 
 def test_full_response_and_error_shape():
     r = Renderer("chat", "abc", "m", include_usage=False)
-    body = json.loads(r.full_response("hello", "stop", usage(1, 2, 0)))
+    body = json.loads(r.full_response([("hello", "stop", None)], usage(1, 2, 0)))
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
     error = event(r.error_event(Overloaded("busy")))["error"]
     assert error == {"message": "busy", "type": "overloaded_error", "param": None, "code": 503}
+
+
+def test_several_choices_are_indexed():
+    r = Renderer("chat", "abc", "m", include_usage=False)
+    opened = r.first_event(3).split(b"\n\n")[:-1]
+    assert [event(e + b"\n\n")["choices"][0]["index"] for e in opened] == [0, 1, 2]
+    assert event(r.text_event("x", 2))["choices"][0] == {
+        "index": 2,
+        "delta": {"content": "x"},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    assert event(r.finish_event("stop", 1))["choices"][0]["index"] == 1
+    body = json.loads(r.full_response([("a", "stop", None), ("b", "length", None)], usage(1, 2, 0)))
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "a", "stop"),
+        (1, "b", "length"),
+    ]
+
+
+TEXTS = {1: "he", 2: "llo", 3: "é"}
+
+
+def test_chat_logprobs_have_openai_shape():
+    lp = LogprobsRenderer("chat", TEXTS.__getitem__)
+    out = lp.render([1, 3], [TokenLogprobs(-0.5, [(1, -0.5), (2, -1.5)]), TokenLogprobs(-2.0)])
+    assert out == {
+        "content": [
+            {
+                "token": "he",
+                "logprob": -0.5,
+                "bytes": [104, 101],
+                "top_logprobs": [
+                    {"token": "he", "logprob": -0.5, "bytes": [104, 101]},
+                    {"token": "llo", "logprob": -1.5, "bytes": [108, 108, 111]},
+                ],
+            },
+            {"token": "é", "logprob": -2.0, "bytes": [195, 169], "top_logprobs": []},
+        ]
+    }
+    r = Renderer("chat", "abc", "m", include_usage=False)
+    assert event(r.text_event("hé", 0, out))["choices"][0]["logprobs"] == out
+    assert merge_logprobs("chat", [out, out])["content"] == out["content"] * 2
+
+
+def test_completion_logprobs_have_legacy_shape_with_text_offsets():
+    lp = LogprobsRenderer("completion", TEXTS.__getitem__)
+    first = lp.render([1, 2], [TokenLogprobs(-0.1, [(1, -0.1)]), TokenLogprobs(-0.2, [(2, -0.2)])])
+    second = lp.render([3], [TokenLogprobs(-0.3, [(3, -0.3)])])
+    assert merge_logprobs("completion", [first, second]) == {
+        "tokens": ["he", "llo", "é"],
+        "token_logprobs": [-0.1, -0.2, -0.3],
+        "top_logprobs": [{"he": -0.1}, {"llo": -0.2}, {"é": -0.3}],
+        "text_offset": [0, 2, 5],
+    }
+    assert merge_logprobs("completion", []) is None
