@@ -19,11 +19,11 @@ def seq(prompt, output=(), **sampling) -> Sequence:
     return s
 
 
-def logits(*values: float) -> torch.Tensor:
+def logits(*values):
     return torch.tensor([list(values)], dtype=torch.float32)
 
 
-def sample(row: torch.Tensor, s: Sequence):
+def sample(row, s):
     tokens, reports = Sampler(VOCAB, eos_token_id=None, device=torch.device("cpu")).sample(
         row.clone(), [s]
     )
@@ -72,7 +72,8 @@ def test_logprobs_are_of_the_raw_distribution_with_top_alternatives():
     assert [t for t, _ in report.top] == [0, 1, 2]
     assert [lp for _, lp in report.top] == pytest.approx(expected[:3].tolist())
     _, only_chosen = sample(row, seq([5], logprobs=0))
-    assert only_chosen.top == [] and math.isclose(only_chosen.logprob, float(expected[0]))
+    assert only_chosen.top == []
+    assert math.isclose(only_chosen.logprob, float(expected[0]))
 
 
 def test_reports_align_with_a_mixed_batch():
@@ -82,5 +83,8 @@ def test_reports_align_with_a_mixed_batch():
     sampler = Sampler(VOCAB, eos_token_id=None, device=torch.device("cpu"))
     tokens, reports = sampler.sample(rows.clone(), [plain, asks])
     assert tokens == [0, 7]
+    assert reports is not None
     assert reports[0] is None
-    assert reports[1].top[0][0] == 7
+    second = reports[1]
+    assert second is not None
+    assert second.top[0][0] == 7
