@@ -42,16 +42,19 @@ from services.frontend.openai_types import (
     chat_messages,
     check_features,
     check_limits,
+    check_tools,
     completion_decoder,
     completion_prompt,
     sampling_params,
     stop_strings,
+    uses_tools,
 )
 from services.frontend.openapi import openapi_document
 from services.frontend.pressure import LoopPressure
 from services.frontend.render import (
     DONE,
     FINISH_REASONS,
+    Choice,
     Kind,
     LogprobsRenderer,
     Renderer,
@@ -59,6 +62,7 @@ from services.frontend.render import (
     merge_logprobs,
     usage,
 )
+from services.frontend.tool_calls import ToolCall, ToolCallParser
 from services.frontend.worker_pool import WorkerPool
 from shared.errors import Cancelled, InvalidRequest, NotFound, Overloaded, ServingError, Shed
 from shared.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -224,12 +228,16 @@ async def _prompt_ids(
 ) -> list[int]:
     if isinstance(body, ChatCompletionRequest):
         messages = chat_messages(body)
-        size = sum(len(m["content"]) for m in messages)
+        size = sum(len(str(m["content"])) for m in messages)
+        template_kwargs: dict[str, object] = {}
+        if uses_tools(body):
+            template_kwargs["tools"] = msgspec.to_builtins(body.tools)
         return await _tokenize(
             state,
             size,
             lambda: tokenizer.encode(
-                tokenizer.apply_chat_template(messages), add_special_tokens=False
+                tokenizer.apply_chat_template(messages, True, **template_kwargs),
+                add_special_tokens=False,
             ),
         )
     assert isinstance(body, CompletionRequest)
@@ -301,6 +309,7 @@ async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> w
                 card.name, objectives, _approx_prompt_tokens(body), deadline_s - time.monotonic()
             )
         tokenizer = await state.models.tokenizer(card)
+        check_tools(body, tokenizer.chat_template)
         prompt_ids = await _prompt_ids(state, kind, body, tokenizer)
         max_tokens = body.max_tokens
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
@@ -348,6 +357,7 @@ class _Piece:
     text: str
     done: bool
     logprobs: dict[str, Any] | None = None
+    tool_calls: tuple[tuple[int, ToolCall], ...] = ()  # (its index in the choice, the call)
 
 
 class _Choice:
@@ -371,6 +381,7 @@ class _Choice:
         self.logprobs = (
             LogprobsRenderer(call.kind, call.token_text) if sampling.logprobs is not None else None
         )
+        self.tools = ToolCallParser() if call.uses_tools else None
         self.num_output_tokens = 0
         self.num_cached_tokens = 0
         self.finish_reason = "stop"
@@ -414,6 +425,22 @@ class _Choice:
             token_ids = token_ids[len(token_ids) - len(reports) :] if reports else []
         return self.logprobs.render(token_ids, reports) if token_ids else None
 
+    def _piece(self, text: str, done: bool, logprobs: dict[str, Any] | None) -> _Piece:
+        """A piece of text, its tool calls read out when tools were offered."""
+        tools = self.tools
+        if tools is None:
+            return _Piece(self.index, text, done, logprobs)
+        first = tools.num_calls
+        content, calls = tools.push(text)
+        if done:
+            rest, more = tools.flush()
+            content += rest
+            calls += more
+            if tools.num_calls and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+        numbered = tuple(enumerate(calls, start=first))
+        return _Piece(self.index, content, done, logprobs, numbered)
+
     async def pieces(self) -> AsyncGenerator[_Piece, None]:
         """One piece per batch of arrived chunks; the last one is ``done``."""
         call = self.call
@@ -425,7 +452,6 @@ class _Choice:
             call.objectives,
             call.deadline_s,
         )
-        index = self.index
         try:
             async for chunks in generator:
                 token_ids: list[int] = []
@@ -446,14 +472,14 @@ class _Choice:
                 text, stopped = self._text(token_ids)
                 if stopped:
                     self.finish_reason = "stop"
-                    yield _Piece(index, text, True, logprobs)
+                    yield self._piece(text, True, logprobs)
                     return
                 if finish is not None:
                     self.finish_reason = FINISH_REASONS[finish]
-                    yield _Piece(index, text + self._final_text(), True, logprobs)
+                    yield self._piece(text + self._final_text(), True, logprobs)
                     return
-                yield _Piece(index, text, False, logprobs)
-            yield _Piece(index, self._final_text(), True)
+                yield self._piece(text, False, logprobs)
+            yield self._piece(self._final_text(), True, None)
         finally:
             await generator.aclose()
 
@@ -483,6 +509,7 @@ class _Call:
         self.started = started
         self.objectives = RequestObjectives()
         self.deadline_s: float | None = None
+        self.uses_tools = uses_tools(body)
         self.choices = [
             _Choice(self, i, new_request_id(), _choice_sampling(sampling, i), stops)
             for i in range(body.n)
@@ -578,15 +605,18 @@ class _Call:
     async def collect(self) -> web.Response:
         texts: list[list[str]] = [[] for _ in self.choices]
         logprobs: list[list[dict[str, Any]]] = [[] for _ in self.choices]
+        calls: list[list[ToolCall]] = [[] for _ in self.choices]
         async for piece in self._pieces():
             texts[piece.index].append(piece.text)
             if piece.logprobs is not None:
                 logprobs[piece.index].append(piece.logprobs)
+            calls[piece.index].extend(call for _, call in piece.tool_calls)
         choices = [
-            (
+            Choice(
                 "".join(texts[c.index]),
                 c.finish_reason,
                 merge_logprobs(self.kind, logprobs[c.index]) if c.logprobs is not None else None,
+                calls[c.index],
             )
             for c in self.choices
         ]
@@ -638,6 +668,8 @@ class _Call:
             while piece is not None:
                 if piece.text or piece.logprobs is not None:
                     out += renderer.text_event(piece.text, piece.index, piece.logprobs)
+                if piece.tool_calls:
+                    out += renderer.tool_calls_event(piece.index, piece.tool_calls)
                 if piece.done:
                     out += renderer.finish_event(
                         self.choices[piece.index].finish_reason, piece.index

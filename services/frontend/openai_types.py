@@ -63,10 +63,25 @@ class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
     text: str | None = None
 
 
+class CalledFunction(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool call an earlier assistant turn made (sent back by the client)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's
+    tool_call_id: str | None = None  # a tool turn's: the call it answers
 
 
 class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -164,8 +179,9 @@ chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 completion_decoder = msgspec.json.Decoder(CompletionRequest)
 
 
-def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Messages as the plain dicts a chat template expects, text parts joined."""
+def chat_messages(request: ChatCompletionRequest) -> list[dict[str, object]]:
+    """Messages as the plain dicts a chat template expects, text parts joined (tool calls and
+    names passed on for templates that render them)."""
     if not request.messages:
         raise InvalidRequest("messages must hold at least one message")
     out = []
@@ -183,8 +199,46 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
                     )
                 parts.append(part.text)
             text = "".join(parts)
-        out.append({"role": message.role, "content": text})
+        entry: dict[str, object] = {"role": message.role, "content": text}
+        if message.name is not None:
+            entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = msgspec.to_builtins(message.tool_calls)
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     return out
+
+
+def uses_tools(request: SamplingFields) -> bool:
+    """Whether the model is offered tools: they go into its prompt and its output is read for
+    calls (``tool_choice`` "none": neither)."""
+    return (
+        isinstance(request, ChatCompletionRequest)
+        and bool(request.tools)
+        and request.tool_choice != "none"
+    )
+
+
+def check_tools(request: SamplingFields, chat_template: str | None) -> None:
+    """Refuse tools a model cannot be offered: a template that never renders ``tools`` would
+    drop them silently, and forcing a call ("required", or a named function) needs
+    constrained decoding, which no engine here has."""
+    if not isinstance(request, ChatCompletionRequest):
+        if request.tools or request.tool_choice is not None:
+            raise FieldError("tools are for chat completions", param="tools")
+        return
+    choice = request.tool_choice
+    if choice not in (None, "none", "auto"):
+        if not request.tools:
+            raise FieldError("tool_choice needs tools", param="tool_choice")
+        raise FieldError(
+            'tool_choice: only "auto" and "none" are supported (forcing a call needs '
+            "constrained decoding)",
+            param="tool_choice",
+        )
+    if uses_tools(request) and (chat_template is None or "tools" not in chat_template):
+        raise FieldError("tools: this model's chat template does not render tools", param="tools")
 
 
 def completion_prompt(request: CompletionRequest) -> str | list[int]:
@@ -288,11 +342,6 @@ def check_features(request: SamplingFields, model: str, features: Collection[str
             "response_format",
             f"response_format {request.response_format.type}",
         )
-    if request.tools and request.tool_choice != "none":
-        # No engine here parses tool calls out of its output yet: never pretend to.
-        raise FieldError('tools are not supported (tool_choice "none" only)', param="tools")
-    if request.tool_choice not in (None, "none", "auto") and not request.tools:
-        raise FieldError("tool_choice needs tools", param="tool_choice")
 
 
 def _logit_bias(fields: SamplingFields, vocab_size: int) -> dict[int, float]:

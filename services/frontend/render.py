@@ -6,11 +6,13 @@ request and only the text is encoded per event.
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
 
 from proto.messages import FinishReason, TokenLogprobs
+from services.frontend.tool_calls import ToolCall
 from shared.errors import ServingError
 
 Kind = Literal["chat", "completion"]
@@ -99,6 +101,16 @@ def merge_logprobs(kind: Kind, parts: Sequence[dict[str, Any]]) -> dict[str, Any
     return {key: [item for part in parts for item in part[key]] for key in parts[0]}
 
 
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One choice of a whole (non-streaming) response."""
+
+    text: str
+    finish_reason: str
+    logprobs: dict[str, Any] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
 class Renderer:
     """Builds one request's response bodies and events."""
 
@@ -168,6 +180,12 @@ class Renderer:
         choice["finish_reason"] = None
         return self._event(self._chunk(choice))
 
+    def tool_calls_event(self, index: int, calls: Sequence[tuple[int, ToolCall]]) -> bytes:
+        """A chat delta with whole tool calls (each numbered within its choice)."""
+        delta = {"tool_calls": [call.as_openai(number) for number, call in calls]}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._event(self._chunk(choice))
+
     def finish_event(self, finish_reason: str, index: int = 0) -> bytes:
         if self.kind == "chat":
             choice: dict[str, Any] = {
@@ -189,30 +207,30 @@ class Renderer:
     def error_event(self, error: ServingError) -> bytes:
         return self._event(error_body(error))
 
-    def full_response(
-        self,
-        choices: Sequence[tuple[str, str, dict[str, Any] | None]],
-        usage_body: dict[str, Any],
-    ) -> bytes:
-        """The body of a non-streaming response: (text, finish reason, logprobs) per choice."""
+    def full_response(self, choices: Sequence[Choice], usage_body: dict[str, Any]) -> bytes:
+        """The body of a non-streaming response."""
         rendered: list[dict[str, Any]] = []
-        for index, (text, finish_reason, logprobs) in enumerate(choices):
+        for index, choice in enumerate(choices):
             if self.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+                if choice.tool_calls:
+                    message["content"] = choice.text if choice.text.strip() else None
+                    message["tool_calls"] = [call.as_openai() for call in choice.tool_calls]
                 rendered.append(
                     {
                         "index": index,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": logprobs,
-                        "finish_reason": finish_reason,
+                        "message": message,
+                        "logprobs": choice.logprobs,
+                        "finish_reason": choice.finish_reason,
                     }
                 )
             else:
                 rendered.append(
                     {
                         "index": index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": finish_reason,
+                        "text": choice.text,
+                        "logprobs": choice.logprobs,
+                        "finish_reason": choice.finish_reason,
                     }
                 )
         obj = "chat.completion" if self.kind == "chat" else "text_completion"

@@ -4,12 +4,14 @@ report crosses from the prefill worker); refused with a 400 by an engine that ca
 them (the simulated one), never ignored."""
 
 import json
+import shutil
 
 import aiohttp
 import openai
 import pytest
 
 from shared.tokenizer import Tokenizer
+from shared.tokenizer.tokenizer import builtin_dir
 from tests.e2e.args import ALWAYS_REMOTE
 
 MODEL = "baton-sim"
@@ -179,3 +181,64 @@ async def test_torch_logprobs_penalties_and_bias_agree_aggregated_and_disaggrega
     assert len(content) == 3
     assert all(len(entry["top_logprobs"]) == 2 for entry in content)
     assert all(entry["bytes"] == list(entry["token"].encode()) for entry in content)
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+)
+
+
+async def test_tools_go_into_the_prompt_of_a_template_that_renders_them(start_cluster, tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    shutil.copytree(str(builtin_dir()), tokenizer_dir)
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = TOOLS_TEMPLATE + config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    builtin = await start_cluster(num_workers=1, namespace="toolsno")
+    tools = await start_cluster(
+        num_workers=1, worker_args=("--tokenizer", str(tokenizer_dir)), namespace="toolsyes"
+    )
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "weather in Paris?"}],
+        "max_tokens": 3,
+        "ignore_eos": True,
+    }
+    async with aiohttp.ClientSession() as session:
+        status, refused = await post(
+            session, f"{builtin.api}/chat/completions", {**body, "tools": [tool]}
+        )
+        assert status == 400
+        assert "does not render tools" in refused["error"]["message"]
+        status, plain = await post(session, f"{tools.api}/chat/completions", body)
+        assert status == 200, plain
+        status, offered = await post(
+            session, f"{tools.api}/chat/completions", {**body, "tools": [tool]}
+        )
+        assert status == 200, offered
+        status, declined = await post(
+            session,
+            f"{tools.api}/chat/completions",
+            {**body, "tools": [tool], "tool_choice": "none"},
+        )
+        assert status == 200, declined
+        events = await sse(session, f"{tools.api}/chat/completions", {**body, "tools": [tool]})
+    # The tool's description went into the prompt (and only when offered).
+    assert offered["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 20
+    assert declined["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    # The simulated engine writes words, never a call: content and a plain finish.
+    message = offered["choices"][0]["message"]
+    assert message["content"]
+    assert "tool_calls" not in message
+    assert offered["choices"][0]["finish_reason"] == "length"
+    assert events[-1] == {"done": True}

@@ -11,10 +11,12 @@ from services.frontend.openai_types import (
     chat_messages,
     check_features,
     check_limits,
+    check_tools,
     completion_decoder,
     completion_prompt,
     sampling_params,
     stop_strings,
+    uses_tools,
 )
 from shared.errors import InvalidRequest
 
@@ -109,19 +111,51 @@ def test_plain_requests_need_no_feature():
         chat(),
         chat(logprobs=False, presence_penalty=0, repetition_penalty=1.0, logit_bias={}),
         chat(response_format={"type": "text"}, tools=[], tool_choice="none"),
+        chat(tools=[{"type": "function", "function": {"name": "f"}}]),  # check_tools' call
         completion(logprobs=None),
     ):
         check_features(body, "m", [])
 
 
-def test_tools_are_refused_until_an_engine_parses_tool_calls():
+def test_tools_need_a_template_that_renders_them_and_auto_or_none():
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    with pytest.raises(FieldError, match="tools are not supported") as caught:
-        check_features(chat(tools=[tool]), "m", ALL)
+    with_tools = "{% for t in tools %}{{ t }}{% endfor %}"
+    check_tools(chat(tools=[tool]), with_tools)
+    check_tools(chat(tools=[tool], tool_choice="auto"), with_tools)
+    check_tools(chat(tools=[tool], tool_choice="none"), "no tools here")  # never rendered
+    with pytest.raises(FieldError, match="does not render tools") as caught:
+        check_tools(chat(tools=[tool]), "{{ messages }}")
     assert caught.value.param == "tools"
-    check_features(chat(tools=[tool], tool_choice="none"), "m", ALL)
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        with pytest.raises(FieldError, match="only") as caught:
+            check_tools(chat(tools=[tool], tool_choice=choice), with_tools)
+        assert caught.value.param == "tool_choice"
     with pytest.raises(FieldError, match="tool_choice needs tools"):
-        check_features(chat(tool_choice="required"), "m", ALL)
+        check_tools(chat(tool_choice="required"), with_tools)
+    with pytest.raises(FieldError, match="chat completions"):
+        check_tools(completion(tools=[tool]), with_tools)
+    assert uses_tools(chat(tools=[tool]))
+    assert not uses_tools(chat(tools=[tool], tool_choice="none"))
+
+
+def test_tool_turns_reach_the_template():
+    body = chat(
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+    )
+    messages = chat_messages(body)
+    assert messages[1]["tool_calls"] == [
+        {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}
+    ]
+    assert messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,15 @@
 import json
 
 from proto.messages import TokenLogprobs
-from services.frontend.render import DONE, LogprobsRenderer, Renderer, merge_logprobs, usage
+from services.frontend.render import (
+    DONE,
+    Choice,
+    LogprobsRenderer,
+    Renderer,
+    merge_logprobs,
+    usage,
+)
+from services.frontend.tool_calls import ToolCall
 from shared.errors import Overloaded
 
 
@@ -46,7 +54,7 @@ def test_completion_events_carry_text():
 
 def test_full_response_and_error_shape():
     r = Renderer("chat", "abc", "m", include_usage=False)
-    body = json.loads(r.full_response([("hello", "stop", None)], usage(1, 2, 0)))
+    body = json.loads(r.full_response([Choice("hello", "stop")], usage(1, 2, 0)))
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
     error = event(r.error_event(Overloaded("busy")))["error"]
@@ -64,7 +72,7 @@ def test_several_choices_are_indexed():
         "finish_reason": None,
     }
     assert event(r.finish_event("stop", 1))["choices"][0]["index"] == 1
-    body = json.loads(r.full_response([("a", "stop", None), ("b", "length", None)], usage(1, 2, 0)))
+    body = json.loads(r.full_response([Choice("a", "stop"), Choice("b", "length")], usage(1, 2, 0)))
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "a", "stop"),
         (1, "b", "length"),
@@ -107,3 +115,23 @@ def test_completion_logprobs_have_legacy_shape_with_text_offsets():
         "text_offset": [0, 2, 5],
     }
     assert merge_logprobs("completion", []) is None
+
+
+def test_tool_calls_render_as_openai_tool_calls():
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    r = Renderer("chat", "abc", "m", include_usage=False)
+    delta = event(r.tool_calls_event(1, [(0, call)]))["choices"][0]
+    assert delta["index"] == 1
+    assert delta["delta"]["tool_calls"] == [
+        {
+            "index": 0,
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        }
+    ]
+    body = json.loads(r.full_response([Choice("\n", "tool_calls", None, [call])], usage(1, 2, 0)))
+    message = body["choices"][0]["message"]
+    assert message["content"] is None  # only whitespace around the call
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
