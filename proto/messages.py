@@ -79,6 +79,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     # Report each output token's log-probability and this many likeliest alternatives
     # (0: the chosen token's only; None: none).
     logprobs: int | None = None
+    # Constrain the output to JSON matching this JSON Schema (its text); needs
+    # FEATURE_STRUCTURED_OUTPUTS. ``response_format`` json_object is the schema of any object.
+    json_schema: str | None = None
 
 
 # What an engine can do beyond plain sampling; a worker lists its engine's in ``ModelCard``.

@@ -344,6 +344,24 @@ def check_features(request: SamplingFields, model: str, features: Collection[str
         )
 
 
+_ANY_OBJECT = '{"type":"object"}'
+
+
+def _json_schema(response_format: ResponseFormat | None) -> str | None:
+    """The JSON Schema (text) a ``response_format`` constrains the output to; None: none."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return _ANY_OBJECT
+    spec = response_format.json_schema or {}
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise FieldError(
+            'response_format: json_schema needs a "schema" object', param="response_format"
+        )
+    return msgspec.json.encode(schema).decode()
+
+
 def _logit_bias(fields: SamplingFields, vocab_size: int) -> dict[int, float]:
     if not fields.logit_bias:
         return {}
@@ -421,4 +439,5 @@ def sampling_params(
         repetition_penalty=fields.repetition_penalty or 1.0,
         logit_bias=_logit_bias(fields, vocab_size),
         logprobs=num_logprobs,
+        json_schema=_json_schema(fields.response_format),
     )

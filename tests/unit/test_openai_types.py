@@ -264,3 +264,19 @@ def test_best_of_must_equal_n():
     with pytest.raises(FieldError, match="best_of") as caught:
         check_limits(chat(n=2, best_of=4), RequestLimits())
     assert caught.value.param == "best_of"
+
+
+def test_response_format_becomes_a_json_schema():
+    assert sampling_params(chat(response_format={"type": "text"}), 5, 5, 100).json_schema is None
+    assert (
+        sampling_params(chat(response_format={"type": "json_object"}), 5, 5, 100).json_schema
+        == '{"type":"object"}'
+    )
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    body = chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    )
+    assert msgspec.json.decode(sampling_params(body, 5, 5, 100).json_schema) == schema
+    with pytest.raises(FieldError, match="schema") as caught:
+        sampling_params(chat(response_format={"type": "json_schema"}), 5, 5, 100)
+    assert caught.value.param == "response_format"
