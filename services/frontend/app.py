@@ -364,6 +364,22 @@ class _Choice:
     """One choice of a completion: its own request on a worker, detokenized, stop strings
     applied, its log-probabilities rendered."""
 
+    __slots__ = (
+        "call",
+        "detokenizer",
+        "finish_reason",
+        "first_token_at",
+        "index",
+        "last_token_at",
+        "logprobs",
+        "num_cached_tokens",
+        "num_output_tokens",
+        "request_id",
+        "sampling",
+        "stop_matcher",
+        "tools",
+    )
+
     def __init__(
         self,
         call: "_Call",
@@ -561,17 +577,16 @@ class _Call:
         self.num_output_tokens += num_new
         metrics.num_output_tokens += num_new
 
-    async def _pieces(self) -> AsyncGenerator[_Piece, None]:
-        """Every choice's pieces as they come: one choice's directly, several through tasks
-        that each follow one (closing this aborts every choice still running)."""
+    def _pieces(self) -> AsyncGenerator[_Piece, None]:
+        """Every choice's pieces as they come: one choice's directly (the common case costs
+        no extra layer), several through ``_merged``."""
         if len(self.choices) == 1:
-            pieces = self.choices[0].pieces()
-            try:
-                async for piece in pieces:
-                    yield piece
-            finally:
-                await pieces.aclose()
-            return
+            return self.choices[0].pieces()
+        return self._merged()
+
+    async def _merged(self) -> AsyncGenerator[_Piece, None]:
+        """The pieces of several choices, each followed by its own task (closing this aborts
+        every choice still running)."""
         # Bounded: each choice puts at most one piece per chunk batch of its own stream.
         queue: asyncio.Queue[_Piece | Exception] = asyncio.Queue()
 
