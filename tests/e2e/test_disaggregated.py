@@ -13,13 +13,9 @@ from proto.messages import LoadMetrics, PrefillDone, PrefillRequest, RequestId, 
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder, prefill_reply_decoder
 from shared.kv_transfer import available_kinds
-from tests.e2e.args import ALWAYS_REMOTE
+from tests.e2e.args import TORCH, start_remote_prefill
 
 MODEL = "baton-sim"
-TORCH = ("--engine", "torch", "--num-kv-blocks", "1024", "--max-model-len", "4096")
-# The router decides local or remote prefill; a frontend that waits for its answer (rather
-# than placing by itself after 50 ms on a busy machine) makes that decision the router's.
-WAIT_FOR_ROUTER = ("--route-timeout-s", "10")
 TRANSPORTS = [
     pytest.param(
         kind,
@@ -70,16 +66,8 @@ async def test_disaggregated_output_equals_aggregated(start_cluster, torch_avail
     batch = prompts()
     aggregated = await start_cluster(num_workers=1, worker_args=TORCH, namespace=f"agg{transport}")
     expected = await complete_all(aggregated.api, batch)
-    kv = ("--kv-transfer", transport)
-    disagg = await start_cluster(
-        num_workers=1,
-        worker_args=(*TORCH, *kv),
-        num_prefill=1,
-        prefill_args=(*TORCH, *kv),
-        num_routers=1,
-        router_args=ALWAYS_REMOTE,
-        frontend_args=WAIT_FOR_ROUTER,
-        namespace=f"dis{transport}",
+    disagg = await start_remote_prefill(
+        start_cluster, (*TORCH, "--kv-transfer", transport), namespace=f"dis{transport}"
     )
     got = await complete_all(disagg.api, batch)
     assert got == expected
@@ -179,16 +167,7 @@ async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
 
 
 async def test_requests_fall_back_to_local_prefill_when_the_prefill_worker_dies(start_cluster):
-    sim = ("--speedup", "20")
-    cluster = await start_cluster(
-        num_workers=1,
-        worker_args=sim,
-        num_prefill=1,
-        prefill_args=sim,
-        num_routers=1,
-        router_args=ALWAYS_REMOTE,
-        frontend_args=WAIT_FOR_ROUTER,
-    )
+    cluster = await start_remote_prefill(start_cluster, ("--speedup", "20"))
     batch = prompts()[:20]
     before = await complete_all(cluster.api, batch)
     # Killed without a goodbye: its etcd entry lives on for the lease TTL, so the router still

@@ -12,7 +12,7 @@ import pytest
 
 from shared.tokenizer import Tokenizer
 from shared.tokenizer.tokenizer import builtin_dir
-from tests.e2e.args import ALWAYS_REMOTE
+from tests.e2e.args import start_remote_prefill
 
 MODEL = "baton-sim"
 TORCH = ("--engine", "torch", "--num-kv-blocks", "512", "--max-model-len", "2048")
@@ -115,16 +115,8 @@ async def test_torch_logprobs_penalties_and_bias_agree_aggregated_and_disaggrega
     start_cluster, tokenizer
 ):
     aggregated = await start_cluster(num_workers=1, worker_args=TORCH, namespace="sampagg")
-    kv = ("--kv-transfer", "shm")
-    disagg = await start_cluster(
-        num_workers=1,
-        worker_args=(*TORCH, *kv),
-        num_prefill=1,
-        prefill_args=(*TORCH, *kv),
-        num_routers=1,
-        router_args=ALWAYS_REMOTE,
-        frontend_args=("--route-timeout-s", "10"),
-        namespace="sampdis",
+    disagg = await start_remote_prefill(
+        start_cluster, (*TORCH, "--kv-transfer", "shm"), namespace="sampdis"
     )
     forced = tokenizer.word_token_ids()[3]
     for prompt in PROMPTS:
