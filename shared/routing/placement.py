@@ -9,7 +9,8 @@ live workers etcd lists:
    says the uncached part of the prompt is worth the transfer, and
    ``DisaggPolicy.is_worth_the_wait`` says the prefill pool's queue is not much longer than
    the decode worker's own;
-3. if so, the prefill worker, by ``Router.route`` over the prefill pool with its own policy.
+3. if so, the prefill worker, by ``Router.route`` over the prefill pool with its own policy,
+   kept only if its own queue (not the pool's shortest) is worth the wait.
 
 Both choices are recorded as the chosen workers' pending load. A decode worker whose prompt
 is prefilled elsewhere is charged the prompt's KV blocks but no prefill work; a remote
@@ -75,16 +76,17 @@ def place(
         prefill_ids
         and serving[decode.worker_id].kv_agent
         and disagg.is_remote(num_prompt_tokens, num_cached_tokens)
-        and disagg.is_worth_the_wait(
-            min(_prefill_wait_s(router, w, block_size) for w in prefill_ids),
-            _prefill_wait_s(router, decode.worker_id, block_size),
-        )
     ):
-        prefill = router.route(block_hashes, prefill_ids, policy=prefill_policy)
-    num_blocks = len(block_hashes)
-    if num_blocks:
-        num_new_blocks = 0 if prefill is not None else num_blocks - decode.overlap_blocks
-        router.note_routed(decode.worker_id, num_blocks, num_new_blocks, block_hashes[-1])
+        # The prefill worker is chosen by its cost (cache hit and load); the prompt goes
+        # there only if that worker's queue, not the pool's shortest, is worth the wait.
+        candidate = router.route(block_hashes, prefill_ids, policy=prefill_policy, record=False)
+        if disagg.is_worth_the_wait(
+            _prefill_wait_s(router, candidate.worker_id, block_size),
+            _prefill_wait_s(router, decode.worker_id, block_size),
+        ):
+            router.commit(candidate, block_hashes)
+            prefill = candidate
+    router.commit(decode, block_hashes, 0 if prefill is not None else None)
     return Placement(decode=decode, num_decode_cached_tokens=num_cached_tokens, prefill=prefill)
 
 

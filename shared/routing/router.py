@@ -11,9 +11,10 @@ The NATS service that wraps it calls, all from one event loop:
 - ``remove_worker(worker_id)`` when the worker's etcd key (lease) disappears.
 - ``route(block_hashes, candidates)`` per request, with ``hash_prompt_blocks`` of the
   prompt and the ids of the live, non-draining workers of the pool that should serve it.
-  It counts the request as pending load on the chosen worker unless ``record=False`` (then
-  call ``note_routed`` once the request is really sent). The pending prefill ends when that
-  worker's BlockStored of the prompt's last block arrives; the rest at its next report.
+  It counts the decision (``stats``) and the request as pending load on the chosen worker
+  unless ``record=False``: then ``commit`` the decision once it is taken, or drop it. The
+  pending prefill ends when that worker's BlockStored of the prompt's last block arrives; the
+  rest at its next report.
 
 Disaggregation: one ``Router`` serves both pools. The index is keyed by worker, so asking
 with the prefill pool's ids as candidates and then with the decode pool's ids gives two
@@ -189,11 +190,25 @@ class Router:
             decision = replace(decision, overlap_blocks=overlaps.get(decision.worker_id, 0))
         else:
             decision = self._pick_baseline(candidates, overlaps, num_blocks, policy, turn)
-        self._record(decision, num_blocks)
-        if record and num_blocks:
-            num_new = num_blocks - decision.overlap_blocks
-            self.note_routed(decision.worker_id, num_blocks, num_new, block_hashes[-1])
+        if record:
+            self.commit(decision, block_hashes)
         return decision
+
+    def commit(
+        self,
+        decision: Decision,
+        block_hashes: Sequence[BlockHash],
+        num_new_blocks: int | None = None,
+    ) -> None:
+        """Take a decision ``route`` made with ``record=False``: count it in ``stats`` and its
+        request as pending load on its worker, ``num_new_blocks`` of the prompt's blocks to
+        compute there (default: those it does not cache)."""
+        num_blocks = len(block_hashes)
+        self._record(decision, num_blocks)
+        if num_blocks:
+            if num_new_blocks is None:
+                num_new_blocks = num_blocks - decision.overlap_blocks
+            self.note_routed(decision.worker_id, num_blocks, num_new_blocks, block_hashes[-1])
 
     def _pick_baseline(
         self,

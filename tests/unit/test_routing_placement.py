@@ -213,6 +213,9 @@ def test_place_prefills_locally_when_the_prefill_pool_queue_is_much_longer():
     assert decode_load is not None
     assert decode_load.num_pending_prefill_blocks == 256  # the decode worker computes it
     assert all(router.load_of(p).num_pending_requests == 0 for p in PREFILLS)  # type: ignore[union-attr]
+    # The prefill decision it dropped is not counted: one decision, the decode worker's.
+    assert router.stats.num_decisions == 1
+    assert router.stats.num_decisions_by_worker == {DECODE: 1}
 
     # One prefill worker that keeps up is enough for the prompt to go remote.
     router = Router()
