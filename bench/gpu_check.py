@@ -9,15 +9,21 @@ paged cache, and reports the median measured ``execute`` time of
 - a decode step at batch 1, 32 and 128, context 1,024 (eager, no CUDA graph);
 - the batch-128 decode step sharing its step with the 2,048-token prefill;
 - a KV handoff: a second process (spawned) opens the runner's KV cache through CUDA IPC
-  (``torch.multiprocessing``) and copies it into its own tensor, whole and as scattered blocks.
+  (``torch.multiprocessing``) and copies it into its own tensor, whole and as scattered blocks;
+- the KV transports (``gpu_kv_check.py``): the ``cuda_ipc`` agent between two processes, NIXL
+  on GPU memory where NIXL imports, a torch worker's KV handoff on the GPU through the worker's
+  own path (``build_engine``, the ``auto`` agent, ``RegionConnector.pull``; the decode side
+  must decode the same token from the pulled blocks), and a vLLM hook where vLLM imports.
 
 It compares them with the H200 figures in ``../shared/gpu/README.md``. Without CUDA it says
 so, runs the same code on a small model on the CPU (one thread; the cache shared through
-shared memory instead of CUDA IPC) and exits 0, so the script is checked on any machine.
+shared memory instead of CUDA IPC; the worker handoff over shm; the GPU-only transport checks
+reported as skipped, with the reason) and exits 0, so the script is checked on any machine. It
+exits non-zero when a check that ran copied wrong bytes or decoded another token.
 
-    .venv/bin/python bench/gpu_check.py [--json out.json]
+    .venv/bin/python bench/gpu_check.py [--json out.json] [--skip-steps]
 
-The device image lacks msgspec (``proto``): carry its wheel there (see the device README).
+The device image lacks msgspec (``proto``): carry its wheel there (docs/gpu.md).
 """
 
 import argparse
@@ -35,6 +41,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.gpu_kv_check import run_checks
 from proto.messages import RequestId, SamplingParams
 from shared.engine.checkpoint import random_state_dict
 from shared.engine.model import LlamaModel, ModelConfig
@@ -51,6 +58,8 @@ REFERENCE_H200 = {
     "decode_b128_with_prefill_2048_ms": 13.38,
     "ipc_copy_GBps_rw": 4234.0,
     "ipc_blocks_GBps_rw": 1252.0,  # README: in-process gather/scatter of 64 KiB blocks
+    "cuda_ipc_whole_GBps": 2089.0,  # README: raw CUDA IPC copy, one-way, beside the NIXL runs
+    "nixl_vram_whole_GBps": 0.52,  # README: NIXL READ of 1 GiB, same GPU, progress thread on
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20)
 
@@ -264,6 +273,9 @@ def report(res: dict[str, Any], is_smoke: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--skip-steps", action="store_true", help="only the KV transfer checks (no step times)"
+    )
     args = parser.parse_args()
     is_smoke = not torch.cuda.is_available()
     if is_smoke:
@@ -275,16 +287,20 @@ def main() -> None:
         "dtype": str(shape.dtype).removeprefix("torch."),
         "smoke": is_smoke,
     }
-    runner, steps = measure_steps(shape)
-    res |= steps
-    res |= measure_handoff(runner, shape)
+    if not args.skip_steps:
+        runner, steps = measure_steps(shape)
+        res |= steps
+        res |= measure_handoff(runner, shape)
+        del runner, steps
+    res |= run_checks(not is_smoke, reps=shape.reps)
     report(res, is_smoke)
     if args.json:
         args.json.write_text(
             json.dumps({"results": res, "reference_h200": REFERENCE_H200}, indent=1)
         )
-    if not res["ipc_ok"]:
-        sys.exit("KV handoff copied wrong bytes")
+    failed = [key for key, value in res.items() if key.endswith("_ok") and value is False]
+    if failed:
+        sys.exit("checks failed: " + ", ".join(failed))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ async def worker_runtime(
             cast(AgentKind, worker.kv_transfer),  # WorkerConfig checked it is one of these
             worker_id,
             tcp_host=worker.kv_transfer_host,
+            # NIXL READs of GPU memory need the owner's progress thread (docs/gpu.md)
+            nixl_progress_thread=engine.device.startswith("cuda"),
         )
     try:
         allocate = agent.allocate if agent is not None else None

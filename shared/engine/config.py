@@ -7,18 +7,20 @@ from shared.config import doc
 from shared.security import ClusterSecurity
 from shared.slo import SLOConfig
 
-ENGINE_KINDS = ("sim", "torch")
+ENGINE_KINDS = ("sim", "torch", "vllm")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
-    engine: str = field(default="sim", metadata=doc("engine kind: sim or torch"))
+    engine: str = field(
+        default="sim", metadata=doc("engine kind: sim, torch or vllm (docs/vllm.md)")
+    )
     model: str = field(default="baton-sim", metadata=doc("model name served"))
     model_path: str = field(
         default="random",
         metadata=doc(
-            "torch engine: a Hugging Face model directory, or 'random' for a small "
-            "random model built from --seed"
+            "torch and vllm engines: a Hugging Face model directory, or 'random' for a "
+            "small random model built from --seed"
         ),
     )
     tokenizer: str = field(
@@ -41,7 +43,9 @@ class EngineConfig:
         default=0, metadata=doc("engine seed: the sim's token stream, the random model's weights")
     )
     device: str = field(default="cpu", metadata=doc("torch engine: cpu, cuda or cuda:N"))
-    dtype: str = field(default="float32", metadata=doc("torch engine: float32, bfloat16, float16"))
+    dtype: str = field(
+        default="float32", metadata=doc("torch and vllm engines: float32, bfloat16, float16")
+    )
     torch_threads: int = field(
         default=1, metadata=doc("torch engine on CPU: intra-op threads (0: torch's default)")
     )
@@ -67,7 +71,7 @@ class EngineConfig:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
 
 
-TRANSFER_KINDS = ("auto", "shm", "tcp", "nixl", "none")
+TRANSFER_KINDS = ("auto", "shm", "tcp", "nixl", "cuda_ipc", "none")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,8 +88,8 @@ class WorkerConfig:
     kv_transfer: str = field(
         default="auto",
         metadata=doc(
-            "KV transfer transport: auto (shm on one host, else nixl, else tcp), "
-            "shm, tcp, nixl, or none"
+            "KV transfer transport: auto (host memory: shm on one host, else nixl, else tcp; "
+            "GPU memory: cuda_ipc on one machine, else nixl), shm, tcp, nixl, cuda_ipc, or none"
         ),
     )
     kv_transfer_host: str = field(

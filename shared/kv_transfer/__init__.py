@@ -1,8 +1,8 @@
 """KV transfer between workers: register memory, publish metadata, read remote blocks.
 
-One module per transport (``shm``, ``tcp``, ``nixl``) behind the ``TransferAgent`` interface;
-``create_agent("auto", name)`` serves them all and picks per remote. See
-docs/decisions/0003-kv-transfer.md.
+One module per transport (``shm``, ``tcp``, ``nixl``, ``cuda_ipc``) behind the
+``TransferAgent`` interface; ``create_agent("auto", name)`` serves them all and picks per remote
+and device. See docs/decisions/0003-kv-transfer.md.
 """
 
 from shared.kv_transfer.auto import AutoAgent, available_kinds, create_agent
@@ -14,6 +14,7 @@ from shared.kv_transfer.base import (
     TransferError,
     TransportUnavailable,
 )
+from shared.kv_transfer.cuda_ipc import CudaIpcAgent, cuda_ipc_status
 from shared.kv_transfer.metadata import AgentMetadata, RegionDesc
 from shared.kv_transfer.nixl import NixlAgent, nixl_status
 from shared.kv_transfer.regions import Transfer
@@ -25,6 +26,7 @@ __all__ = [
     "AgentKind",
     "AgentMetadata",
     "AutoAgent",
+    "CudaIpcAgent",
     "NixlAgent",
     "RangeNotRegistered",
     "RegionDesc",
@@ -38,5 +40,6 @@ __all__ = [
     "TransportUnavailable",
     "available_kinds",
     "create_agent",
+    "cuda_ipc_status",
     "nixl_status",
 ]

@@ -1,12 +1,21 @@
 """Choosing a transport: ``create_agent`` and the ``auto`` agent that picks one per remote.
 
-The right transport depends on the pair (reader, owner), so an ``auto`` agent serves all of
-its transports at once and the reader picks when it adds a remote: shm when the owner's
-segments are visible here (same host and ``/dev/shm``), else nixl when both sides have it,
-else tcp. Its memory comes from shared memory, which every transport can serve.
+The right transport depends on the pair (reader, owner) and on where the memory is, so an
+``auto`` agent serves all of its transports at once and the reader picks when it adds a remote,
+among the transports that handle both sides' devices:
+
+- host memory: shm when the owner's segments are visible here (same host and ``/dev/shm``),
+  else nixl when both sides have it, else tcp. The memory comes from shared memory
+  (``allocate``), which every one of them can serve.
+- GPU memory: cuda_ipc when the owner runs on this machine, else nixl (VRAM; GPU-direct RDMA
+  where UCX has it). shm and tcp cannot serve GPU memory.
+
+NIXL and CUDA IPC are set up when the first region is registered, so an agent that serves only
+host memory never imports torch, and NIXL gets the progress thread that GPU memory needs.
 """
 
 import logging
+from collections.abc import Iterable
 from typing import assert_never
 
 from shared.kv_transfer.base import (
@@ -14,26 +23,40 @@ from shared.kv_transfer.base import (
     RemoteUnavailable,
     SingleTransportAgent,
     TransferAgent,
+    TransferError,
     TransportUnavailable,
     decode_metadata,
 )
-from shared.kv_transfer.metadata import AgentMetadata, encoder
+from shared.kv_transfer.cuda_ipc import CudaIpcAgent, cuda_ipc_status
+from shared.kv_transfer.metadata import AgentMetadata, RegionDesc, encoder
 from shared.kv_transfer.nixl import NixlAgent, nixl_status
-from shared.kv_transfer.regions import Transfer
+from shared.kv_transfer.regions import Transfer, parse_device
 from shared.kv_transfer.shm import ShmAgent
 from shared.kv_transfer.tcp import TcpAgent
 
 logger = logging.getLogger(__name__)
 
 
-def available_kinds() -> list[str]:
-    """The transports this process can use, in the order ``auto`` prefers them."""
-    return ["shm", "nixl", "tcp"] if nixl_status()[0] else ["shm", "tcp"]
+def available_kinds(device: str = "cpu") -> list[str]:
+    """The transports this process can use for memory of ``device`` ("cpu" or "cuda"), in the
+    order ``auto`` prefers them. For "cuda" this imports torch."""
+    has_nixl = nixl_status()[0]
+    if parse_device(device)[0] == "cuda":
+        return (["cuda_ipc"] if cuda_ipc_status()[0] else []) + (["nixl"] if has_nixl else [])
+    return ["shm", "nixl", "tcp"] if has_nixl else ["shm", "tcp"]
+
+
+def candidates(
+    transports: Iterable[SingleTransportAgent], device_types: set[str]
+) -> list[SingleTransportAgent]:
+    """The transports, in order, that serve every one of ``device_types``."""
+    return [t for t in transports if device_types <= t.device_types]
 
 
 class AutoAgent(TransferAgent):
-    """Serves its memory over shm, tcp and (if installed) nixl; reads each remote over the best
-    transport the two share. ``transport_of`` says which one a remote got."""
+    """Serves its memory over every transport that can serve it; reads each remote over the
+    best transport the two share for their devices. ``transport_of`` says which one a remote
+    got."""
 
     kind = "auto"
 
@@ -46,20 +69,20 @@ class AutoAgent(TransferAgent):
         use_nixl: bool | None = None,
     ) -> None:
         self._name = name
-        self._transports: list[SingleTransportAgent] = []
+        self._use_nixl = use_nixl
+        self._shm: ShmAgent | None = None
+        self._tcp: TcpAgent | None = None
+        self._nixl: NixlAgent | None = None
+        self._cuda_ipc: CudaIpcAgent | None = None
+        self._is_nixl_decided = not (use_nixl or (use_nixl is None and nixl_status()[0]))
         self._routes: dict[str, SingleTransportAgent] = {}
+        self._regions: list[RegionDesc] = []
         self.is_closed = False
+        if use_nixl and not nixl_status()[0]:
+            raise TransportUnavailable(nixl_status()[1])
         try:
             self._shm = ShmAgent(name)
-            self._transports.append(self._shm)
-            if use_nixl or (use_nixl is None and nixl_status()[0]):
-                try:
-                    self._transports.append(NixlAgent(name))
-                except TransportUnavailable:
-                    if use_nixl:
-                        raise
-                    logger.warning("kv nixl installed but unusable; serving shm and tcp only")
-            self._transports.append(TcpAgent(name, host=tcp_host, port=tcp_port))
+            self._tcp = TcpAgent(name, host=tcp_host, port=tcp_port)
         except BaseException:
             self.close()
             raise
@@ -68,37 +91,100 @@ class AutoAgent(TransferAgent):
     def name(self) -> str:
         return self._name
 
+    @property
+    def _transports(self) -> list[SingleTransportAgent]:
+        """Every transport made so far, in preference order."""
+        ordered = [self._cuda_ipc, self._shm, self._nixl, self._tcp]
+        return [t for t in ordered if t is not None]
+
     def transport_of(self, remote_name: str) -> str:
         """The kind of transport reads from ``remote_name`` use."""
         return self._routes[remote_name].kind
 
     def allocate(self, num_bytes: int) -> memoryview:
+        assert self._shm is not None  # made in __init__
         return self._shm.allocate(num_bytes)
 
+    def _decide_nixl(self, *, progress_thread: bool) -> None:
+        """Make the NIXL agent once, with a progress thread when it is to serve GPU memory
+        (without one, NIXL READs of GPU memory never completed on an H200)."""
+        if self._is_nixl_decided:
+            return
+        self._is_nixl_decided = True
+        try:
+            self._nixl = NixlAgent(self._name, progress_thread=progress_thread)
+        except TransportUnavailable:
+            if self._use_nixl:
+                raise
+            logger.warning("kv nixl installed but unusable; serving without it")
+
+    def _drop(self, transport: SingleTransportAgent, why: Exception) -> None:
+        """Stop offering a transport that failed to register memory (unless it was asked for)."""
+        if transport is self._nixl and self._use_nixl:
+            raise why
+        logger.warning(
+            "kv transport dropped kind=%s agent=%s error=%s", transport.kind, self._name, why
+        )
+        transport.close()
+        if transport is self._nixl:
+            self._nixl = None
+        elif transport is self._cuda_ipc:
+            self._cuda_ipc = None
+
     def register(self, address: int, length: int, device: str = "cpu") -> None:
-        """Register with every transport; shm goes first, as it accepts the least memory."""
-        for transport in self._transports:
-            transport.register(address, length, device)
+        """Register with every transport that serves ``device``; shm goes first among host
+        transports, as it accepts the least memory. GPU memory sets up cuda_ipc (where CUDA
+        works) and NIXL with VRAM; ``ValueError`` when no transport here can serve it."""
+        if self.is_closed:
+            raise RemoteUnavailable(f"agent {self._name!r} is closed")
+        device_type = parse_device(device)[0]
+        reasons = []
+        if device_type == "cuda" and self._cuda_ipc is None:
+            try:
+                self._cuda_ipc = CudaIpcAgent(self._name)
+            except TransportUnavailable as exc:
+                reasons.append(f"cuda_ipc: {exc.message}")
+        self._decide_nixl(progress_thread=device_type == "cuda")
+        serving = candidates(self._transports, {device_type})
+        for transport in serving:
+            try:
+                transport.register(address, length, device)
+            except (ValueError, TransferError) as exc:
+                if transport.kind in ("shm", "tcp"):
+                    raise
+                self._drop(transport, exc)
+                reasons.append(f"{transport.kind}: {exc}")
+        if not candidates(self._transports, {device_type}):
+            raise ValueError(
+                f"no transport here serves {device} memory: " + "; ".join(reasons or ["none"])
+            )
+        self._regions.append(RegionDesc(address, length, device))
 
     def metadata(self) -> bytes:
+        self._decide_nixl(progress_thread=False)
         described = [transport.describe() for transport in self._transports]
         return encoder.encode(
             AgentMetadata(
                 kind=self.kind,
                 name=self._name,
                 host=described[0].host,
-                regions=described[0].regions,
+                regions=self._regions,
                 shm=next((d.shm for d in described if d.shm is not None), None),
                 tcp=next((d.tcp for d in described if d.tcp is not None), None),
                 nixl=next((d.nixl for d in described if d.nixl is not None), None),
+                cuda_ipc=next((d.cuda_ipc for d in described if d.cuda_ipc is not None), None),
             )
         )
 
     def add_remote(self, metadata: bytes) -> str:
-        """Attach with the first transport in preference order that reaches the remote."""
+        """Attach with the first transport, in preference order, that serves both sides'
+        devices and reaches the remote."""
         remote = decode_metadata(metadata)
+        self._decide_nixl(progress_thread=False)
+        devices = {parse_device(r.device)[0] for r in [*remote.regions, *self._regions]}
         reasons = []
-        for transport in self._transports:
+        usable = candidates(self._transports, devices)
+        for transport in usable:
             try:
                 transport.add_remote(metadata)
             except TransportUnavailable as exc:
@@ -109,6 +195,10 @@ class AutoAgent(TransferAgent):
                 previous.remove_remote(remote.name)
             self._routes[remote.name] = transport
             return remote.name
+        if not usable:
+            reasons.append(
+                "no transport of ours serves " + " and ".join(sorted(devices)) + " memory"
+            )
         raise TransportUnavailable(
             f"no transport reaches {remote.name!r}: " + "; ".join(reasons),
             remote_name=remote.name,
@@ -132,6 +222,7 @@ class AutoAgent(TransferAgent):
 
     def close(self) -> None:
         self.is_closed = True
+        self._is_nixl_decided = True
         for transport in reversed(self._transports):
             transport.close()
         self._routes.clear()
@@ -151,7 +242,9 @@ def create_agent(
     ``tcp_host``/``tcp_port`` are where a tcp server binds (port 0: any free port) and what
     peers are told; ``use_nixl`` (auto only) forces NIXL on or off, by default on where
     installed; ``nixl_progress_thread`` is needed only when peers reach a nixl owner over
-    UCX's TCP transport. Raises ``TransportUnavailable`` for nixl without NIXL installed.
+    UCX's TCP transport, or when they read GPU memory (``auto`` sets it for GPU memory itself).
+    Raises ``TransportUnavailable`` for nixl without NIXL installed and for cuda_ipc without
+    CUDA.
     """
     match kind:
         case "auto":
@@ -162,5 +255,7 @@ def create_agent(
             return TcpAgent(name, host=tcp_host, port=tcp_port)
         case "nixl":
             return NixlAgent(name, progress_thread=nixl_progress_thread)
+        case "cuda_ipc":
+            return CudaIpcAgent(name)
         case _:
             assert_never(kind)

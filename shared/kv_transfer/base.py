@@ -25,11 +25,17 @@ from shared.kv_transfer.metadata import (
     host_name,
     metadata_decoder,
 )
-from shared.kv_transfer.regions import RegionSet, Transfer, coalesce, first_uncovered
+from shared.kv_transfer.regions import (
+    RegionSet,
+    Transfer,
+    coalesce,
+    first_uncovered,
+    parse_device,
+)
 
 logger = logging.getLogger(__name__)
 
-AgentKind = Literal["auto", "shm", "tcp", "nixl"]
+AgentKind = Literal["auto", "shm", "tcp", "nixl", "cuda_ipc"]
 
 
 class TransferError(Unavailable):
@@ -129,16 +135,23 @@ class TransferAgent(ABC):
 
 
 def decode_metadata(metadata: bytes) -> AgentMetadata:
-    """Validate a peer's metadata; a malformed or foreign blob raises ``TransportUnavailable``."""
+    """Validate a peer's metadata; a malformed or foreign blob (an unknown device included)
+    raises ``TransportUnavailable``."""
     try:
-        return metadata_decoder.decode(metadata)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        described = metadata_decoder.decode(metadata)
+        for region in described.regions:
+            parse_device(region.device)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise TransportUnavailable(f"agent metadata could not be decoded: {exc}") from exc
+    return described
 
 
 class SingleTransportAgent(TransferAgent):
     """The bookkeeping shared by one-transport agents: local regions, known peers, range checks
-    and coalescing. Subclasses fill in the transport through the ``_`` hooks."""
+    and coalescing. Subclasses fill in the transport through the ``_`` hooks and say in
+    ``device_types`` which memory they serve."""
+
+    device_types: ClassVar[frozenset[str]] = frozenset({"cpu"})
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -161,8 +174,11 @@ class SingleTransportAgent(TransferAgent):
     def register(self, address: int, length: int, device: str = "cpu") -> None:
         self._check_open()
         region = RegionDesc(address, length, device)
-        if device != "cpu":
-            raise ValueError(f"{self.kind} agents serve device 'cpu' only, got {device!r}")
+        if parse_device(device)[0] not in self.device_types:
+            raise ValueError(
+                f"{self.kind} agents serve {', '.join(sorted(self.device_types))} memory only, "
+                f"got device {device!r}"
+            )
         self._check_servable(region)
         self._register(region)
         self._local.add(region)

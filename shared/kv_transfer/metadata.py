@@ -58,11 +58,33 @@ class NixlEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     agent_metadata: bytes
 
 
+class CudaIpcAllocation(msgspec.Struct, frozen=True, array_like=True):
+    """One device allocation holding registered memory: where it starts in the owner's address
+    space, its size, the GPU it lives on (``nvidia-smi``'s UUID, equal in every process, unlike
+    device indices) and its CUDA IPC handle (``CUipcMemHandle``, 64 opaque bytes)."""
+
+    address: int
+    size_bytes: int
+    device_uuid: str
+    handle: bytes
+
+
+class CudaIpcEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """How a reader on the same machine opens the owner's GPU memory and watches the owner."""
+
+    boot_id: str  # CUDA IPC handles mean nothing on another machine
+    pid: int
+    pid_namespace: str
+    start_time: int
+    allocations: list[CudaIpcAllocation]
+
+
 class AgentMetadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Everything a peer needs to read this agent's registered memory.
 
-    An agent of kind ``auto`` fills several endpoints; a reader uses the first it can reach
-    (shm on the same host, then nixl, then tcp).
+    An agent of kind ``auto`` fills several endpoints; a reader uses the first it can reach:
+    for host memory shm on the same host, then nixl, then tcp; for GPU memory cuda_ipc on the
+    same machine, then nixl.
     """
 
     kind: str
@@ -72,10 +94,19 @@ class AgentMetadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     shm: ShmEndpoint | None = None
     tcp: TcpEndpoint | None = None
     nixl: NixlEndpoint | None = None
+    cuda_ipc: CudaIpcEndpoint | None = None
 
 
 encoder: Final = msgspec.msgpack.Encoder()
 metadata_decoder: Final = msgspec.msgpack.Decoder(AgentMetadata)
+
+
+@cache
+def boot_id() -> str:
+    """This kernel's boot id: equal in two processes exactly when they run on one machine
+    (containers included), and new after every reboot."""
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        return f.read().strip()
 
 
 @cache
@@ -85,10 +116,8 @@ def shm_domain() -> str:
     Hostnames are not enough: two pods on one node share the boot id but not ``/dev/shm``,
     and two containers may share a hostname. The tmpfs device number is unique per boot.
     """
-    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-        boot_id = f.read().strip()
     st = os.stat("/dev/shm")
-    return f"{boot_id}/{st.st_dev}/{st.st_ino}"
+    return f"{boot_id()}/{st.st_dev}/{st.st_ino}"
 
 
 def pid_namespace() -> str:

@@ -2,11 +2,26 @@
 
 import bisect
 from collections.abc import Iterable
+from typing import Final
 
 from shared.kv_transfer.metadata import RegionDesc
 
 Transfer = tuple[int, int, int]
 """``(remote_address, local_address, length)``: one contiguous copy of a read."""
+
+
+DEVICE_TYPES: Final = ("cpu", "cuda")
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` -> ``("cpu", 0)``, ``"cuda:1"`` -> ``("cuda", 1)`` (``"cuda"`` is device 0).
+
+    Raises ``ValueError`` for anything else, so a typo never reaches a transport.
+    """
+    kind, _, index = device.partition(":")
+    if kind in DEVICE_TYPES and (not index or (index.isdigit() and kind != "cpu")):
+        return kind, int(index or 0)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 class RegionSet:
@@ -42,6 +57,15 @@ class RegionSet:
         ends[i:j] = [end]
         self._bounds = (starts, ends)
         self.regions = [*self.regions, region]
+
+    def region_at(self, address: int) -> RegionDesc | None:
+        """The registered region holding ``address`` (the first registered, if several do)."""
+        return next((r for r in self.regions if r.address <= address < r.address + r.length), None)
+
+    @property
+    def device_types(self) -> set[str]:
+        """The device types (``cpu``, ``cuda``) of the registered regions."""
+        return {parse_device(r.device)[0] for r in self.regions}
 
     def covers(self, address: int, length: int) -> bool:
         """Whether the whole range lies inside registered memory."""

@@ -29,6 +29,7 @@ from shared.kv_transfer.base import (
     SingleTransportAgent,
     TransportUnavailable,
 )
+from shared.kv_transfer.liveness import open_owner_pidfd
 from shared.kv_transfer.memcopy import Copier, Copy
 from shared.kv_transfer.metadata import (
     AgentMetadata,
@@ -128,27 +129,6 @@ class _RemoteSegments:
             self.exit_watch = None
 
 
-def _open_pidfd(endpoint: ShmEndpoint, name: str) -> int | None:
-    """A pidfd for the owner, or None when its pid means nothing here (another namespace)."""
-    if endpoint.pid_namespace != pid_namespace():
-        return None
-    try:
-        pidfd = os.pidfd_open(endpoint.pid)
-    except ProcessLookupError as exc:
-        raise RemoteUnavailable(f"{name!r} (pid {endpoint.pid}) has exited") from exc
-    except OSError as exc:  # seccomp may forbid pidfd_open: fall back to the unlink check
-        logger.warning("kv shm cannot watch owner pid=%d error=%r", endpoint.pid, exc)
-        return None
-    try:
-        start_time = process_start_time(endpoint.pid)  # checked after pinning the pid
-    except OSError:
-        start_time = -1
-    if start_time != endpoint.start_time:
-        os.close(pidfd)
-        raise RemoteUnavailable(f"{name!r} (pid {endpoint.pid}) has exited; the pid was reused")
-    return pidfd
-
-
 def _map(desc: ShmSegmentDesc, name: str) -> _Mapping:
     """Map a remote segment read-only (a reader bug then faults instead of corrupting KV)."""
     try:
@@ -232,7 +212,9 @@ class ShmAgent(SingleTransportAgent):
             raise TransportUnavailable(
                 f"{remote.name!r} has no shared memory on this host", remote_name=remote.name
             )
-        pidfd = _open_pidfd(endpoint, remote.name)
+        pidfd = open_owner_pidfd(
+            remote.name, endpoint.pid, endpoint.pid_namespace, endpoint.start_time
+        )
         mappings: list[_Mapping] = []
         try:
             for desc in sorted(endpoint.segments, key=lambda d: d.address):

@@ -83,7 +83,13 @@ def owner_stderr(tmp_path: Path) -> Iterator[BinaryIO]:
 
 @asynccontextmanager
 async def start_owner(
-    kind: str, stderr: BinaryIO, *, num_blocks: int, block_bytes: int, seed: int = 1
+    kind: str,
+    stderr: BinaryIO,
+    *,
+    num_blocks: int,
+    block_bytes: int,
+    seed: int = 1,
+    device: str = "cpu",
 ) -> AsyncIterator[Owner]:
     name = f"owner-{uuid.uuid4().hex[:8]}"
     process = await asyncio.create_subprocess_exec(
@@ -92,6 +98,7 @@ async def start_owner(
         "tests.integration.kv_transfer_peer",
         *("--kind", kind, "--name", name, "--seed", str(seed)),
         *("--num-blocks", str(num_blocks), "--block-bytes", str(block_bytes)),
+        *("--device", device),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
@@ -369,6 +376,55 @@ def test_create_nixl_agent_without_nixl_is_unavailable():
         pytest.skip("NIXL is installed")
     with pytest.raises(TransportUnavailable):
         create_agent("nixl", "n")
+
+
+# --- GPU memory (CUDA IPC on one machine) ---------------------------------------------------
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["cuda_ipc", "auto"])
+async def test_gpu_reader_copies_scattered_blocks_from_another_process(kind, owner_stderr):
+    import torch
+
+    num_blocks, block_bytes = 256, 64 * KiB
+    async with start_owner(
+        kind, owner_stderr, num_blocks=num_blocks, block_bytes=block_bytes, device="cuda"
+    ) as owner:
+        assert owner.described.cuda_ipc is not None
+        local = torch.zeros(num_blocks * block_bytes, dtype=torch.uint8, device="cuda")
+        with create_agent(kind, f"reader-{uuid.uuid4().hex[:8]}") as agent:
+            agent.register(local.data_ptr(), local.numel(), str(local.device))
+            remote = agent.add_remote(owner.metadata)
+            if isinstance(agent, AutoAgent):
+                assert agent.transport_of(remote) == "cuda_ipc"
+            order = random.Random(3).sample(range(num_blocks), num_blocks)
+            transfers = [
+                (owner.address + b * block_bytes, local.data_ptr() + i * block_bytes, block_bytes)
+                for i, b in enumerate(order)
+            ]
+            async with asyncio.timeout(60):
+                await agent.read(remote, transfers)
+            expected = expected_bytes(num_blocks * block_bytes, owner.seed)
+            got = local.cpu().numpy().tobytes()
+            for i, b in enumerate(order):
+                start = b * block_bytes
+                assert (
+                    got[i * block_bytes : (i + 1) * block_bytes]
+                    == expected[start : start + block_bytes]
+                ), f"block {b}"
+            await owner.kill()
+            with pytest.raises(RemoteUnavailable):
+                async with asyncio.timeout(60):
+                    await agent.read(remote, transfers[:1])
 
 
 # --- pure helpers -----------------------------------------------------------------------------
