@@ -1,11 +1,12 @@
-"""Build the engine a worker's config asks for. torch is imported only for the torch engine,
-so a simulated cluster installs and starts without it."""
+"""Build the engine a worker's config asks for. torch is imported only for the torch engine
+(and vLLM only for the vllm one), so a simulated cluster installs and starts without it."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.engine.config import EngineConfig
 from shared.engine.engine import ScheduledEngine
+from shared.engine.interface import Engine
 from shared.engine.scheduler import SchedulerConfig
 from shared.engine.sim import SimEngine, SimEngineConfig
 from shared.engine.timing import TimingModel
@@ -18,7 +19,7 @@ Allocate = Callable[[int], memoryview]
 
 @dataclass(slots=True)
 class BuiltEngine:
-    engine: ScheduledEngine
+    engine: Engine
     step_in_thread: bool  # a real model's step blocks for milliseconds: run it off the loop
     # A simulated engine's KV moves few real bytes: the time a transfer of ``n`` of them would
     # take on the modelled hardware (the worker pads its transfer agent's reads to it).
@@ -58,6 +59,10 @@ def build_engine(
         buffer = allocate(config.num_kv_blocks * sim_config.kv_block_bytes) if allocate else None
         engine = SimEngine(sim_config, kv_buffer=buffer)
         return BuiltEngine(engine, step_in_thread=False, transfer_time_s=engine.transfer_time_s)
+    if config.engine == "vllm":  # vLLM is imported only here (the [vllm] extra)
+        from shared.engine.vllm_engine import build_vllm_engine
+
+        return BuiltEngine(build_vllm_engine(config, tokenizer), step_in_thread=True)
     return _build_torch(config, tokenizer, eos_token_id, allocate)
 
 
