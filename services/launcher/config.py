@@ -53,7 +53,13 @@ class UpConfig:
     engine: str = field(default="sim", metadata=doc("engine kind of the workers"))
     speedup: float = field(default=1.0, metadata=doc("sim engine time divisor"))
     log_dir: str = field(default="", metadata=doc("write each process's log here"))
-    ready_timeout_s: float = field(default=60.0, metadata=doc("how long start-up may take"))
+    ready_timeout_s: float = field(
+        default=0.0,
+        metadata=doc(
+            "how long start-up may take (0: 60 s; 300 s for --engine vllm, which takes up to "
+            "a minute to import and start on a busy machine)"
+        ),
+    )
     log_level: str = field(default="info", metadata=doc("logging level"))
     supervise: bool = field(
         default=True,
@@ -128,6 +134,8 @@ class UpConfig:
 
     def __post_init__(self) -> None:
         check_token(self.namespace, "namespace")
+        if not self.ready_timeout_s >= 0:
+            raise ValueError(f"ready_timeout_s must be >= 0, got {self.ready_timeout_s}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.num_routers < 0:
@@ -177,7 +185,7 @@ class UpConfig:
             decode_args=engine,
             log_dir=self.log_dir,
             log_level=self.log_level,
-            ready_timeout_s=self.ready_timeout_s,
+            ready_timeout_s=self.ready_timeout_s or (300.0 if self.engine == "vllm" else 60.0),
             supervise=self.supervise,
             secure=self.secure,
             planner=self.planner,
