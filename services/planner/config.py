@@ -35,6 +35,14 @@ class KubernetesConfig:
     k8s_prefill_deployment: str = field(
         default="baton-prefill", metadata=doc("Deployment of the prefill workers")
     )
+    k8s_workers_deployment: str = field(
+        default="",
+        metadata=doc(
+            "one Deployment for prefill and decode workers alike, instead of one per role: "
+            "the planner scales it to the pools' total and switches its pods' roles over the "
+            "bus (new pods start in the role its pod template says)"
+        ),
+    )
     k8s_api_url: str = field(
         default="",
         metadata=doc(
@@ -56,7 +64,9 @@ class KubernetesConfig:
     def __post_init__(self) -> None:
         if self.k8s_namespace and not _DNS_LABEL.fullmatch(self.k8s_namespace):
             raise ValueError(f"k8s_namespace must be a DNS-1123 label, got {self.k8s_namespace!r}")
-        for name in ("k8s_decode_deployment", "k8s_prefill_deployment"):
+        for name in ("k8s_decode_deployment", "k8s_prefill_deployment", "k8s_workers_deployment"):
+            if name == "k8s_workers_deployment" and not self.k8s_workers_deployment:
+                continue
             if not _DNS_SUBDOMAIN.fullmatch(getattr(self, name)):
                 raise ValueError(
                     f"{name} must be a Deployment name (DNS-1123 subdomain), "
@@ -111,8 +121,9 @@ class PlannerConfig:
         default=True,
         metadata=doc(
             "when one pool wants a worker and the other can spare one, switch a worker's "
-            "role (prefill <-> decode, about a second) rather than start a process (not "
-            "with the kubernetes connector: a switched pod would stay in its Deployment)"
+            "role (prefill <-> decode, about a second) rather than start a process (with "
+            "the kubernetes connector only when --k8s-workers-deployment names one "
+            "Deployment for both roles: a switched pod would stay in its role's Deployment)"
         ),
     )
     switch_timeout_s: float = field(
@@ -195,9 +206,13 @@ class PlannerConfig:
 
     @property
     def switches_roles(self) -> bool:
-        """Role switching, unless Kubernetes runs the pools: a switched pod would stay in its
-        Deployment, whose replicas would then no longer say what serves as what."""
-        return self.role_switching and self.connector != "kubernetes"
+        """Role switching, unless Kubernetes runs each pool as its own Deployment: a switched
+        pod would stay in its Deployment, whose replicas would then no longer say what serves
+        as what. With one Deployment for both roles (``k8s_workers_deployment``) the replicas
+        are the total and roles are the planner's to set."""
+        if self.connector == "kubernetes":
+            return self.role_switching and bool(self.k8s.k8s_workers_deployment)
+        return self.role_switching
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(

@@ -12,6 +12,13 @@ registered workers, which lag the Deployment (pods starting, pods draining), so 
 A write that fails (API unreachable, slow, refusing) is logged with its reason and tried again
 at the next decision while the planner still wants that target; nothing here raises into the
 planner's loop.
+
+With one Deployment for both roles (``--k8s-workers-deployment``), the pools are not
+Deployments: the connector scales that one to the sum of the pools' targets, once every pool
+has decided in an interval, and the planner moves pods between roles with ``RoleSwitch``
+over the bus (a new pod starts in the role of the pod template, and is switched if the other
+pool is the one short). Which pod a scale-down removes is the ReplicaSet's choice; its
+SIGTERM drains it, and a draining decode worker hands its streams to a peer.
 """
 
 import asyncio
@@ -93,7 +100,8 @@ def load_kube_config(
 
 class KubernetesConnector:
     """Sets ``spec.replicas`` of each planned pool's Deployment (``deployments``: role to
-    Deployment name, in ``namespace``) when the planner changes its target."""
+    Deployment name, in ``namespace``) when the planner changes its target; with
+    ``workers_deployment``, of that one Deployment, to the pools' total."""
 
     def __init__(
         self,
@@ -101,32 +109,40 @@ class KubernetesConnector:
         namespace: str,
         deployments: Mapping[Role, str],
         timeout_s: float,
+        workers_deployment: str = "",
     ) -> None:
         self._client = client
         self.namespace = namespace
-        self.deployments = dict(deployments)
+        self.workers_deployment = workers_deployment
+        self.deployments = (
+            dict.fromkeys(deployments, workers_deployment)
+            if workers_deployment
+            else dict(deployments)
+        )
         self._timeout_s = timeout_s
-        self._targets: dict[Role, _Target] = {}
+        self._targets: dict[str, _Target] = {}  # by Deployment
+        self._interval: dict[Role, Decision] = {}  # one Deployment: this interval's so far
 
     async def replicas(self, role: Role) -> Replicas:
         """Read the pool's Deployment's scale. Raises ``Unavailable`` with the reason."""
-        name = self.deployments[role]
+        return await self._read(self.deployments[role])
+
+    async def _read(self, name: str) -> Replicas:
         try:
             scale = await self._client.get(DeploymentScale, name, namespace=self.namespace)
         except _API_ERRORS as exc:
             raise Unavailable(f"GET {self._path(name)}: {_describe(exc)}") from exc
         return _replicas(scale)
 
-    async def scale(self, role: Role, num_replicas: int, *, is_up: bool) -> tuple[Replicas, bool]:
-        """Move the pool's Deployment to ``num_replicas`` unless it is already there or past
+    async def scale(self, name: str, num_replicas: int, *, is_up: bool) -> tuple[Replicas, bool]:
+        """Move Deployment ``name`` to ``num_replicas`` unless it is already there or past
         it in the direction ``is_up`` says. The replicas after, and whether it wrote.
         Raises ``Unavailable`` with the reason (409 when the Deployment changed between the
         read and the write)."""
-        before = await self.replicas(role)
+        before = await self._read(name)
         is_done = before.desired >= num_replicas if is_up else before.desired <= num_replicas
         if is_done:
             return before, False
-        name = self.deployments[role]
         patch = DeploymentScale(
             metadata=ObjectMeta(
                 name=name,
@@ -148,26 +164,46 @@ class KubernetesConnector:
         return _replicas(scale), True
 
     async def apply(self, role: Role, decision: Decision) -> None:
-        """Write a change of target; try a failed one again while the planner holds it."""
-        target = self._targets.get(role)
+        """Write a change of target; try a failed one again while the planner holds it. With
+        one Deployment for both roles, the total once every pool has decided this interval."""
+        if not self.workers_deployment:
+            await self._apply(role.value, self.deployments[role], decision)
+            return
+        self._interval[role] = decision
+        if len(self._interval) < len(self.deployments):
+            return
+        decisions = [self._interval.pop(r) for r in self.deployments]
+        changed = [d for d in decisions if d.is_change] or decisions
+        total = Decision(
+            desired=sum(d.desired for d in decisions),
+            previous=sum(d.previous for d in decisions),
+            reason=changed[0].reason,
+            detail="; ".join(
+                f"{r.value} {d.previous} -> {d.desired}"
+                for r, d in zip(self.deployments, decisions, strict=True)
+            ),
+        )
+        await self._apply("total", self.workers_deployment, total)
+
+    async def _apply(self, role: str, name: str, decision: Decision) -> None:
+        target = self._targets.get(name)
         if decision.is_change:
             target = _Target(decision.desired, is_up=decision.desired > decision.previous)
         elif target is None or target.num_replicas != decision.desired:
             # Nothing to write, or the planner gave up the target that failed.
-            self._targets.pop(role, None)
+            self._targets.pop(name, None)
             return
-        name = self.deployments[role]
         try:
             async with asyncio.timeout(self._timeout_s):
-                after, is_written = await self.scale(role, target.num_replicas, is_up=target.is_up)
+                after, is_written = await self.scale(name, target.num_replicas, is_up=target.is_up)
         except (Unavailable, TimeoutError) as exc:
             target = _Target(target.num_replicas, target.is_up, target.num_attempts + 1)
-            self._targets[role] = target
+            self._targets[name] = target
             reason = str(exc) or f"no answer within {self._timeout_s} s"
             logger.warning(
                 "kubernetes: scaling failed role=%s deployment=%s/%s replicas=%d attempt=%d "
                 "reason=%s; trying again at the next decision",
-                role.value,
+                role,
                 self.namespace,
                 name,
                 target.num_replicas,
@@ -175,11 +211,11 @@ class KubernetesConnector:
                 reason,
             )
             return
-        self._targets.pop(role, None)
+        self._targets.pop(name, None)
         logger.info(
             "kubernetes: %s role=%s deployment=%s/%s replicas=%d pods=%d target=%d decision=%s",
             "scaled" if is_written else "already there",
-            role.value,
+            role,
             self.namespace,
             name,
             after.desired,
@@ -192,6 +228,8 @@ class KubernetesConnector:
         """Log every planned Deployment's replicas, or why they cannot be read (a missing
         Deployment or role binding shows at start-up, not at the first scaling)."""
         for role, name in self.deployments.items():
+            if self.workers_deployment and role is not next(iter(self.deployments)):
+                continue  # one Deployment: read once
             try:
                 async with asyncio.timeout(self._timeout_s):
                     found = await self.replicas(role)
@@ -234,7 +272,11 @@ async def kubernetes_connector(
     )
     try:
         connector = KubernetesConnector(
-            client, namespace, {role: names[role] for role in roles}, config.k8s_timeout_s
+            client,
+            namespace,
+            {role: names[role] for role in roles},
+            config.k8s_timeout_s,
+            config.k8s_workers_deployment,
         )
         logger.info(
             "kubernetes: api=%s namespace=%s deployments=%s",

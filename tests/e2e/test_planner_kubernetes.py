@@ -12,7 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proto.messages import WorkerRole
 from services.planner.__main__ import main
+from shared.discovery import Discovery
 from shared.servers import ServerProcess, free_port
 from tests.kubernetes_api import (
     KubernetesAPI,
@@ -91,3 +93,61 @@ def test_planner_cli_exits_2_when_no_kubernetes_credentials_are_found(tmp_path, 
         main(["--connector", "kubernetes", "--k8s-kubeconfig", str(absent)])
     assert exited.value.code == 2
     assert "no Kubernetes API credentials" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+async def test_with_one_worker_deployment_the_planner_switches_pod_roles_in_place(
+    start_cluster, etcd_server: ServerProcess, namespace: str, tmp_path: Path
+) -> None:
+    """``--k8s-workers-deployment``: the prefill pool's minimum is met by switching a decode
+    worker over the bus, not by scaling anything: the Deployment keeps its two pods."""
+    cluster = await start_cluster(num_workers=2, num_routers=1)
+    api = KubernetesAPI(token=TOKEN)
+    api.add(NS, "baton-workers", 2)
+    runner = await start(api)
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, TOKEN, NS)
+    args = [
+        sys.executable, "-m", "services.planner",
+        "--connector", "kubernetes",
+        "--k8s-kubeconfig", str(kubeconfig),
+        "--k8s-workers-deployment", "baton-workers",
+        "--nats-url", cluster.spec.nats_url,
+        "--etcd-url", etcd_server.url,
+        "--namespace", namespace,
+        "--interval-s", "0.2",
+        "--min-prefill-workers", "1",
+        "--max-prefill-workers", "1",
+        "--max-total-workers", "2",
+        "--port", str(free_port()),
+        "--log-level", "info",
+    ]  # fmt: skip
+    log_path = tmp_path / "planner.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(*args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        async with (
+            Discovery.connect(etcd_server.url) as discovery,
+            discovery.watch_workers(namespace) as directory,
+            asyncio.timeout(60),
+        ):
+            await directory.wait_for(
+                lambda: (
+                    sorted(i.role for i in directory.workers.values())
+                    == [WorkerRole.PREFILL, WorkerRole.DECODE]
+                )
+            )
+        pids = {i.pid for i in directory.workers.values()}
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            returncode = await proc.wait()
+        await runner.cleanup()
+    text = log_path.read_text()
+    assert returncode == 0, text[-2000:]
+    assert "role switched" in text
+    # The same two processes serve both pools, and the Deployment was never scaled.
+    assert pids == {p.pid for p in cluster.workers}
+    assert api.of("PATCH") == []
+    assert api.replicas(NS, "baton-workers") == 2
+    assert_valid_against_kubernetes_schemas(api)

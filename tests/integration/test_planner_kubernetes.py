@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from services.planner.config import KubernetesConfig
+from services.planner.config import KubernetesConfig, PlannerConfig
 from services.planner.kubernetes import (
     FIELD_MANAGER,
     Replicas,
@@ -124,6 +124,44 @@ async def test_connector_writes_only_changes_and_only_the_way_they_go(api, kubec
         await connector.apply(Role.DECODE, hold(2))  # written: nothing to retry
     assert [r.method for r in api.requests] == ["GET", "GET"]
     assert api.replicas(NS, "baton-decode") == 2
+
+
+async def test_one_deployment_for_both_roles_is_scaled_to_the_pools_total(api, kubeconfig):
+    api.add(NS, "baton-workers", 2)
+    config = k8s_config(kubeconfig, k8s_workers_deployment="baton-workers")
+    async with kubernetes_connector(config, BOTH) as connector:
+        assert connector.deployments == dict.fromkeys(BOTH, "baton-workers")
+        api.requests.clear()
+        # An interval: nothing is written until every pool has decided.
+        await connector.apply(Role.DECODE, up(2, 1))
+        assert api.requests == []
+        await connector.apply(Role.PREFILL, up(1, 0))
+        assert api.replicas(NS, "baton-workers") == 3
+        # A steady interval writes nothing; one pool down, the other up, nothing either.
+        await connector.apply(Role.DECODE, hold(2, "steady"))
+        await connector.apply(Role.PREFILL, hold(1, "steady"))
+        await connector.apply(Role.DECODE, Decision(1, 2, "idle", "2 -> 1"))
+        await connector.apply(Role.PREFILL, up(2, 1))
+        assert [r.method for r in api.requests] == ["GET", "PATCH"]
+        # Down to a total of 2.
+        await connector.apply(Role.DECODE, hold(1, "steady"))
+        await connector.apply(Role.PREFILL, Decision(1, 2, "idle", "2 -> 1"))
+    assert api.replicas(NS, "baton-workers") == 2
+    assert {r.path for r in api.requests} == {SCALE_PATH.format("baton-workers")}
+    # The per-role Deployments were never touched.
+    assert api.replicas(NS, "baton-decode") == 2
+    assert api.replicas(NS, "baton-prefill") == 1
+
+
+def test_role_switching_with_kubernetes_needs_one_deployment_for_both_roles():
+    assert not PlannerConfig(connector="kubernetes").switches_roles
+    workers = KubernetesConfig(k8s_workers_deployment="baton-workers")
+    assert PlannerConfig(connector="kubernetes", k8s=workers).switches_roles
+    assert not PlannerConfig(
+        connector="kubernetes", k8s=workers, role_switching=False
+    ).switches_roles
+    with pytest.raises(ValueError, match="k8s_workers_deployment"):
+        KubernetesConfig(k8s_workers_deployment="Not_A_Name")
 
 
 async def test_connector_uses_the_deployment_names_and_namespace_it_is_given(api, tmp_path):

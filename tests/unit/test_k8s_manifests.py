@@ -20,8 +20,16 @@ from services.planner.config import KubernetesConfig
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
-OVERLAYS = ("agg", "disagg", "disagg-router", "gpu", "agg-planner", "disagg-planner")
-PLANNER_OVERLAYS = ("agg-planner", "disagg-planner")
+OVERLAYS = (
+    "agg",
+    "disagg",
+    "disagg-router",
+    "gpu",
+    "agg-planner",
+    "disagg-planner",
+    "disagg-planner-switch",
+)
+PLANNER_OVERLAYS = ("agg-planner", "disagg-planner", "disagg-planner-switch")
 # The oldest Kubernetes still commonly run, and the newest schema the package bundles.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # Lists that strategic merge combines item by item, matched on "name" (Kubernetes' merge key
@@ -241,7 +249,13 @@ def test_planner_scales_the_overlays_worker_deployments_with_only_the_rights_it_
     assert (decode, prefill) == (defaults.k8s_decode_deployment, defaults.k8s_prefill_deployment)
     assert ("Deployment", decode) in found
     plans_prefill = int(env["BATON_PLANNER_MAX_PREFILL_WORKERS"]) > 0
-    assert plans_prefill == (("Deployment", prefill) in found)
+    workers = env.get("BATON_PLANNER_K8S_WORKERS_DEPLOYMENT")
+    if workers is None:
+        assert plans_prefill == (("Deployment", prefill) in found)
+    else:  # one Deployment for both roles: the planner switches its pods' roles
+        assert workers == decode
+        assert plans_prefill
+        assert ("Deployment", prefill) not in found
     # Its identity: a ServiceAccount bound to a Role that reads the worker Deployments and
     # reads and writes their scale subresource, as the connector does, and nothing more.
     assert pod["serviceAccountName"] == "baton-planner"
