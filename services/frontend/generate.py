@@ -168,7 +168,7 @@ class Generator:
         self,
         request_id: RequestId,
         model: str,
-        token_ids: list[int],
+        token_ids: Sequence[int],
         sampling: SamplingParams,
         objectives: RequestObjectives = NO_OBJECTIVES,
         deadline_s: float | None = None,
@@ -287,7 +287,7 @@ class Generator:
         stream: TokenStream,
         request_id: RequestId,
         model: str,
-        token_ids: list[int],
+        token_ids: Sequence[int],
         sampling: SamplingParams,
         objectives: RequestObjectives,
         deadline_s: float | None,
@@ -331,7 +331,7 @@ class Generator:
         stream: TokenStream,
         request_id: RequestId,
         model: str,
-        token_ids: list[int],
+        token_ids: Sequence[int],
         sampling: SamplingParams,
         objectives: RequestObjectives,
         deadline_s: float | None,
@@ -354,6 +354,7 @@ class Generator:
                 candidates.insert(0, chosen)
                 routed, routed_prefill_id = chosen, decision.prefill_worker_id
         last_error: ServingError = Overloaded("no worker accepted the request", retry_after_s=1.0)
+        prompt = list(token_ids)  # the message's copy; the caller keeps a compact one
         for worker in candidates[: self._max_attempts]:
             budget_s = None
             if deadline_s is not None:
@@ -367,7 +368,7 @@ class Generator:
             message = GenerateRequest(
                 request_id=self._demux.new_attempt(stream),
                 model=model,
-                token_ids=token_ids,
+                token_ids=prompt,
                 sampling=sampling,
                 stream_subject=self._demux.subject,
                 prefill_worker_id=(
@@ -419,7 +420,7 @@ class Generator:
         raise last_error
 
     async def _route(
-        self, request_id: RequestId, model: str, token_ids: list[int]
+        self, request_id: RequestId, model: str, token_ids: Sequence[int]
     ) -> RouteDecision | None:
         """Ask the routers where to go; None (place it ourselves) if none answers in time."""
         if self._route_timeout_s <= 0:
@@ -427,7 +428,7 @@ class Generator:
         try:
             data = await self._bus.request(
                 self._router_subject,
-                RouteRequest(request_id=request_id, model=model, token_ids=token_ids),
+                RouteRequest(request_id=request_id, model=model, token_ids=list(token_ids)),
                 timeout_s=self._route_timeout_s,
             )
             reply = route_reply_decoder.decode(data)
