@@ -59,10 +59,14 @@ def warm_up(config: WorkerServiceConfig) -> None:
         import torch
 
         import shared.engine.checkpoint
-        import shared.engine.torch_runner  # noqa: F401 - imported to be warm
+        import shared.engine.torch_runner  # imported to be warm
 
         # The first op sets up the CPU kernels. No CUDA context: idle, it would hold GPU memory.
         torch.zeros(1).add_(1)
+    if config.engine.engine == "vllm":
+        # Importing vLLM takes about 10 s here; starting its engine is left to the worker
+        # (its model and cache size are the worker's).
+        import shared.engine.vllm_engine  # noqa: F401 - imported to be warm
     if config.worker.kv_transfer in ("auto", "nixl"):
         from shared.kv_transfer import NixlAgent, TransportUnavailable, nixl_status
 
