@@ -188,6 +188,35 @@ def logged_drain_s(log_dir: str, pid: int) -> float:
     return math.nan
 
 
+class Streams(threading.Thread):
+    """The streams, run in a thread of their own (their own event loop), so that nothing the
+    fault's orchestration does (blocking HTTP and process calls) delays them."""
+
+    def __init__(
+        self, args: argparse.Namespace, url: str, sampling: dict[str, Any], gaps: list[float]
+    ) -> None:
+        super().__init__(name="streams", daemon=True)
+        self._run = lambda: asyncio.run(run(args, url, sampling, gaps))
+        self._texts: list[str | None] | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._texts = self._run()
+        except BaseException as exc:  # handed to result(), which raises it again
+            self._error = exc
+
+    def result(self, timeout_s: float = 600.0) -> list[str | None]:
+        """The streams' texts once they are done; their error if they failed."""
+        self.join(timeout_s)
+        if self.is_alive():
+            raise TimeoutError(f"the streams were not done within {timeout_s} s")
+        if self._error is not None:
+            raise RuntimeError("the streams failed") from self._error
+        assert self._texts is not None
+        return self._texts
+
+
 def faulted_run(
     args: argparse.Namespace,
     url: str,
@@ -197,71 +226,23 @@ def faulted_run(
     etcd_url: str,
     namespace: str,
 ) -> tuple[list[str | None], dict[str, float]]:
-    """The streams run in a thread of their own (their own event loop), so that nothing the
-    fault's orchestration does here (blocking HTTP and process calls) delays them."""
+    """Start the streams, fault a server or a worker ``--kill-after-s`` in, wait for the
+    streams; their texts and what was measured about the fault."""
+    streams = Streams(args, url, sampling, gaps)
+    streams.start()
+    time.sleep(args.kill_after_s)
+    facts = {"in_flight_at_fault": metric(url, "baton_frontend_in_flight_requests")}
+    if args.fault in SERVER_FAULTS:
+        faulted = fault_server(args.fault, args.outage_s, facts)
+        texts = streams.result()
+        facts["streams_done_after_fault_s"] = time.monotonic() - faulted
+        return texts, facts
     root = os.getpid()
     role = "prefill" if args.fault == "kill-prefill" else "decode"
-    victims = sorted(role_pids(root, role))
-    facts: dict[str, float] = {}
-    texts: list[list[str | None]] = []
-    client = threading.Thread(
-        target=lambda: texts.append(asyncio.run(run(args, url, sampling, gaps))), name="client"
-    )
-    client.start()
-    time.sleep(args.kill_after_s)
-    facts["in_flight_at_fault"] = metric(url, "baton_frontend_in_flight_requests")
-    if args.fault in SERVER_FAULTS:
-        facts.update(victim_in_flight=math.nan, prefill_fallbacks=0.0, moved_kv_bytes=0.0)
-        needle = SERVER_FAULTS[args.fault]
-        [victim] = named_pids(root, needle)
-        faulted = time.monotonic()
-        if args.fault == "etcd":
-            os.kill(victim, signal.SIGSTOP)
-            time.sleep(args.outage_s)
-            os.kill(victim, signal.SIGCONT)
-        else:
-            os.kill(victim, signal.SIGKILL)
-
-            def server_back() -> bool:
-                fresh = named_pids(root, needle) - {victim}
-                if args.fault == "router":
-                    return bool(fresh) and all(worker_ready(p) for p in fresh)
-                return bool(fresh)
-
-            until(server_back)
-        facts["one_short_s"] = time.monotonic() - faulted
-        client.join()
-        facts["streams_done_after_fault_s"] = time.monotonic() - faulted
-        return texts[0], facts
-    # The busiest worker of the role, as etcd lists them: the fault should hit as many streams
-    # as it can.
-    in_flight = {
-        info.pid: metric(info.http_url, "baton_worker_in_flight")
-        for info in registered_workers(etcd_url, namespace, role)
-    }
-    victim = max(in_flight, key=in_flight.__getitem__)
-    facts["victim_in_flight"] = in_flight[victim]
-    silent_before = metric(url, "baton_frontend_silent_workers_total")
     fallbacks_before = decode_metric(root, "baton_worker_prefill_fallbacks")
     moved_bytes_before = decode_metric(root, "baton_worker_moved_in_bytes")
-    process = psutil.Process(victim)
-    os.kill(victim, signal.SIGTERM if args.fault == "drain" else signal.SIGKILL)
-    faulted = time.monotonic()
-    if args.fault == "drain":
-        until(lambda: not process.is_running() or process.status() == "zombie")
-        facts["drain_s"] = time.monotonic() - faulted
-        facts["worker_drain_s"] = logged_drain_s(log_dir, victim)
-    elif args.fault == "kill":
-        until(lambda: metric(url, "baton_frontend_silent_workers_total") > silent_before)
-        facts["detect_s"] = time.monotonic() - faulted
-
-    def replaced() -> bool:
-        fresh = role_pids(root, role) - set(victims)
-        return bool(fresh) and all(worker_ready(p) for p in fresh)
-
-    until(replaced)
-    facts["one_short_s"] = time.monotonic() - faulted
-    client.join()
+    faulted = fault_worker(args.fault, role, url, log_dir, etcd_url, namespace, facts)
+    texts = streams.result()
     facts["streams_done_after_fault_s"] = time.monotonic() - faulted
     facts["prefill_fallbacks"] = (
         decode_metric(root, "baton_worker_prefill_fallbacks") - fallbacks_before
@@ -270,7 +251,72 @@ def faulted_run(
         decode_metric(root, "baton_worker_moved_in_bytes") - moved_bytes_before
     )
     facts["remote_prefills"] = decode_metric(root, "baton_worker_remote_prefills")
-    return texts[0], facts
+    return texts, facts
+
+
+def fault_server(fault: str, outage_s: float, facts: dict[str, float]) -> float:
+    """Kill (or, for etcd, stop for ``outage_s``) the server process; when it happened."""
+    root = os.getpid()
+    facts.update(victim_in_flight=math.nan, prefill_fallbacks=0.0, moved_kv_bytes=0.0)
+    needle = SERVER_FAULTS[fault]
+    [victim] = named_pids(root, needle)
+    faulted = time.monotonic()
+    if fault == "etcd":
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(outage_s)
+        os.kill(victim, signal.SIGCONT)
+    else:
+        os.kill(victim, signal.SIGKILL)
+
+        def server_back() -> bool:
+            fresh = named_pids(root, needle) - {victim}
+            if fault == "router":
+                return bool(fresh) and all(worker_ready(p) for p in fresh)
+            return bool(fresh)
+
+        until(server_back)
+    facts["one_short_s"] = time.monotonic() - faulted
+    return faulted
+
+
+def fault_worker(
+    fault: str,
+    role: str,
+    url: str,
+    log_dir: str,
+    etcd_url: str,
+    namespace: str,
+    facts: dict[str, float],
+) -> float:
+    """Drain or kill the busiest worker of ``role`` (as etcd lists them: the fault should hit
+    as many streams as it can) and wait until the launcher has replaced it; when it happened."""
+    root = os.getpid()
+    victims = role_pids(root, role)
+    in_flight = {
+        info.pid: metric(info.http_url, "baton_worker_in_flight")
+        for info in registered_workers(etcd_url, namespace, role)
+    }
+    victim = max(in_flight, key=in_flight.__getitem__)
+    facts["victim_in_flight"] = in_flight[victim]
+    silent_before = metric(url, "baton_frontend_silent_workers_total")
+    process = psutil.Process(victim)
+    os.kill(victim, signal.SIGTERM if fault == "drain" else signal.SIGKILL)
+    faulted = time.monotonic()
+    if fault == "drain":
+        until(lambda: not process.is_running() or process.status() == "zombie")
+        facts["drain_s"] = time.monotonic() - faulted
+        facts["worker_drain_s"] = logged_drain_s(log_dir, victim)
+    elif fault == "kill":
+        until(lambda: metric(url, "baton_frontend_silent_workers_total") > silent_before)
+        facts["detect_s"] = time.monotonic() - faulted
+
+    def replaced() -> bool:
+        fresh = role_pids(root, role) - victims
+        return bool(fresh) and all(worker_ready(p) for p in fresh)
+
+    until(replaced)
+    facts["one_short_s"] = time.monotonic() - faulted
+    return faulted
 
 
 def quantile(values: list[float], q: float) -> float:
