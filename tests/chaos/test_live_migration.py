@@ -64,7 +64,7 @@ async def test_a_draining_worker_moves_its_streams(
     assert victim.returncode == 0
     moved = await metric(cluster.url, "baton_frontend_migrations_total")
     assert moved > 0
-    moved_in = await metric(peer.http_url, "baton_worker_moved_in ")
+    moved_in = await metric(peer.http_url, "baton_worker_moved_in")
     if handoff == "kv":
         # Every moved stream's KV was read, none recomputed (no fallback).
         assert moved_in == moved

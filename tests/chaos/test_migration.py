@@ -11,6 +11,8 @@ import time
 import aiohttp
 import pytest
 
+from services.bench.endpoint import parse_samples
+
 MODEL = "baton-sim"
 NUM_STREAMS = 120
 MAX_TOKENS = 150
@@ -50,10 +52,11 @@ async def run_all(url: str, payloads: list[dict]) -> list[str]:
 
 
 async def metric(url: str, name: str) -> float:
+    """The sum of metric ``name``'s samples (every label set), matched by its exact name."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/metrics") as resp:
             text = await resp.text()
-    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name))
+    return sum(parse_samples(text.splitlines(), (name,)).values())
 
 
 @pytest.mark.timeout(180)

@@ -125,13 +125,13 @@ async def test_a_worker_switches_role_each_way_while_streams_run(
 
     assert max(switch_s) < 5.0, switch_s  # ~1 s is the target; CI machines are noisy
     url = worker.http_url
-    assert await metric(url, "baton_worker_role_switches ") == 2
+    assert await metric(url, "baton_worker_role_switches") == 2
     assert await metric(url, "baton_worker_role_switch_refusals") == 1
     assert await metric(peer.http_url, "baton_worker_role_switch_refusals") == 2
     assert await metric(url, "baton_worker_role_switch_seconds") == pytest.approx(switch_s[-1])
     # The first switch's moves, counted by the role that retired since.
     assert await metric(url, "baton_worker_moved_out") >= num_moved_first
-    assert await metric(peer.http_url, "baton_worker_moved_in ") > 0
+    assert await metric(peer.http_url, "baton_worker_moved_in") > 0
     # Nothing left owed anywhere once the retired roles settled (held KV read and freed).
     for info in infos.values():
         await owes_nothing(info.http_url)
