@@ -16,7 +16,7 @@ from shared.bus import Bus
 from shared.discovery import Discovery
 from shared.engine.config import EngineConfig, WorkerConfig
 from shared.engine.factory import BuiltEngine, build_engine
-from shared.engine.kv_connector import RegionConnector
+from shared.engine.kv_connector import KVConnector, RegionConnector
 from shared.kv_transfer import AgentKind, SimulatedTimeAgent, TransferAgent, create_agent
 from shared.tokenizer import Tokenizer
 
@@ -30,7 +30,7 @@ class WorkerRuntime:
     tokenizer: Tokenizer
     built: BuiltEngine
     agent: TransferAgent | None
-    connector: RegionConnector | None  # None: this worker cannot move KV
+    connector: KVConnector | None  # None: this worker cannot move KV
 
 
 @contextlib.asynccontextmanager
@@ -39,9 +39,14 @@ async def worker_runtime(
 ) -> AsyncIterator[WorkerRuntime]:
     tokenizer = await asyncio.to_thread(Tokenizer.load, engine.tokenizer)
     agent: TransferAgent | None = None
-    if worker.kv_transfer != "none":
+    kind = worker.kv_transfer
+    if kind == "auto" and engine.engine == "vllm":
+        # vLLM allocates its KV tensors itself, outside any shm segment (docs/vllm.md).
+        kind = "tcp"
+        logger.info("kv transfer auto is tcp for the vllm engine")
+    if kind != "none":
         agent = create_agent(
-            cast(AgentKind, worker.kv_transfer),  # WorkerConfig checked it is one of these
+            cast(AgentKind, kind),  # WorkerConfig checked it is one of these
             worker_id,
             tcp_host=worker.kv_transfer_host,
             # NIXL READs of GPU memory need the owner's progress thread (docs/gpu.md)
@@ -51,8 +56,18 @@ async def worker_runtime(
         allocate = agent.allocate if agent is not None else None
         built = await asyncio.to_thread(build_engine, engine, tokenizer, allocate)
         region = built.engine.kv_region
-        connector = None
-        if agent is not None and region is not None:
+        connector: KVConnector | None = None
+        if agent is not None and built.make_connector is not None:
+            try:
+                connector = built.make_connector(agent)
+            except ValueError as exc:  # an shm agent cannot serve memory it did not allocate
+                logger.warning(
+                    "KV cache not served by the %s transport; this worker cannot move KV "
+                    "(try --kv-transfer tcp): %s",
+                    kind,
+                    exc,
+                )
+        elif agent is not None and region is not None:
             agent.register(region.address, region.size_bytes, region.device)
             if built.transfer_time_s is not None:
                 agent = SimulatedTimeAgent(agent, built.transfer_time_s)

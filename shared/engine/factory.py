@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from shared.engine.config import EngineConfig
 from shared.engine.engine import ScheduledEngine
 from shared.engine.interface import Engine
+from shared.engine.kv_connector import KVConnector
 from shared.engine.scheduler import SchedulerConfig
 from shared.engine.sim import SimEngine, SimEngineConfig
 from shared.engine.timing import TimingModel
+from shared.kv_transfer import TransferAgent
 from shared.tokenizer import Tokenizer
 
 # A caller that wants the KV cache in memory of its choosing (a transfer agent's shared
@@ -24,6 +26,10 @@ class BuiltEngine:
     # A simulated engine's KV moves few real bytes: the time a transfer of ``n`` of them would
     # take on the modelled hardware (the worker pads its transfer agent's reads to it).
     transfer_time_s: Callable[[int], float] | None = None
+    # An engine whose KV cache is not one block-major ``KVRegion`` (vLLM's: a tensor per
+    # layer) brings its own connector: it registers the cache with the agent (``ValueError``
+    # if the agent cannot serve that memory). None: the worker builds a ``RegionConnector``.
+    make_connector: Callable[[TransferAgent], KVConnector] | None = None
 
 
 def scheduler_config(config: EngineConfig, eos_token_id: int | None) -> SchedulerConfig:
@@ -62,7 +68,10 @@ def build_engine(
     if config.engine == "vllm":  # vLLM is imported only here (the [vllm] extra)
         from shared.engine.vllm_engine import build_vllm_engine
 
-        return BuiltEngine(build_vllm_engine(config, tokenizer), step_in_thread=True)
+        vllm_engine = build_vllm_engine(config, tokenizer)
+        return BuiltEngine(
+            vllm_engine, step_in_thread=True, make_connector=vllm_engine.make_connector
+        )
     return _build_torch(config, tokenizer, eos_token_id, allocate)
 
 

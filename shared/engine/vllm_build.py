@@ -17,6 +17,9 @@ for this engine, so the other engines install and start without it (``pip instal
 - **Model**: ``--model-path random`` writes a small random Llama once per host
   (``shared.engine.tiny_llama``, the torch engine's ``random`` weights); otherwise a Hugging
   Face directory. vLLM never tokenizes: prompts arrive as token ids and outputs leave as ids.
+- **KV connector**: vLLM loads ``shared.engine.vllm_connector.BatonConnector`` (role
+  ``kv_both``), which lends Baton vLLM's block allocation for disaggregation; the adapter and
+  the connector share an ``EngineLink`` under a key unique to the engine.
 - **KV cache size** from ``--num-kv-blocks``: vLLM on CPU wants blocks of a multiple of 32
   tokens, so its block is the smallest multiple of 32 that is a multiple of Baton's block size,
   and the cache holds as many tokens as ``num_kv_blocks`` Baton blocks would.
@@ -87,19 +90,30 @@ def model_dir(config: EngineConfig, tokenizer: Tokenizer) -> Path:
     return cached_tiny_llama(shape, seed=config.seed, dtype=config.dtype)
 
 
-def start_vllm(
-    config: EngineConfig, tokenizer: Tokenizer
-) -> tuple[Any, KVEventTranslator, VllmLoad, int]:
-    """vLLM's ``LLMEngine`` for ``config``, started in this process, with the translator its KV
-    events feed, the load its stats logger keeps, and the model's vocabulary size."""
+@dataclass(slots=True)
+class StartedVllm:
+    """vLLM's ``LLMEngine`` and what the adapter reads beside it."""
+
+    llm: Any  # vllm.v1.engine.llm_engine.LLMEngine
+    events: KVEventTranslator  # fed by its KV events
+    load: VllmLoad  # kept by its stats logger
+    vocab_size: int  # the model's
+    link: Any  # shared.engine.vllm_connector.EngineLink: shared with its KV connector
+    key: str  # the link's key (close_link when the engine stops)
+
+
+def start_vllm(config: EngineConfig, tokenizer: Tokenizer) -> StartedVllm:
+    """vLLM's ``LLMEngine`` for ``config``, started in this process."""
     # vLLM reads these from the environment; a value the operator set wins.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in process: see the docstring
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # never phone home
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the host's cores
     from vllm import EngineArgs
-    from vllm.config import KVEventsConfig
+    from vllm.config import KVEventsConfig, KVTransferConfig
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.executor.abstract import Executor
+
+    from shared.engine import vllm_connector
 
     _register_publisher()
     path = model_dir(config, tokenizer)
@@ -133,12 +147,19 @@ def start_vllm(
         enforce_eager=True,
         scheduling_policy="priority",
         kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", topic=topic),
+        kv_transfer_config=KVTransferConfig(
+            kv_connector=vllm_connector.CONNECTOR_NAME,
+            kv_connector_module_path=vllm_connector.__name__,
+            kv_role="kv_both",
+            kv_connector_extra_config={vllm_connector.KEY_FIELD: topic},
+        ),
     )
     vllm_config = args.create_engine_config()
     # Validated as a zmq publisher's config; served by ours (vLLM's config type lists only
     # its own publishers, its factory takes any registered name).
     vllm_config.kv_events_config.publisher = PUBLISHER_NAME
     _pending_sinks[topic] = translator
+    link = vllm_connector.open_link(topic)
     try:
         engine = LLMEngine(
             vllm_config=vllm_config,
@@ -147,9 +168,13 @@ def start_vllm(
             stat_loggers=[_load_logger_factory(load)],
             multiprocess_mode=False,
         )
+    except BaseException:
+        vllm_connector.close_link(topic)
+        raise
     finally:
         _pending_sinks.pop(topic, None)
-    return engine, translator, load, vocab_size
+        vllm_connector.started(topic)
+    return StartedVllm(engine, translator, load, vocab_size, link, topic)
 
 
 def _register_publisher() -> None:

@@ -22,10 +22,18 @@ What is Baton's and what is vLLM's:
 - **Sampling**: temperature, top-p, seed, penalties, logit bias and log-probabilities
   (vLLM's raw ones, before penalties and temperature, as Baton reports them) map one to one;
   a JSON schema (``response_format``) becomes vLLM's structured outputs.
-- **Not supported yet** (the worker never calls them: this engine exposes no KV memory, so it
-  gets no KV connector): disaggregation and live migration (``reserve``, ``commit``,
-  ``resume``, ``detach``; ``hold_kv``). Objective budgets (``set_budget``) are recorded but
-  vLLM's batch limits are fixed when it starts.
+- **Disaggregation** goes through Baton's KV connector for vLLM
+  (``shared.engine.vllm_connector``): ``hold_kv`` keeps a finished prefill's blocks in vLLM
+  until ``release``; ``reserve`` adds the request with its prompt and a placeholder for the
+  first token (vLLM computes that token's KV itself, after the prompt's is loaded) and runs a
+  scheduler step so that vLLM allocates its blocks now; ``commit`` writes the first token in
+  place of the placeholder and lets vLLM schedule it. Block ids in ``held_blocks`` and
+  ``Reservation`` are vLLM's (``vllm_block_size`` tokens each); ``make_connector`` gives the
+  worker the matching ``KVConnector``.
+- **Not supported**: live migration (``detach`` raises ``ValueError``, so a draining worker's
+  requests move without their KV; ``resume`` and moved-in reservations are refused).
+  Objective budgets (``set_budget``) are recorded but vLLM's batch limits are fixed when it
+  starts.
 """
 
 import logging
@@ -35,9 +43,7 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any, Final
 
-from vllm import SamplingParams as VllmSamplingParams
 from vllm.inputs import TokensPrompt
-from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from proto.messages import (
     FEATURE_LOGIT_BIAS,
@@ -48,8 +54,6 @@ from proto.messages import (
     FinishReason,
     KVEvent,
     RequestId,
-    SamplingParams,
-    TokenLogprobs,
 )
 from shared.engine.config import EngineConfig
 from shared.engine.interface import (
@@ -59,12 +63,29 @@ from shared.engine.interface import (
     Reservation,
     StepResult,
 )
+from shared.engine.kv_connector import KVConnector
 from shared.engine.runner import KVRegion
 from shared.engine.speed import StepBudget
 from shared.engine.vllm_build import VllmLoad, start_vllm, vllm_block_size
+from shared.engine.vllm_connector import (
+    HOLD,
+    RESERVE,
+    EngineLink,
+    VllmKVConnector,
+    close_link,
+)
 from shared.engine.vllm_events import KVEventTranslator
-from shared.errors import InvalidRequest
+from shared.engine.vllm_requests import (
+    VllmShape,
+    first_token_ends,
+    logprobs,
+    sampling_params,
+    validate,
+    write_first_token,
+)
+from shared.errors import InvalidRequest, Overloaded
 from shared.kv_hash import hash_prompt_blocks
+from shared.kv_transfer import TransferAgent
 from shared.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,7 +96,12 @@ _FINISH_REASONS: Final = {
     "abort": FinishReason.ABORT,
     "error": FinishReason.ERROR,
 }
-_UNSUPPORTED = "the vllm engine does not move KV between workers yet (docs/vllm.md)"
+_NO_MIGRATION = "the vllm engine does not migrate running sequences (docs/vllm.md)"
+_PLACEHOLDER: Final = 0  # stands for the first token in a reserved prompt until commit
+# vLLM serves a lower priority value first. A reserved request's first token is already out:
+# it goes ahead of requests not started yet, so that a queue of local prefills does not keep
+# vLLM from allocating its blocks in the step ``reserve`` runs.
+_RESERVED_PRIORITY: Final = -(2**31)
 
 
 @dataclass(slots=True)
@@ -88,17 +114,20 @@ class _Live:
     num_resumed: int
     num_top_logprobs: int | None  # None: no log-probabilities asked for
     num_output_tokens: int = 0
+    vllm_id: str = ""  # vLLM's id for it (what its scheduler and the connector see)
+    is_held: bool = False  # added with hold_kv: its blocks outlive it
+    # A committed request's prefix cache hit at reserve (vLLM would count the pulled tokens).
+    num_reserved_cached_tokens: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VllmShape:
-    """The sizes the adapter validates and reports in (Baton's blocks, not vLLM's)."""
+@dataclass(slots=True)
+class _Reserving:
+    """A reserved request waiting for its prompt's KV (``vllm_id`` is vLLM's request id)."""
 
-    block_size: int
-    max_model_len: int
-    num_kv_blocks: int  # in Baton blocks
-    vocab_size: int
-    eos_token_id: int | None
+    request: EngineRequest
+    vllm_id: str
+    num_cached_tokens: int
+    is_full_hit: bool  # vLLM caches the whole prompt: added afresh at commit
 
 
 class VllmEngine:
@@ -110,14 +139,21 @@ class VllmEngine:
         shape: VllmShape,
         events: KVEventTranslator,
         load: VllmLoad,
+        link: EngineLink | None = None,
         *,
+        link_key: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._llm = llm  # vllm.v1.engine.llm_engine.LLMEngine
         self.shape = shape
         self._events = events
         self._load = load
+        self._link = link if link is not None else EngineLink()
+        self._link_key = link_key
         self._live: dict[RequestId, _Live] = {}
+        self._held: dict[RequestId, str] = {}  # finished hold_kv requests -> vLLM ids
+        self._reserved: dict[RequestId, _Reserving] = {}
+        self._buffered: list[Any] = []  # vLLM outputs of steps run by reserve, not yet returned
         self.budget: StepBudget | None = None  # recorded, not applied (see the module doc)
         self.clock = clock
 
@@ -132,7 +168,7 @@ class VllmEngine:
 
     @property
     def kv_region(self) -> KVRegion | None:
-        """None: vLLM's KV cache is not registered with a transfer agent (yet)."""
+        """None: vLLM's KV cache is a tensor per layer, which ``make_connector`` serves."""
         return None
 
     @property
@@ -143,21 +179,21 @@ class VllmEngine:
             {FEATURE_LOGPROBS, FEATURE_PENALTIES, FEATURE_LOGIT_BIAS, FEATURE_STRUCTURED_OUTPUTS}
         )
 
+    def make_connector(self, agent: TransferAgent) -> KVConnector:
+        """The worker's ``KVConnector`` over vLLM's KV tensors, registered with ``agent``
+        (``ValueError`` if it cannot serve them: an shm agent serves only its own memory)."""
+        caches = self._link.kv_caches
+        if not caches:
+            raise ValueError("vLLM gave no KV tensors to Baton's connector")
+        shape = self.shape
+        return VllmKVConnector.register(agent, caches, shape.num_vllm_blocks, shape.vllm_block_size)
+
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request in vLLM; ``InvalidRequest`` if it could never run here."""
         self._validate(request)
         resumed = request.resumed_token_ids
-        prompt = [*request.token_ids, *resumed]
-        try:
-            self._llm.add_request(
-                request.request_id,
-                TokensPrompt(prompt_token_ids=prompt),
-                self._sampling(request.sampling, len(resumed)),
-                arrival_time=time.time(),
-                priority=request.priority,
-            )
-        except (ValueError, TypeError) as exc:  # vLLM's own checks
-            raise InvalidRequest(f"vLLM refused request {request.request_id}: {exc}") from exc
+        mode = HOLD if request.hold_kv else None
+        vllm_id = self._add(request, [*request.token_ids, *resumed], len(resumed), mode)
         self._live[request.request_id] = _Live(
             num_prompt_tokens=len(request.token_ids),
             priority=request.priority,
@@ -165,17 +201,30 @@ class VllmEngine:
             num_resumed=len(resumed),
             num_top_logprobs=request.sampling.logprobs,
             num_output_tokens=len(resumed),
+            vllm_id=vllm_id,
+            is_held=request.hold_kv,
         )
 
     def abort(self, request_id: RequestId) -> bool:
-        """Drop a request in vLLM (its blocks are freed at once); False if unknown here."""
-        if self._live.pop(request_id, None) is None:
+        """Drop a request in vLLM (its blocks are freed at once), or let a held request's
+        blocks go, or end a reservation; False if unknown here."""
+        if request_id in self._held:
+            return self.release(request_id)
+        reserving = self._reserved.pop(request_id, None)
+        if reserving is not None:
+            self._drop(reserving)
+            return True
+        live = self._live.pop(request_id, None)
+        if live is None:
             return False
         self._llm.abort_request([request_id])
+        # A hold that finished in a step ``reserve`` ran, whose outputs are not out yet.
+        if self._link.held.pop(live.vllm_id, None) is not None:
+            self._link.to_send.add(live.vllm_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._live)
+        return bool(self._live or self._buffered or self._link.has_reports)
 
     def step(self) -> StepResult:
         """Shed requests past their deadline, run one vLLM step, and return its new tokens."""
@@ -183,23 +232,32 @@ class VllmEngine:
         outputs = self._expire()
         num_prefill_tokens = 0
         num_decode_tokens = 0
-        if self._live:
-            for out in self._llm.step():
+        if self._live or self._buffered or self._link.has_reports:
+            raw = self._buffered
+            self._buffered = []
+            raw.extend(self._vllm_step())
+            for out in raw:
                 live = self._live.get(out.request_id)
                 if live is None:  # aborted by us since: already forgotten
                     continue
                 completion = out.outputs[0]
                 new_token_ids = list(completion.token_ids)
                 num_cached = out.num_cached_tokens or 0
-                if live.num_output_tokens == live.num_resumed:
+                if live.num_reserved_cached_tokens is not None:  # its prompt KV was pulled
+                    num_cached = live.num_reserved_cached_tokens
+                    num_decode_tokens += 1
+                elif live.num_output_tokens == live.num_resumed:
                     num_prefill_tokens += live.num_prompt_tokens + live.num_resumed - num_cached
                 else:
                     num_decode_tokens += 1
                 live.num_output_tokens += len(new_token_ids)
                 reason = None
+                held_block_ids = None
                 if out.finished:
                     reason = _FINISH_REASONS.get(completion.finish_reason or "", FinishReason.STOP)
                     del self._live[out.request_id]
+                    if live.is_held:
+                        held_block_ids = self._hold(RequestId(out.request_id), live.vllm_id)
                 outputs.append(
                     RequestOutput(
                         RequestId(out.request_id),
@@ -207,9 +265,9 @@ class VllmEngine:
                         reason,
                         live.num_prompt_tokens,
                         num_cached,
-                        None,
+                        held_block_ids,
                         live.num_output_tokens,
-                        _logprobs(completion, new_token_ids, live.num_top_logprobs),
+                        logprobs(completion, new_token_ids, live.num_top_logprobs),
                     )
                 )
         return StepResult(
@@ -261,30 +319,164 @@ class VllmEngine:
     def close(self) -> None:
         """Stop vLLM's engine core and its worker (a test process starts several engines)."""
         self._llm.engine_core.shutdown()
+        close_link(self._link_key)
 
-    # --- disaggregation and migration: not supported yet ---------------------------------------
+    # --- disaggregation: prefill side ----------------------------------------------------------
 
     def held_blocks(self, request_id: RequestId) -> list[int]:
-        """Nothing is ever held here (``hold_kv`` is refused): always ``KeyError``."""
-        raise KeyError(request_id)
+        """vLLM's block ids holding a finished ``hold_kv`` request's prompt KV."""
+        return list(self._link.held[self._held[request_id]])
 
     def release(self, request_id: RequestId) -> bool:
-        """Nothing is ever held here: False."""
-        return False
+        """The connector reports the hold as sent at the next step: vLLM frees the blocks
+        (its full ones stay in its prefix cache)."""
+        vllm_id = self._held.pop(request_id, None)
+        if vllm_id is None:
+            return False
+        self._link.held.pop(vllm_id, None)
+        self._link.to_send.add(vllm_id)
+        return True
+
+    # --- disaggregation: decode side -----------------------------------------------------------
 
     def reserve(self, request: EngineRequest, *, is_moved: bool = False) -> Reservation:
-        raise NotImplementedError(_UNSUPPORTED)
+        """Add the request with its prompt plus a placeholder for the first token, and run a
+        vLLM step: the scheduler asks the connector, which has it load every prompt token
+        past vLLM's own prefix hit, so vLLM allocates its blocks and parks it until commit.
+        ``Overloaded`` when vLLM would not take it now (no free blocks, ``max_num_seqs``)."""
+        if is_moved:
+            raise InvalidRequest(_NO_MIGRATION)
+        rid = request.request_id
+        self._validate(request)
+        num_prompt = len(request.token_ids)
+        vllm_id = self._add(
+            request, [*request.token_ids, _PLACEHOLDER], 1, RESERVE, _RESERVED_PRIORITY
+        )
+        self._buffered.extend(self._vllm_step())
+        link = self._link
+        reserved = link.reserved.get(vllm_id)
+        if reserved is not None:
+            reservation = Reservation(list(reserved.block_ids), reserved.num_cached_tokens)
+            is_full_hit = False
+        elif vllm_id in link.full_hits:  # nothing to load: added afresh at commit
+            link.full_hits.discard(vllm_id)
+            self._llm.abort_request([rid])
+            reservation = Reservation([], num_prompt)
+            is_full_hit = True
+        else:
+            link.full_hits.discard(vllm_id)
+            self._llm.abort_request([rid])
+            raise Overloaded(f"vLLM has no room now for request {rid}'s {num_prompt} tokens")
+        self._reserved[rid] = _Reserving(
+            request, vllm_id, reservation.num_cached_tokens, is_full_hit
+        )
+        return reservation
 
     def commit(self, request_id: RequestId, first_token_id: int) -> RequestOutput | None:
-        raise NotImplementedError(_UNSUPPORTED)
+        """The prompt's KV is in the reserved blocks: write the first token in place of the
+        placeholder and report the load done (vLLM schedules the request at the next step);
+        or, if that token ends the request, drop it and return its finishing output."""
+        if not 0 <= first_token_id < self.shape.vocab_size:
+            raise InvalidRequest(
+                f"token id {first_token_id} is outside the vocabulary [0, {self.shape.vocab_size})"
+            )
+        reserving = self._reserved.pop(request_id)
+        request = reserving.request
+        num_prompt = len(request.token_ids)
+        reason = first_token_ends(self.shape, request.sampling, first_token_id, num_prompt)
+        if reason is not None:
+            self._drop(reserving)
+            return RequestOutput(
+                request_id, [], reason, num_prompt, reserving.num_cached_tokens, None, 1
+            )
+        vllm_id = reserving.vllm_id
+        if reserving.is_full_hit:
+            prompt = [*request.token_ids, first_token_id]
+            vllm_id = self._add(request, prompt, 1, None, _RESERVED_PRIORITY)
+        else:
+            reserved = self._link.reserved.pop(vllm_id)
+            write_first_token(reserved.request, first_token_id, self.shape.vllm_block_size)
+            self._link.to_recv.add(vllm_id)
+        self._live[request_id] = _Live(
+            num_prompt_tokens=num_prompt,
+            priority=request.priority,
+            deadline_s=None,  # its first token is out: never shed
+            num_resumed=1,
+            num_top_logprobs=request.sampling.logprobs,
+            num_output_tokens=1,
+            vllm_id=vllm_id,
+            num_reserved_cached_tokens=reserving.num_cached_tokens,
+        )
+        return None
+
+    # --- live migration: not supported ---------------------------------------------------------
 
     def resume(self, request_id: RequestId) -> None:
-        raise NotImplementedError(_UNSUPPORTED)
+        raise NotImplementedError(_NO_MIGRATION)
 
     def detach(self, request_id: RequestId) -> tuple[list[int], int]:
-        raise NotImplementedError(_UNSUPPORTED)
+        """``ValueError``: the worker then moves the request without its KV."""
+        raise ValueError(_NO_MIGRATION)
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _add(
+        self,
+        request: EngineRequest,
+        prompt: list[int],
+        num_resumed: int,
+        mode: str | None,
+        priority: int | None = None,
+    ) -> str:
+        """Add to vLLM (at the request's priority unless given); vLLM's own id for the
+        request (the one its scheduler and the connector see)."""
+        try:
+            vllm_id = self._llm.add_request(
+                request.request_id,
+                TokensPrompt(prompt_token_ids=prompt),
+                sampling_params(self.shape, request.sampling, num_resumed, mode),
+                arrival_time=time.time(),
+                priority=request.priority if priority is None else priority,
+            )
+        except (ValueError, TypeError) as exc:  # vLLM's own checks
+            raise InvalidRequest(f"vLLM refused request {request.request_id}: {exc}") from exc
+        return str(vllm_id)
+
+    def _vllm_step(self) -> list[Any]:
+        """One vLLM step. Reports the connector had no step to deliver in (vLLM steps only
+        while it tracks a request) are dropped: they concern requests it no longer has."""
+        link = self._link
+        outputs = list(self._llm.step())
+        if link.has_reports:
+            logger.warning(
+                "vllm connector reports dropped sent=%s received=%s", link.to_send, link.to_recv
+            )
+            link.to_send.clear()
+            link.to_recv.clear()
+        return outputs
+
+    def _hold(self, request_id: RequestId, vllm_id: str) -> list[int] | None:
+        """A held request just finished: the blocks vLLM keeps for it (None if it ended
+        without running to its end: aborted, say)."""
+        blocks = self._link.held.get(vllm_id)
+        if blocks is None:
+            return None
+        self._held[request_id] = vllm_id
+        return list(blocks)
+
+    def _drop(self, reserving: _Reserving) -> None:
+        """End a reservation: abort it in vLLM, which frees its blocks once the connector
+        reports its load over."""
+        if reserving.is_full_hit:
+            return
+        self._llm.abort_request([reserving.request.request_id])
+        self._link.reserved.pop(reserving.vllm_id, None)
+        self._link.to_recv.add(reserving.vllm_id)
+
+    def _validate(self, request: EngineRequest) -> None:
+        validate(self.shape, request)
+        if request.request_id in self._live or request.request_id in self._reserved:
+            raise InvalidRequest(f"request {request.request_id} is already running here")
 
     def _expire(self) -> list[RequestOutput]:
         """Requests still without a token past their deadline: aborted, finished as SHED."""
@@ -302,109 +494,23 @@ class VllmEngine:
                 )
         return shed
 
-    def _sampling(self, sampling: SamplingParams, num_resumed: int) -> Any:
-        stop_token_ids = list(sampling.stop_token_ids)
-        eos = self.shape.eos_token_id
-        if eos is not None and not sampling.ignore_eos and eos not in stop_token_ids:
-            stop_token_ids.append(eos)
-        return VllmSamplingParams(
-            max_tokens=sampling.max_tokens - num_resumed,
-            min_tokens=max(0, sampling.min_tokens - num_resumed),
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            ignore_eos=sampling.ignore_eos,
-            stop_token_ids=stop_token_ids,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            repetition_penalty=sampling.repetition_penalty,
-            logit_bias=dict(sampling.logit_bias) or None,
-            logprobs=sampling.logprobs,
-            structured_outputs=(
-                None
-                if sampling.json_schema is None
-                else StructuredOutputsParams(json=sampling.json_schema)
-            ),
-            detokenize=False,
-            skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA,
-        )
-
-    def _validate(self, request: EngineRequest) -> None:
-        shape = self.shape
-        prompt = request.token_ids
-        sampling = request.sampling
-        num_prompt = len(prompt)
-        if request.hold_kv:
-            raise InvalidRequest(f"hold_kv: {_UNSUPPORTED}")
-        if num_prompt == 0:
-            raise InvalidRequest("prompt is empty")
-        if sampling.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-        if not 0 <= sampling.min_tokens <= sampling.max_tokens:
-            raise InvalidRequest(
-                f"min_tokens must be in [0, max_tokens={sampling.max_tokens}], "
-                f"got {sampling.min_tokens}"
-            )
-        if not sampling.temperature >= 0:  # NaN too: it compares false with everything
-            raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
-        if not 0 < sampling.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
-        if num_prompt + sampling.max_tokens > shape.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {num_prompt} tokens and max_tokens is {sampling.max_tokens}; "
-                f"together they exceed max_model_len {shape.max_model_len}"
-            )
-        num_blocks = -(-(num_prompt + sampling.max_tokens - 1) // shape.block_size)
-        if num_blocks > shape.num_kv_blocks:
-            raise InvalidRequest(
-                f"prompt plus max_tokens needs {num_blocks} KV blocks; "
-                f"the cache has {shape.num_kv_blocks}"
-            )
-        resumed = request.resumed_token_ids
-        if len(resumed) >= sampling.max_tokens:
-            raise InvalidRequest(
-                f"{len(resumed)} tokens to resume after; max_tokens is {sampling.max_tokens}"
-            )
-        for token_ids in (prompt, resumed):
-            if token_ids and (min(token_ids) < 0 or max(token_ids) >= shape.vocab_size):
-                bad = min(token_ids) if min(token_ids) < 0 else max(token_ids)
-                raise InvalidRequest(
-                    f"token id {bad} is outside the vocabulary [0, {shape.vocab_size})"
-                )
-        if request.request_id in self._live:
-            raise InvalidRequest(f"request {request.request_id} is already running here")
-
-
-def _logprobs(
-    completion: Any, token_ids: list[int], num_top: int | None
-) -> list[TokenLogprobs] | None:
-    """Baton's report per new token from vLLM's (a dict per position of token id to
-    ``Logprob``: the chosen token and the ``num_top`` likeliest, each with its rank)."""
-    if num_top is None or completion.logprobs is None:
-        return None
-    reports: list[TokenLogprobs] = []
-    for token_id, position in zip(token_ids, completion.logprobs, strict=True):
-        ranked = sorted(position.items(), key=lambda item: item[1].rank)
-        top = [(tid, float(lp.logprob)) for tid, lp in ranked if lp.rank <= num_top][:num_top]
-        reports.append(TokenLogprobs(float(position[token_id].logprob), top))
-    return reports
-
 
 def build_vllm_engine(config: EngineConfig, tokenizer: Tokenizer) -> VllmEngine:
     """Start vLLM for ``config`` and wrap it (see ``shared.engine.vllm_build``)."""
     started = time.monotonic()
-    llm, events, load, vocab_size = start_vllm(config, tokenizer)
+    vllm = start_vllm(config, tokenizer)
     eos = tokenizer.eos_token_ids
     # The blocks vLLM really made (one is its null block), in Baton blocks.
-    num_vllm_blocks = int(llm.vllm_config.cache_config.num_gpu_blocks) - 1
-    ratio = vllm_block_size(config.block_size) // config.block_size
+    num_blocks = int(vllm.llm.vllm_config.cache_config.num_gpu_blocks)
+    block_size = vllm_block_size(config.block_size)
     shape = VllmShape(
         block_size=config.block_size,
         max_model_len=config.max_model_len,
-        num_kv_blocks=num_vllm_blocks * ratio,
-        vocab_size=vocab_size,
+        num_kv_blocks=(num_blocks - 1) * (block_size // config.block_size),
+        vocab_size=vllm.vocab_size,
         eos_token_id=eos[0] if eos else None,
+        vllm_block_size=block_size,
+        num_vllm_blocks=num_blocks,
     )
     logger.info("vllm engine started in %.1f s", time.monotonic() - started)
-    return VllmEngine(llm, shape, events, load)
+    return VllmEngine(vllm.llm, shape, vllm.events, vllm.load, vllm.link, link_key=vllm.key)

@@ -4,6 +4,7 @@ hashes."""
 
 import asyncio
 
+import aiohttp
 import openai
 import pytest
 
@@ -15,6 +16,8 @@ from services.launcher.cluster import ClusterSpec, local_cluster
 from shared.bus import Bus
 from shared.codec import kv_event_batch_decoder
 from shared.kv_hash import hash_prompt_blocks
+from tests.e2e.args import ALWAYS_REMOTE, WAIT_FOR_ROUTER
+from tests.e2e.test_disaggregated import complete_all, prompts
 
 pytestmark = [
     pytest.mark.vllm,
@@ -24,6 +27,8 @@ pytestmark = [
 
 MODEL = "baton-sim"
 VLLM = ("--engine", "vllm", "--num-kv-blocks", "512", "--max-model-len", "1024")
+# For prompts of up to 2,000 tokens (tests.e2e.test_disaggregated's).
+VLLM_LONG = ("--engine", "vllm", "--num-kv-blocks", "2048", "--max-model-len", "4096")
 
 
 @pytest.fixture
@@ -86,3 +91,48 @@ async def test_vllm_worker_streams_a_chat_completion(cluster, nats_server, names
         assert first.usage.completion_tokens == 6
         async with asyncio.timeout(10):
             await announced.wait()
+
+
+async def test_vllm_disaggregated_text_equals_aggregated(nats_server, etcd_server, namespace):
+    """A prefill and a decode vLLM worker over tcp (vLLM's KV tensors are not in shm) give
+    every prompt the greedy text one aggregated vLLM worker gives, and every prompt went
+    through the prefill worker. The prefill worker is left at ``--kv-transfer auto``, which
+    is tcp for vLLM."""
+    batch = prompts()
+    engine = (*VLLM_LONG, "--kv-transfer", "tcp")
+
+    def spec(suffix: str, **kwargs) -> ClusterSpec:
+        return ClusterSpec(
+            namespace=f"{namespace}{suffix}",
+            nats_url=nats_server.url,
+            etcd_url=etcd_server.url,
+            log_level="warning",
+            ready_timeout_s=300.0,
+            stop_timeout_s=30.0,
+            **kwargs,
+        )
+
+    async with local_cluster(spec("agg", num_workers=1, decode_args=VLLM_LONG)) as aggregated:
+        expected = await complete_all(aggregated.api, batch)
+    disaggregated = spec(
+        "dis",
+        num_workers=1,
+        decode_args=engine,
+        num_prefill_workers=1,
+        prefill_args=VLLM_LONG,
+        router_args=ALWAYS_REMOTE,
+        frontend_args=WAIT_FOR_ROUTER,
+    )
+    async with local_cluster(disaggregated) as cluster:
+        got = await complete_all(cluster.api, batch)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{cluster.url}/metrics") as resp:
+                metrics = await resp.text()
+    assert got == expected
+    remote = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("baton_frontend_remote_prefills_total")
+    ]
+    assert remote
+    assert float(remote[0].split()[-1]) == len(batch)

@@ -203,7 +203,6 @@ def test_a_request_past_its_deadline_is_shed(engine):
         (request("empty", prompt=[]), "empty"),
         (request("long", SamplingParams(max_tokens=500)), "max_model_len"),
         (request("vocab", prompt=[1, 10**6]), "vocabulary"),
-        (request("hold", hold_kv=True), "does not move KV"),
         (request("minmax", SamplingParams(max_tokens=2, min_tokens=3)), "min_tokens"),
     ],
 )
@@ -222,15 +221,18 @@ def test_add_request_refuses_a_duplicate_id(engine):
         engine.abort(RequestId("dup"))
 
 
-def test_disaggregation_verbs_say_they_are_not_supported(engine):
-    assert engine.kv_region is None
+def test_disaggregation_verbs_on_unknown_requests_and_migration(engine):
+    # Disaggregation itself: tests/vllm/test_vllm_disaggregated.py.
+    assert engine.kv_region is None  # its KV is a tensor per layer: make_connector
     assert not engine.release(RequestId("x"))
     with pytest.raises(KeyError):
         engine.held_blocks(RequestId("x"))
-    with pytest.raises(NotImplementedError, match="does not move KV"):
-        engine.reserve(request("r"))
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(KeyError):
         engine.commit(RequestId("r"), 1)
+    with pytest.raises(InvalidRequest, match="does not migrate"):
+        engine.reserve(request("r"), is_moved=True)
+    with pytest.raises(NotImplementedError):
+        engine.resume(RequestId("r"))
 
 
 @pytest.mark.timeout(300)

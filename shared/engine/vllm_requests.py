@@ -1,0 +1,143 @@
+"""How Baton's requests become vLLM's, and vLLM's outputs Baton's, for ``VllmEngine``:
+validation (``ScheduledEngine``'s rules and messages), sampling parameters,
+log-probabilities, and the first token of a disaggregated request."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm import SamplingParams as VllmSamplingParams
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+from proto.messages import FinishReason, SamplingParams, TokenLogprobs
+from shared.engine.interface import EngineRequest
+from shared.engine.vllm_connector import MODE_FIELD
+from shared.errors import InvalidRequest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VllmShape:
+    """The sizes the adapter validates and reports in (Baton's blocks, not vLLM's)."""
+
+    block_size: int
+    max_model_len: int
+    num_kv_blocks: int  # in Baton blocks
+    vocab_size: int
+    eos_token_id: int | None
+    vllm_block_size: int = 0  # tokens per vLLM block (Reservation and held blocks count these)
+    num_vllm_blocks: int = 0  # vLLM's KV tensors' block count (its null block included)
+
+
+def validate(shape: VllmShape, request: EngineRequest) -> None:
+    """``InvalidRequest`` for what ``ScheduledEngine`` refuses, with the same messages."""
+    prompt = request.token_ids
+    sampling = request.sampling
+    num_prompt = len(prompt)
+    if num_prompt == 0:
+        raise InvalidRequest("prompt is empty")
+    if sampling.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
+    if not 0 <= sampling.min_tokens <= sampling.max_tokens:
+        raise InvalidRequest(
+            f"min_tokens must be in [0, max_tokens={sampling.max_tokens}], "
+            f"got {sampling.min_tokens}"
+        )
+    if not sampling.temperature >= 0:  # NaN too: it compares false with everything
+        raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
+    if not 0 < sampling.top_p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if num_prompt + sampling.max_tokens > shape.max_model_len:
+        raise InvalidRequest(
+            f"prompt has {num_prompt} tokens and max_tokens is {sampling.max_tokens}; "
+            f"together they exceed max_model_len {shape.max_model_len}"
+        )
+    num_blocks = -(-(num_prompt + sampling.max_tokens - 1) // shape.block_size)
+    if num_blocks > shape.num_kv_blocks:
+        raise InvalidRequest(
+            f"prompt plus max_tokens needs {num_blocks} KV blocks; "
+            f"the cache has {shape.num_kv_blocks}"
+        )
+    resumed = request.resumed_token_ids
+    if len(resumed) >= sampling.max_tokens:
+        raise InvalidRequest(
+            f"{len(resumed)} tokens to resume after; max_tokens is {sampling.max_tokens}"
+        )
+    for token_ids in (prompt, resumed):
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= shape.vocab_size):
+            bad = min(token_ids) if min(token_ids) < 0 else max(token_ids)
+            raise InvalidRequest(
+                f"token id {bad} is outside the vocabulary [0, {shape.vocab_size})"
+            )
+
+
+def sampling_params(
+    shape: VllmShape, sampling: SamplingParams, num_resumed: int, mode: str | None
+) -> Any:
+    """vLLM's sampling parameters for Baton's, past ``num_resumed`` output tokens; ``mode``
+    marks the request for the KV connector (hold or reserve)."""
+    stop_token_ids = list(sampling.stop_token_ids)
+    eos = shape.eos_token_id
+    if eos is not None and not sampling.ignore_eos and eos not in stop_token_ids:
+        stop_token_ids.append(eos)
+    return VllmSamplingParams(
+        # A reserved request whose first token is its last still needs one (commit ends it).
+        max_tokens=max(1, sampling.max_tokens - num_resumed),
+        min_tokens=max(0, sampling.min_tokens - num_resumed),
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        ignore_eos=sampling.ignore_eos,
+        stop_token_ids=stop_token_ids,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        logit_bias=dict(sampling.logit_bias) or None,
+        logprobs=sampling.logprobs,
+        structured_outputs=(
+            None
+            if sampling.json_schema is None
+            else StructuredOutputsParams(json=sampling.json_schema)
+        ),
+        detokenize=False,
+        skip_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=None if mode is None else {"kv_transfer_params": {MODE_FIELD: mode}},
+    )
+
+
+def first_token_ends(
+    shape: VllmShape, sampling: SamplingParams, token_id: int, num_prompt: int
+) -> FinishReason | None:
+    """Baton's rule (``ScheduledEngine``) for the first token of a committed request."""
+    if sampling.min_tokens <= 1:
+        eos = shape.eos_token_id
+        if token_id == eos and not sampling.ignore_eos:
+            return FinishReason.STOP
+        if token_id in sampling.stop_token_ids:
+            return FinishReason.STOP
+    if sampling.max_tokens <= 1 or num_prompt + 1 >= shape.max_model_len:
+        return FinishReason.LENGTH
+    return None
+
+
+def logprobs(
+    completion: Any, token_ids: list[int], num_top: int | None
+) -> list[TokenLogprobs] | None:
+    """Baton's report per new token from vLLM's (a dict per position of token id to
+    ``Logprob``: the chosen token and the ``num_top`` likeliest, each with its rank)."""
+    if num_top is None or completion.logprobs is None:
+        return None
+    reports: list[TokenLogprobs] = []
+    for token_id, position in zip(token_ids, completion.logprobs, strict=True):
+        ranked = sorted(position.items(), key=lambda item: item[1].rank)
+        top = [(tid, float(lp.logprob)) for tid, lp in ranked if lp.rank <= num_top][:num_top]
+        reports.append(TokenLogprobs(float(position[token_id].logprob), top))
+    return reports
+
+
+def write_first_token(request: Any, token_id: int, block_size: int) -> None:
+    """Put the first token in place of a reserved vLLM request's placeholder (its last prompt
+    token), before vLLM ever schedules it, and rehash the block that holds it."""
+    request.prompt_token_ids[-1] = token_id
+    request._all_token_ids[-1] = token_id
+    del request.block_hashes[(request.num_tokens - 1) // block_size :]
+    request.update_block_hashes()
