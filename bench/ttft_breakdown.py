@@ -11,6 +11,11 @@ first and the second token is reported beside it as "first decode step".
 
     .venv/bin/python bench/ttft_breakdown.py --engine torch --prompt-tokens 1024 --requests 20
     .venv/bin/python bench/ttft_breakdown.py --engine sim --kv-transfer tcp --json /tmp/t.json
+    .venv-vllm/bin/python bench/ttft_breakdown.py --engine vllm --kv-transfer tcp
+
+A token of a real model may decode to no text (part of a character, a special token); with
+the torch and vllm engines each request asks for log-probabilities, so that every token
+comes as an event of its own and its arrival is seen.
 """
 
 import argparse
@@ -47,6 +52,7 @@ def cluster_spec(args: argparse.Namespace, log_dir: str) -> ClusterSpec:
     env = {
         "BATON_ROUTER_MIN_REMOTE_PREFILL_TOKENS": "1",
         "BATON_ROUTER_MIN_REMOTE_PREFILL_FRACTION": "0",
+        "BATON_ROUTER_MAX_REMOTE_PREFILL_EXTRA_WAIT_S": "inf",  # however long its queue
         "BATON_KV_TRANSFER": args.kv_transfer,
         "BATON_MAX_MODEL_LEN": str(max(4096, args.prompt_tokens + 64)),
         "BATON_NUM_KV_BLOCKS": str(args.num_kv_blocks),
@@ -54,9 +60,11 @@ def cluster_spec(args: argparse.Namespace, log_dir: str) -> ClusterSpec:
     return replace(up.cluster_spec(), env=env)
 
 
-async def one(session: aiohttp.ClientSession, api: str, prompt: list[int]) -> tuple[float, float]:
+async def one(
+    session: aiohttp.ClientSession, api: str, prompt: list[int], engine: str
+) -> tuple[float, float]:
     """(TTFT, gap to the second token) in seconds, seen by the client."""
-    body = {
+    body: dict[str, object] = {
         "model": "baton-sim",
         "prompt": prompt,
         "max_tokens": 4,
@@ -64,14 +72,20 @@ async def one(session: aiohttp.ClientSession, api: str, prompt: list[int]) -> tu
         "ignore_eos": True,
         "temperature": 0,
     }
+    if engine != "sim":
+        body["logprobs"] = 0  # an event per token, even one with no text
     started = time.perf_counter()
     arrivals: list[float] = []
     async with session.post(f"{api}/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
         async for line in resp.content:
-            if line.startswith(b"data: {") and b'"text":""' not in line:
+            if line.startswith(b"data: {") and (
+                b'"text":""' not in line or b'"token_logprobs"' in line
+            ):
                 arrivals.append(time.perf_counter())
+    if len(arrivals) < 2:
+        raise RuntimeError(f"{len(arrivals)} token events seen; at least 2 were expected")
     return arrivals[0] - started, arrivals[1] - arrivals[0]
 
 
@@ -95,12 +109,12 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, object]:
     api = f"{url}/v1"
     ttfts, gaps = [], []
     async with aiohttp.ClientSession() as session:
-        await one(session, api, [rng.randrange(10, 6000) for _ in range(16)])  # warm-up
+        await one(session, api, [rng.randrange(10, 6000) for _ in range(16)], args.engine)
         async with session.get(f"{url}/metrics") as resp:
             warm = phase_means(await resp.text())
         for _ in range(args.requests):
             prompt = [rng.randrange(10, 6000) for _ in range(args.prompt_tokens)]
-            ttft, gap = await one(session, api, prompt)
+            ttft, gap = await one(session, api, prompt, args.engine)
             ttfts.append(ttft)
             gaps.append(gap)
         async with session.get(f"{url}/metrics") as resp:
@@ -120,7 +134,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", default="torch", choices=["sim", "torch"])
+    parser.add_argument("--engine", default="torch", choices=["sim", "torch", "vllm"])
     parser.add_argument("--kv-transfer", default="auto", choices=["auto", "shm", "tcp", "nixl"])
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--requests", type=int, default=20)
