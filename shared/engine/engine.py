@@ -24,6 +24,7 @@ from shared.engine.runner import KVRegion, Runner
 from shared.engine.scheduler import Scheduler, SchedulerConfig
 from shared.engine.sequence import Sequence, SequenceStatus
 from shared.engine.speed import StepBudget
+from shared.engine.validation import RequestBounds, check_request
 from shared.errors import InvalidRequest, Overloaded
 from shared.kv_hash import hash_prompt_blocks
 
@@ -245,46 +246,9 @@ class ScheduledEngine:
 
     def _validate(self, request: EngineRequest) -> None:
         config = self.scheduler.config
-        prompt = request.token_ids
-        sampling = request.sampling
-        num_prompt = len(prompt)
-        if num_prompt == 0:
-            raise InvalidRequest("prompt is empty")
-        if sampling.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-        if not 0 <= sampling.min_tokens <= sampling.max_tokens:
-            raise InvalidRequest(
-                f"min_tokens must be in [0, max_tokens={sampling.max_tokens}], "
-                f"got {sampling.min_tokens}"
-            )
-        if not sampling.temperature >= 0:  # NaN too: it compares false with everything
-            raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
-        if not 0 < sampling.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
-        if num_prompt + sampling.max_tokens > config.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {num_prompt} tokens and max_tokens is {sampling.max_tokens}; "
-                f"together they exceed max_model_len {config.max_model_len}"
-            )
-        # The last sampled token never needs KV, so the most a sequence holds is this:
-        num_blocks = -(-(num_prompt + sampling.max_tokens - 1) // config.block_size)
-        if num_blocks > config.num_kv_blocks:
-            raise InvalidRequest(
-                f"prompt plus max_tokens needs {num_blocks} KV blocks; "
-                f"the cache has {config.num_kv_blocks}"
-            )
-        resumed = request.resumed_token_ids
-        if len(resumed) >= sampling.max_tokens:
-            raise InvalidRequest(
-                f"{len(resumed)} tokens to resume after; max_tokens is {sampling.max_tokens}"
-            )
-        if resumed and (min(resumed) < 0 or max(resumed) >= self.vocab_size):
-            raise InvalidRequest(
-                f"a resumed token is outside the vocabulary [0, {self.vocab_size})"
-            )
-        low, high = min(prompt), max(prompt)
-        if low < 0 or high >= self.vocab_size:
-            bad = low if low < 0 else high
-            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        bounds = RequestBounds(
+            config.max_model_len, config.block_size, config.num_kv_blocks, self.vocab_size
+        )
+        check_request(request, bounds)
         if self.scheduler.get(request.request_id) is not None:
             raise InvalidRequest(f"request {request.request_id} is already running here")

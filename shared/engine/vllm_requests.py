@@ -10,8 +10,8 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from proto.messages import FinishReason, SamplingParams, TokenLogprobs
 from shared.engine.interface import EngineRequest
+from shared.engine.validation import RequestBounds, check_request
 from shared.engine.vllm_connector import MODE_FIELD
-from shared.errors import InvalidRequest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,44 +29,10 @@ class VllmShape:
 
 def validate(shape: VllmShape, request: EngineRequest) -> None:
     """``InvalidRequest`` for what ``ScheduledEngine`` refuses, with the same messages."""
-    prompt = request.token_ids
-    sampling = request.sampling
-    num_prompt = len(prompt)
-    if num_prompt == 0:
-        raise InvalidRequest("prompt is empty")
-    if sampling.max_tokens < 1:
-        raise InvalidRequest(f"max_tokens must be >= 1, got {sampling.max_tokens}")
-    if not 0 <= sampling.min_tokens <= sampling.max_tokens:
-        raise InvalidRequest(
-            f"min_tokens must be in [0, max_tokens={sampling.max_tokens}], "
-            f"got {sampling.min_tokens}"
-        )
-    if not sampling.temperature >= 0:  # NaN too: it compares false with everything
-        raise InvalidRequest(f"temperature must be >= 0, got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p}")
-    if num_prompt + sampling.max_tokens > shape.max_model_len:
-        raise InvalidRequest(
-            f"prompt has {num_prompt} tokens and max_tokens is {sampling.max_tokens}; "
-            f"together they exceed max_model_len {shape.max_model_len}"
-        )
-    num_blocks = -(-(num_prompt + sampling.max_tokens - 1) // shape.block_size)
-    if num_blocks > shape.num_kv_blocks:
-        raise InvalidRequest(
-            f"prompt plus max_tokens needs {num_blocks} KV blocks; "
-            f"the cache has {shape.num_kv_blocks}"
-        )
-    resumed = request.resumed_token_ids
-    if len(resumed) >= sampling.max_tokens:
-        raise InvalidRequest(
-            f"{len(resumed)} tokens to resume after; max_tokens is {sampling.max_tokens}"
-        )
-    for token_ids in (prompt, resumed):
-        if token_ids and (min(token_ids) < 0 or max(token_ids) >= shape.vocab_size):
-            bad = min(token_ids) if min(token_ids) < 0 else max(token_ids)
-            raise InvalidRequest(
-                f"token id {bad} is outside the vocabulary [0, {shape.vocab_size})"
-            )
+    bounds = RequestBounds(
+        shape.max_model_len, shape.block_size, shape.num_kv_blocks, shape.vocab_size
+    )
+    check_request(request, bounds)
 
 
 def sampling_params(
