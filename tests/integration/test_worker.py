@@ -217,12 +217,13 @@ async def generate(
     prompt: list[int] = PROMPT,
     ttft_budget_s: float | None = None,
     priority: int = 0,
+    sampling: SamplingParams = SAMPLING,
 ) -> GenerateAccepted | ErrorReply:
     request = GenerateRequest(
         request_id=RequestId(request_id),
         model="baton-sim",
         token_ids=prompt,
-        sampling=SAMPLING,
+        sampling=sampling,
         stream_subject=stream.subject,
         prefill_worker_id=prefill_worker_id,
         ttft_budget_s=ttft_budget_s,
@@ -323,15 +324,18 @@ async def test_shell_refuses_duplicates_wrong_role_and_past_the_waiting_cap(
     assert isinstance(refused, ErrorReply)
     assert refused.code == ErrorCode.OVERLOADED
 
-    decode = await start_worker(WorkerRole.DECODE)
-    assert isinstance(await generate(bus, decode, stream, "b"), GenerateAccepted)
-    duplicate = await generate(bus, decode, stream, "b")
+    # Modelled time (speedup 1): 100 tokens take 0.6 s, so "b" still runs when its duplicate
+    # comes (at speedup 50, 8 tokens could finish first on a busy machine).
+    decode = await start_worker(WorkerRole.DECODE, speedup=1.0)
+    long = msgspec.structs.replace(SAMPLING, max_tokens=100)
+    assert isinstance(await generate(bus, decode, stream, "b", sampling=long), GenerateAccepted)
+    duplicate = await generate(bus, decode, stream, "b", sampling=long)
     assert isinstance(duplicate, ErrorReply)
     assert duplicate.code == ErrorCode.INVALID_REQUEST
     assert "already running" in duplicate.message
     # The first one is untouched by the refused duplicate.
     assert (await finish(stream, "b")).finish_reason == FinishReason.LENGTH
-    assert len(stream.tokens("b")) == SAMPLING.max_tokens
+    assert len(stream.tokens("b")) == long.max_tokens
 
     wrong = PrefillRequest(request_id=RequestId("c"), token_ids=PROMPT)
     reply = generate_reply_decoder.decode(await bus.request(decode.inbox, wrong, timeout_s=FAST))
