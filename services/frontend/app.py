@@ -9,7 +9,7 @@ import time
 from array import array
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
@@ -229,7 +229,7 @@ async def _prompt_ids(
 ) -> list[int]:
     if isinstance(body, ChatCompletionRequest):
         messages = chat_messages(body)
-        size = sum(len(str(m["content"])) for m in messages)
+        size = sum(len(cast(str, m["content"])) for m in messages)
         template_kwargs: dict[str, object] = {}
         if uses_tools(body):
             template_kwargs["tools"] = msgspec.to_builtins(body.tools)
@@ -397,7 +397,7 @@ class _Choice:
         self.detokenizer = IncrementalDetokenizer(call.tokenizer)
         self.stop_matcher = StopStringMatcher(stops) if stops else None
         self.logprobs = (
-            LogprobsRenderer(call.kind, call.token_text) if sampling.logprobs is not None else None
+            LogprobsRenderer(call.kind, call.token_bytes) if sampling.logprobs is not None else None
         )
         self.tools = ToolCallParser() if call.uses_tools else None
         self.num_output_tokens = 0
@@ -541,8 +541,13 @@ class _Call:
         self.error: ServingError | None = None  # a stream that ended with an error event
         self.is_cut = False  # a client that stopped reading, cut after write_timeout_s
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes: from the tokenizer's byte table when it has one (no decode
+        per token, and a piece of a multi-byte character keeps its real bytes)."""
+        table = self.tokenizer.byte_table
+        if table is not None:
+            return table.token_bytes[token_id] if token_id < len(table.token_bytes) else b""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
     def outcome(self) -> Outcome:
         """Good if the first token and the pace (of the first choice) met the objectives (and
@@ -553,11 +558,8 @@ class _Call:
         tpot_s = self.choices[0].tpot_s()
         if tpot_s is not None:
             self.state.metrics.tpot.observe(tpot_s)
-        return (
-            Outcome.GOOD
-            if self.objectives.is_good(first - self.started, tpot_s)
-            else (Outcome.SLO_MISS)
-        )
+        is_good = self.objectives.is_good(first - self.started, tpot_s)
+        return Outcome.GOOD if is_good else Outcome.SLO_MISS
 
     def observe(self, choice: _Choice, num_new: int, ttft: TTFTBreakdown | None) -> None:
         now = time.monotonic()
@@ -672,10 +674,8 @@ class _Call:
     async def stream(self) -> web.StreamResponse:
         pieces = self._pieces()
         # Place the request before answering 200, so refusals still get a proper status.
-        try:
-            first: _Piece | None = await pieces.__anext__()
-        except StopAsyncIteration:
-            first = None
+        # (Every choice ends with a ``done`` piece, so there is always a first one.)
+        first = await pieces.__anext__()
         response = web.StreamResponse(headers=_SSE_HEADERS)
         _bound_send_buffer(self.request)
         await response.prepare(self.request)
@@ -684,7 +684,7 @@ class _Call:
         remaining = len(self.choices)
         try:
             piece = first
-            while piece is not None:
+            while True:
                 if piece.text or piece.logprobs is not None:
                     out += renderer.text_event(piece.text, piece.index, piece.logprobs)
                 if piece.tool_calls:

@@ -362,6 +362,14 @@ def _json_schema(response_format: ResponseFormat | None) -> str | None:
     return msgspec.json.encode(schema).decode()
 
 
+def _check_token_id(token_id: int, vocab_size: int, param: str) -> None:
+    if not 0 <= token_id < vocab_size:
+        raise FieldError(
+            f"{param}: token id {token_id} is outside the vocabulary [0, {vocab_size})",
+            param=param,
+        )
+
+
 def _logit_bias(fields: SamplingFields, vocab_size: int) -> dict[int, float]:
     if not fields.logit_bias:
         return {}
@@ -373,11 +381,7 @@ def _logit_bias(fields: SamplingFields, vocab_size: int) -> dict[int, float]:
             raise FieldError(
                 f"logit_bias: keys are token ids, got {key[:40]!r}", param="logit_bias"
             ) from None
-        if not 0 <= token_id < vocab_size:
-            raise FieldError(
-                f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})",
-                param="logit_bias",
-            )
+        _check_token_id(token_id, vocab_size, "logit_bias")
         bias[token_id] = value
     return bias
 
@@ -397,11 +401,7 @@ def sampling_params(
     num_logprobs = fields.num_logprobs
     stop_token_ids = list(fields.stop_token_ids or ())
     for token_id in stop_token_ids:
-        if token_id >= vocab_size:
-            raise FieldError(
-                f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})",
-                param="stop_token_ids",
-            )
+        _check_token_id(token_id, vocab_size, "stop_token_ids")
     temperature = 1.0 if fields.temperature is None else fields.temperature
     if not 0.0 <= temperature <= 2.0:
         raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}")

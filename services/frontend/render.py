@@ -55,18 +55,21 @@ def usage(
 
 
 class LogprobsRenderer:
-    """OpenAI ``logprobs`` objects for one choice's tokens. ``token_text`` gives a token's
-    text (a token that is part of a multi-byte character renders as a replacement character,
-    as in OpenAI's; ``bytes`` is that text's UTF-8)."""
+    """OpenAI ``logprobs`` objects for one choice's tokens. ``token_bytes`` gives a token's
+    own bytes: they are ``bytes``, and its text is their UTF-8 decoding (a token that is part
+    of a multi-byte character reads as a replacement character, as in OpenAI's)."""
 
-    def __init__(self, kind: Kind, token_text: Callable[[int], str]) -> None:
+    def __init__(self, kind: Kind, token_bytes: Callable[[int], bytes]) -> None:
         self.kind = kind
-        self.token_text = token_text
+        self.token_bytes = token_bytes
         self.text_offset = 0  # completions: where the next token's text starts
 
+    def token_text(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", "replace")
+
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        raw = self.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
     def render(self, token_ids: Sequence[int], reports: Sequence[TokenLogprobs]) -> dict[str, Any]:
         """The ``logprobs`` object of these tokens (one report each)."""

@@ -83,7 +83,7 @@ TEXTS = {1: "he", 2: "llo", 3: "é"}
 
 
 def test_chat_logprobs_have_openai_shape():
-    lp = LogprobsRenderer("chat", TEXTS.__getitem__)
+    lp = LogprobsRenderer("chat", lambda t: TEXTS[t].encode())
     out = lp.render([1, 3], [TokenLogprobs(-0.5, [(1, -0.5), (2, -1.5)]), TokenLogprobs(-2.0)])
     assert out == {
         "content": [
@@ -105,7 +105,7 @@ def test_chat_logprobs_have_openai_shape():
 
 
 def test_completion_logprobs_have_legacy_shape_with_text_offsets():
-    lp = LogprobsRenderer("completion", TEXTS.__getitem__)
+    lp = LogprobsRenderer("completion", lambda t: TEXTS[t].encode())
     first = lp.render([1, 2], [TokenLogprobs(-0.1, [(1, -0.1)]), TokenLogprobs(-0.2, [(2, -0.2)])])
     second = lp.render([3], [TokenLogprobs(-0.3, [(3, -0.3)])])
     assert merge_logprobs("completion", [first, second]) == {
@@ -135,3 +135,10 @@ def test_tool_calls_render_as_openai_tool_calls():
     assert message["content"] is None  # only whitespace around the call
     assert message["tool_calls"][0]["function"]["name"] == "get_weather"
     assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_piece_of_a_character_keeps_its_own_bytes():
+    pieces = {1: "é".encode()[:1], 2: "é".encode()[1:]}
+    out = LogprobsRenderer("chat", pieces.__getitem__).render([1, 2], [TokenLogprobs(-1.0)] * 2)
+    assert [e["bytes"] for e in out["content"]] == [[195], [169]]
+    assert [e["token"] for e in out["content"]] == ["\ufffd", "\ufffd"]
