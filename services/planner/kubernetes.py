@@ -227,16 +227,17 @@ class KubernetesConnector:
     async def log_replicas(self) -> None:
         """Log every planned Deployment's replicas, or why they cannot be read (a missing
         Deployment or role binding shows at start-up, not at the first scaling)."""
+        roles_of: dict[str, list[str]] = {}  # one Deployment for both roles is read once
         for role, name in self.deployments.items():
-            if self.workers_deployment and role is not next(iter(self.deployments)):
-                continue  # one Deployment: read once
+            roles_of.setdefault(name, []).append(role.value)
+        for name, roles in roles_of.items():
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    found = await self.replicas(role)
+                    found = await self._read(name)
             except (Unavailable, TimeoutError) as exc:
                 logger.warning(
                     "kubernetes: cannot read role=%s deployment=%s/%s reason=%s",
-                    role.value,
+                    ",".join(roles),
                     self.namespace,
                     name,
                     str(exc) or f"no answer within {self._timeout_s} s",
@@ -244,7 +245,7 @@ class KubernetesConnector:
                 continue
             logger.info(
                 "kubernetes: role=%s deployment=%s/%s replicas=%d pods=%d",
-                role.value,
+                ",".join(roles),
                 self.namespace,
                 name,
                 found.desired,
