@@ -28,7 +28,7 @@ import logging
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
-from proto.messages import FinishReason, RequestId
+from proto.messages import FinishReason, RequestId, SamplingParams
 from shared.engine.block_manager import BlockManager
 from shared.engine.sequence import Sequence, SequenceStatus
 from shared.engine.speed import StepBudget
@@ -403,16 +403,15 @@ class Scheduler:
         return finished
 
     def _check_finish(self, seq: Sequence, token_id: int) -> FinishReason | None:
-        sampling = seq.sampling
-        num_output = len(seq.token_ids) - seq.num_prompt_tokens
-        if num_output >= sampling.min_tokens:
-            if token_id == self.config.eos_token_id and not sampling.ignore_eos:
-                return FinishReason.STOP
-            if sampling.stop_token_ids and token_id in sampling.stop_token_ids:
-                return FinishReason.STOP
-        if num_output >= sampling.max_tokens or len(seq.token_ids) >= self.config.max_model_len:
-            return FinishReason.LENGTH
-        return None
+        config = self.config
+        return finish_reason(
+            seq.sampling,
+            token_id,
+            num_output=len(seq.token_ids) - seq.num_prompt_tokens,
+            num_tokens=len(seq.token_ids),
+            eos_token_id=config.eos_token_id,
+            max_model_len=config.max_model_len,
+        )
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
@@ -424,3 +423,26 @@ class Scheduler:
         else:
             seq.status = SequenceStatus.FINISHED
             self.block_manager.deallocate(seq)
+
+
+def finish_reason(
+    sampling: SamplingParams,
+    token_id: int,
+    *,
+    num_output: int,
+    num_tokens: int,
+    eos_token_id: int | None,
+    max_model_len: int,
+) -> FinishReason | None:
+    """Whether ``token_id``, the ``num_output``-th output token (``num_tokens`` in all, prompt
+    included), ends its request, the way vLLM's stop checker decides: no stop before
+    ``min_tokens``; then EOS (unless ``ignore_eos``) or a stop token -> STOP; then
+    ``max_tokens`` or the context -> LENGTH. Every engine applies this one rule."""
+    if num_output >= sampling.min_tokens:
+        if token_id == eos_token_id and not sampling.ignore_eos:
+            return FinishReason.STOP
+        if sampling.stop_token_ids and token_id in sampling.stop_token_ids:
+            return FinishReason.STOP
+    if num_output >= sampling.max_tokens or num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None

@@ -54,9 +54,7 @@ class VllmLoad:
     """The last step's scheduler view, as vLLM's stats logger reports it."""
 
     num_running: int = 0
-    num_waiting: int = 0
     kv_usage: float = 0.0
-    num_steps: int = 0
 
 
 def vllm_block_size(block_size: int) -> int:
@@ -237,11 +235,7 @@ def _load_logger_factory(load: VllmLoad) -> Callable[[Any, int], Any]:
                 return
             load = self._load
             load.num_running = scheduler_stats.num_running_reqs
-            load.num_waiting = (
-                scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
-            )
             load.kv_usage = scheduler_stats.kv_cache_usage
-            load.num_steps += 1
 
         def log_engine_initialized(self) -> None:
             return

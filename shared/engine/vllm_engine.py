@@ -232,7 +232,7 @@ class VllmEngine:
         outputs = self._expire()
         num_prefill_tokens = 0
         num_decode_tokens = 0
-        if self._live or self._buffered or self._link.has_reports:
+        if self.has_unfinished():
             raw = self._buffered
             self._buffered = []
             raw.extend(self._vllm_step())

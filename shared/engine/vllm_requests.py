@@ -10,6 +10,7 @@ from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from proto.messages import FinishReason, SamplingParams, TokenLogprobs
 from shared.engine.interface import EngineRequest
+from shared.engine.scheduler import finish_reason
 from shared.engine.validation import RequestBounds, check_request
 from shared.engine.vllm_connector import MODE_FIELD
 
@@ -73,16 +74,16 @@ def sampling_params(
 def first_token_ends(
     shape: VllmShape, sampling: SamplingParams, token_id: int, num_prompt: int
 ) -> FinishReason | None:
-    """Baton's rule (``ScheduledEngine``) for the first token of a committed request."""
-    if sampling.min_tokens <= 1:
-        eos = shape.eos_token_id
-        if token_id == eos and not sampling.ignore_eos:
-            return FinishReason.STOP
-        if token_id in sampling.stop_token_ids:
-            return FinishReason.STOP
-    if sampling.max_tokens <= 1 or num_prompt + 1 >= shape.max_model_len:
-        return FinishReason.LENGTH
-    return None
+    """Baton's rule (``shared.engine.scheduler.finish_reason``) for the first token of a
+    committed request."""
+    return finish_reason(
+        sampling,
+        token_id,
+        num_output=1,
+        num_tokens=num_prompt + 1,
+        eos_token_id=shape.eos_token_id,
+        max_model_len=shape.max_model_len,
+    )
 
 
 def logprobs(

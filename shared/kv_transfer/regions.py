@@ -62,11 +62,6 @@ class RegionSet:
         """The registered region holding ``address`` (the first registered, if several do)."""
         return next((r for r in self.regions if r.address <= address < r.address + r.length), None)
 
-    @property
-    def device_types(self) -> set[str]:
-        """The device types (``cpu``, ``cuda``) of the registered regions."""
-        return {parse_device(r.device)[0] for r in self.regions}
-
     def covers(self, address: int, length: int) -> bool:
         """Whether the whole range lies inside registered memory."""
         starts, ends = self._bounds
