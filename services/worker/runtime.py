@@ -40,10 +40,6 @@ async def worker_runtime(
     tokenizer = await asyncio.to_thread(Tokenizer.load, engine.tokenizer)
     agent: TransferAgent | None = None
     kind = worker.kv_transfer
-    if kind == "auto" and engine.engine == "vllm":
-        # vLLM allocates its KV tensors itself, outside any shm segment (docs/vllm.md).
-        kind = "tcp"
-        logger.info("kv transfer auto is tcp for the vllm engine")
     if kind != "none":
         agent = create_agent(
             cast(AgentKind, kind),  # WorkerConfig checked it is one of these

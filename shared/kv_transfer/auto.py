@@ -102,7 +102,8 @@ class AutoAgent(TransferAgent):
         return self._routes[remote_name].kind
 
     def allocate(self, num_bytes: int) -> memoryview:
-        assert self._shm is not None  # made in __init__
+        if self._shm is None:
+            raise ValueError("shm was dropped (memory it did not allocate was registered)")
         return self._shm.allocate(num_bytes)
 
     def _decide_nixl(self, *, progress_thread: bool) -> None:
@@ -119,7 +120,9 @@ class AutoAgent(TransferAgent):
             logger.warning("kv nixl installed but unusable; serving without it")
 
     def _drop(self, transport: SingleTransportAgent, why: Exception) -> None:
-        """Stop offering a transport that failed to register memory (unless it was asked for)."""
+        """Stop offering a transport that failed to register memory (unless it was asked for):
+        shm for memory it did not allocate (an engine's own KV tensors), nixl or cuda_ipc
+        where they cannot serve it."""
         if transport is self._nixl and self._use_nixl:
             raise why
         logger.warning(
@@ -130,6 +133,8 @@ class AutoAgent(TransferAgent):
             self._nixl = None
         elif transport is self._cuda_ipc:
             self._cuda_ipc = None
+        elif transport is self._shm:
+            self._shm = None
 
     def register(self, address: int, length: int, device: str = "cpu") -> None:
         """Register with every transport that serves ``device``; shm goes first among host
@@ -150,7 +155,7 @@ class AutoAgent(TransferAgent):
             try:
                 transport.register(address, length, device)
             except (ValueError, TransferError) as exc:
-                if transport.kind in ("shm", "tcp"):
+                if transport.kind == "tcp":  # it serves any host memory: a real failure
                     raise
                 self._drop(transport, exc)
                 reasons.append(f"{transport.kind}: {exc}")

@@ -1,6 +1,8 @@
 """Which transport serves which memory: the per-device choice of ``auto`` and NIXL's memory
 types, checked without a GPU."""
 
+import ctypes
+
 import msgspec
 import pytest
 
@@ -103,3 +105,15 @@ def test_metadata_with_an_unknown_device_is_refused():
         forged = msgspec.structs.replace(described, name="o", regions=[RegionDesc(0, 1, "tpu:0")])
         with pytest.raises(TransportUnavailable, match="device must be"):
             reader.add_remote(msgspec.msgpack.encode(forged))
+
+
+def test_auto_drops_shm_for_memory_it_did_not_allocate_and_serves_it_over_tcp():
+    # An engine's own KV tensors (vLLM's) are not in an shm segment.
+    own = bytearray(4096)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(own))
+    with AutoAgent("engine-owned", use_nixl=False) as owner, AutoAgent("r", use_nixl=False) as r:
+        owner.register(address, len(own))
+        remote = r.add_remote(owner.metadata())
+        assert r.transport_of(remote) == "tcp"
+        with pytest.raises(ValueError, match="shm was dropped"):
+            owner.allocate(4096)
