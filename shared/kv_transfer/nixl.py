@@ -107,6 +107,9 @@ def group_by_memory(
     """Transfers grouped by ``(remote memory type, local memory type)``: a NIXL descriptor list
     holds one memory type. A range outside every region counts as host memory (the range
     checks have already passed, so that is a region registered under two devices)."""
+    kinds = [{memory_type(r.device) for r in side.regions} for side in (remote, local)]
+    if all(len(kind) == 1 for kind in kinds):  # the usual case: no per-range lookup
+        return {(next(iter(kinds[0])), next(iter(kinds[1]))): transfers}
     groups: dict[tuple[tuple[str, int], tuple[str, int]], list[Transfer]] = {}
     for transfer in transfers:
         sides = []
