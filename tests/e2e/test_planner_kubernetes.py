@@ -27,6 +27,14 @@ NS = "serving"
 TOKEN = "planner-token"
 
 
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    """SIGTERM the planner (unless it exited) and its exit code, within 15 s."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(15):
+        return await proc.wait()
+
+
 @pytest.mark.timeout(90)
 async def test_planner_cli_scales_the_decode_deployment_and_outlives_an_api_outage(
     nats_server: ServerProcess, etcd_server: ServerProcess, namespace: str, tmp_path: Path
@@ -71,10 +79,7 @@ async def test_planner_cli_scales_the_decode_deployment_and_outlives_an_api_outa
             await api.wait_for(lambda: api.replicas(NS, "baton-decode") == 1)
         assert proc.returncode is None
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            returncode = await proc.wait()
+        returncode = await stop(proc)
         await runner.cleanup()
     text = log_path.read_text()
     assert returncode == 0, text[-2000:]
@@ -138,10 +143,7 @@ async def test_with_one_worker_deployment_the_planner_switches_pod_roles_in_plac
             )
         pids = {i.pid for i in directory.workers.values()}
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            returncode = await proc.wait()
+        returncode = await stop(proc)
         await runner.cleanup()
     text = log_path.read_text()
     assert returncode == 0, text[-2000:]
