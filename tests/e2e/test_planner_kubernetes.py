@@ -142,6 +142,11 @@ async def test_with_one_worker_deployment_the_planner_switches_pod_roles_in_plac
                 )
             )
         pids = {i.pid for i in directory.workers.values()}
+        # The worker re-registers before it answers the planner, so the planner's own line
+        # can follow the new entry by a moment.
+        async with asyncio.timeout(15):
+            while "role switched" not in log_path.read_text():
+                await asyncio.sleep(0.05)
     finally:
         returncode = await stop(proc)
         await runner.cleanup()
