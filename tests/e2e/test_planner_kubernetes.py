@@ -145,7 +145,9 @@ async def test_with_one_worker_deployment_the_planner_switches_pod_roles_in_plac
         # The worker re-registers before it answers the planner, so the planner's own line
         # can follow the new entry by a moment.
         async with asyncio.timeout(15):
-            while "role switched" not in log_path.read_text():
+            while True:
+                if "role switched" in log_path.read_text():
+                    break
                 await asyncio.sleep(0.05)
     finally:
         returncode = await stop(proc)
