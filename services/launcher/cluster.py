@@ -10,8 +10,9 @@ With ``ClusterSpec.supervise`` (what `baton up` runs), a process that exits once
 ready is restarted with the same command line, log file and (for the servers) port, after an
 exponential backoff; the cluster never stops because one process died.
 
-With ``ClusterSpec.planner`` it also runs the planner and follows its scale commands; a decode
-worker it adds is a warm standby handed its assignment (``standby.py``) when one is ready.
+With ``ClusterSpec.planner`` it also runs the planner and follows its scale commands
+(``pools.py``); a decode worker it adds is a warm standby handed its assignment
+(``standby.py``) when one is ready.
 """
 
 import asyncio
@@ -28,13 +29,10 @@ from typing import Any
 
 import aiohttp
 
-from proto.messages import WorkerRole
+from services.launcher.pools import WorkerPools
 from services.launcher.processes import Child, stop_process, wait_popen
-from services.launcher.scaler import ScaledPool, WorkerScaler
 from services.launcher.spec import ClusterSpec
-from services.launcher.standby import StandbyPool, StandbyWorker, worker_command
-from shared.config import load_config
-from shared.discovery import Discovery
+from services.launcher.standby import StandbyPool, worker_command
 from shared.local_credentials import LocalCredentials
 from shared.security import BusSecurity, ClusterSecurity, EtcdSecurity
 from shared.servers import ServerProcess, check_port_free, free_port, start_etcd, start_nats
@@ -73,10 +71,14 @@ class LocalCluster:
         self._security_env: dict[str, str] = {}  # what the children present to those servers
         self._secrets_dir = ""
         self.planner_urls: list[str] = []
-        self.retired: list[Child] = []  # decode workers retired at the planner's request
-        self.standbys: StandbyPool | None = None  # with the planner, once it is followed
-        self._num_decode_started = spec.num_workers
-        self._num_prefill_started = spec.num_prefill_workers
+        self._pools = WorkerPools(
+            spec,
+            self.children,
+            self._started_at,
+            spawn=self._spawn,
+            exec_child=self._exec,
+            supervise=self._supervise_child,
+        )
 
     @property
     def api(self) -> str:
@@ -99,6 +101,16 @@ class LocalCluster:
     @property
     def routers(self) -> list[asyncio.subprocess.Process]:
         return self._procs("router")
+
+    @property
+    def retired(self) -> list[Child]:
+        """The decode workers retired at the planner's request."""
+        return self._pools.retired
+
+    @property
+    def standbys(self) -> StandbyPool | None:
+        """The standby workers: with the planner, once it is followed."""
+        return self._pools.standbys
 
     @property
     def pids(self) -> list[int]:
@@ -355,115 +367,14 @@ class LocalCluster:
                 for child in self.children:
                     tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
             if self.spec.planner:
-                tg.create_task(self._follow_planner(tg), name="planner commands")
-
-    async def _follow_planner(self, tg: asyncio.TaskGroup) -> None:
-        """Start and retire workers as the planner's scale commands say. A worker counts in
-        the pool of the role it is registered with now (the planner may have switched it),
-        or, until it registers, of the role it was started with."""
-        security = load_config(ClusterSecurity, "up", [], env=self._env())
-        async with (
-            Discovery.connect(self.etcd_url, security=security.etcd) as discovery,
-            discovery.watch_workers(self.namespace) as directory,
-        ):
-
-            def live(role: str) -> list[Child]:
-                registered = {
-                    info.pid: info.role.name.lower() for info in directory.workers.values()
-                }
-                return [
-                    c
-                    for c in self.children
-                    if c.role in ("decode", "prefill")
-                    and registered.get(c.proc.pid, c.role) == role
-                    and not c.is_retiring
-                    and (self.spec.supervise or c.proc.returncode is None)
-                ]
-
-            decode_args = ["--role", "decode", *self.spec.decode_args]
-            if self.spec.num_standby_workers:
-                self.standbys = StandbyPool(
-                    size=self.spec.num_standby_workers,
-                    worker_args=decode_args,
-                    exec_child=self._exec,
-                    next_name=self._next_decode_name,
-                    backoff_s=self.spec.restart_backoff_s,
-                    backoff_max_s=self.spec.restart_backoff_max_s,
-                    stop_timeout_s=self.spec.stop_timeout_s,
+                following = self._pools.follow(
+                    tg,
+                    namespace=self.namespace,
+                    nats_url=self.nats_url,
+                    etcd_url=self.etcd_url,
+                    env=self._env(),
                 )
-                tg.create_task(self.standbys.run(), name="standby workers")
-
-            async def start_decode() -> None:
-                standby = self.standbys.take() if self.standbys is not None else None
-                child = await self._hand_over(standby, decode_args) if standby else None
-                if child is None:
-                    child = await self._spawn(self._next_decode_name(), "decode", decode_args)
-                if self.spec.supervise:
-                    tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
-
-            async def start_prefill() -> None:
-                name = f"prefill-{self._num_prefill_started}"
-                self._num_prefill_started += 1
-                args = ["--role", "prefill", *self.spec.prefill_args]
-                child = await self._spawn(name, "prefill", args)
-                if self.spec.supervise:
-                    tg.create_task(self._supervise_child(child), name=f"supervise {child.name}")
-
-            def retire(role: str) -> Callable[[], Awaitable[None]]:
-                async def retire_newest() -> None:
-                    child = live(role)[-1]
-                    child.is_retiring = True
-                    logger.info(
-                        "retiring %s pid=%d (SIGTERM: it drains)", child.name, child.proc.pid
-                    )
-                    tg.create_task(self._retire(child), name=f"retire {child.name}")
-
-                return retire_newest
-
-            def pool(
-                role: WorkerRole, least: int, most: int, start: Callable[[], Awaitable[None]]
-            ) -> ScaledPool:
-                name = role.name.lower()
-                return ScaledPool(role, least, most, lambda: len(live(name)), start, retire(name))
-
-            most = self.spec.max_workers or self.spec.num_workers
-            pools = [pool(WorkerRole.DECODE, 1, most, start_decode)]
-            if self.spec.num_prefill_workers:
-                most = self.spec.max_prefill_workers or self.spec.num_prefill_workers
-                least = min(self.spec.min_prefill_workers, most)
-                pools.append(pool(WorkerRole.PREFILL, least, most, start_prefill))
-            await WorkerScaler(pools).follow(self.namespace, self.nats_url, security.nats)
-
-    def _next_decode_name(self) -> str:
-        self._num_decode_started += 1
-        return f"decode-{self._num_decode_started - 1}"
-
-    async def _hand_over(self, standby: StandbyWorker, decode_args: list[str]) -> Child | None:
-        """Make a standby a decode worker: a child, which a restart starts cold. None if the
-        standby is gone (it is then stopped, and no child)."""
-        child = Child(standby.name, "decode", standby.proc, worker_command(decode_args))
-        self.children.append(child)  # first: stop() must find it, whatever happens next
-        try:
-            await standby.hand_over()
-        except OSError as exc:
-            logger.warning("standby %s lost (%s); starting a worker cold", standby.name, exc)
-            await standby.stop(self.spec.stop_timeout_s)
-            self.children.remove(child)  # after: a stop() meanwhile stops it as a child
-            return None
-        self._started_at[child.name] = asyncio.get_running_loop().time()
-        logger.info(
-            "started %s pid=%d from a standby (warm: %s)",
-            child.name,
-            child.proc.pid,
-            "yes" if standby.is_warm else "not yet",
-        )
-        return child
-
-    async def _retire(self, child: Child) -> None:
-        await stop_process(child.name, child.proc, self.spec.stop_timeout_s)
-        self.children.remove(child)
-        self.retired.append(child)
-        logger.info("retired %s exit code=%s", child.name, child.proc.returncode)
+                tg.create_task(following, name="planner commands")
 
     async def _supervise_child(self, child: Child) -> None:
         async def wait() -> int:
