@@ -4,7 +4,7 @@
 calls ``step`` in a thread, and ``step`` runs one vLLM scheduler step in process
 (``shared.engine.vllm_build`` starts it). Requests go in as token ids with vLLM sampling
 parameters mapped from Baton's; vLLM returns each step's new tokens (``DELTA`` outputs), which
-become ``RequestOutput``s with Baton's finish reasons.
+become ``RequestOutput``s with Baton's finish reasons (``shared.engine.vllm_outputs``).
 
 What is Baton's and what is vLLM's:
 
@@ -75,10 +75,10 @@ from shared.engine.vllm_connector import (
     close_link,
 )
 from shared.engine.vllm_events import KVEventTranslator
+from shared.engine.vllm_outputs import LiveRequest, step_outputs
 from shared.engine.vllm_requests import (
     VllmShape,
     first_token_ends,
-    logprobs,
     sampling_params,
     validate,
     write_first_token,
@@ -90,34 +90,12 @@ from shared.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_FINISH_REASONS: Final = {
-    "stop": FinishReason.STOP,
-    "length": FinishReason.LENGTH,
-    "abort": FinishReason.ABORT,
-    "error": FinishReason.ERROR,
-}
 _NO_MIGRATION = "the vllm engine does not migrate running sequences (docs/vllm.md)"
 _PLACEHOLDER: Final = 0  # stands for the first token in a reserved prompt until commit
 # vLLM serves a lower priority value first. A reserved request's first token is already out:
 # it goes ahead of requests not started yet, so that a queue of local prefills does not keep
 # vLLM from allocating its blocks in the step ``reserve`` runs.
 _RESERVED_PRIORITY: Final = -(2**31)
-
-
-@dataclass(slots=True)
-class _Live:
-    """What the adapter tracks of one request vLLM holds."""
-
-    num_prompt_tokens: int
-    priority: int
-    deadline_s: float | None
-    num_resumed: int
-    num_top_logprobs: int | None  # None: no log-probabilities asked for
-    num_output_tokens: int = 0
-    vllm_id: str = ""  # vLLM's id for it (what its scheduler and the connector see)
-    is_held: bool = False  # added with hold_kv: its blocks outlive it
-    # A committed request's prefix cache hit at reserve (vLLM would count the pulled tokens).
-    num_reserved_cached_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -150,7 +128,7 @@ class VllmEngine:
         self._load = load
         self._link = link if link is not None else EngineLink()
         self._link_key = link_key
-        self._live: dict[RequestId, _Live] = {}
+        self._live: dict[RequestId, LiveRequest] = {}
         self._held: dict[RequestId, str] = {}  # finished hold_kv requests -> vLLM ids
         self._reserved: dict[RequestId, _Reserving] = {}
         self._buffered: list[Any] = []  # vLLM outputs of steps run by reserve, not yet returned
@@ -194,7 +172,7 @@ class VllmEngine:
         resumed = request.resumed_token_ids
         mode = HOLD if request.hold_kv else None
         vllm_id = self._add(request, [*request.token_ids, *resumed], len(resumed), mode)
-        self._live[request.request_id] = _Live(
+        self._live[request.request_id] = LiveRequest(
             num_prompt_tokens=len(request.token_ids),
             priority=request.priority,
             deadline_s=request.deadline_s,
@@ -236,40 +214,10 @@ class VllmEngine:
             raw = self._buffered
             self._buffered = []
             raw.extend(self._vllm_step())
-            for out in raw:
-                live = self._live.get(out.request_id)
-                if live is None:  # aborted by us since: already forgotten
-                    continue
-                completion = out.outputs[0]
-                new_token_ids = list(completion.token_ids)
-                num_cached = out.num_cached_tokens or 0
-                if live.num_reserved_cached_tokens is not None:  # its prompt KV was pulled
-                    num_cached = live.num_reserved_cached_tokens
-                    num_decode_tokens += 1
-                elif live.num_output_tokens == live.num_resumed:
-                    num_prefill_tokens += live.num_prompt_tokens + live.num_resumed - num_cached
-                else:
-                    num_decode_tokens += 1
-                live.num_output_tokens += len(new_token_ids)
-                reason = None
-                held_block_ids = None
-                if out.finished:
-                    reason = _FINISH_REASONS.get(completion.finish_reason or "", FinishReason.STOP)
-                    del self._live[out.request_id]
-                    if live.is_held:
-                        held_block_ids = self._hold(RequestId(out.request_id), live.vllm_id)
-                outputs.append(
-                    RequestOutput(
-                        RequestId(out.request_id),
-                        new_token_ids,
-                        reason,
-                        live.num_prompt_tokens,
-                        num_cached,
-                        held_block_ids,
-                        live.num_output_tokens,
-                        logprobs(completion, new_token_ids, live.num_top_logprobs),
-                    )
-                )
+            translated = step_outputs(raw, self._live, self._hold)
+            outputs.extend(translated.outputs)
+            num_prefill_tokens = translated.num_prefill_tokens
+            num_decode_tokens = translated.num_decode_tokens
         return StepResult(
             outputs=outputs,
             duration_s=time.perf_counter() - started,
@@ -397,7 +345,7 @@ class VllmEngine:
             reserved = self._link.reserved.pop(vllm_id)
             write_first_token(reserved.request, first_token_id, self.shape.vllm_block_size)
             self._link.to_recv.add(vllm_id)
-        self._live[request_id] = _Live(
+        self._live[request_id] = LiveRequest(
             num_prompt_tokens=num_prompt,
             priority=request.priority,
             deadline_s=None,  # its first token is out: never shed

@@ -1,6 +1,6 @@
-"""How Baton's requests become vLLM's, and vLLM's outputs Baton's, for ``VllmEngine``:
-validation (``ScheduledEngine``'s rules and messages), sampling parameters,
-log-probabilities, and the first token of a disaggregated request."""
+"""How Baton's requests become vLLM's, for ``VllmEngine``: validation (``ScheduledEngine``'s
+rules and messages), sampling parameters, and the first token of a disaggregated request.
+vLLM's outputs become Baton's in ``shared.engine.vllm_outputs``."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -8,7 +8,7 @@ from typing import Any
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-from proto.messages import FinishReason, SamplingParams, TokenLogprobs
+from proto.messages import FinishReason, SamplingParams
 from shared.engine.interface import EngineRequest
 from shared.engine.scheduler import finish_reason
 from shared.engine.validation import RequestBounds, check_request
@@ -84,21 +84,6 @@ def first_token_ends(
         eos_token_id=shape.eos_token_id,
         max_model_len=shape.max_model_len,
     )
-
-
-def logprobs(
-    completion: Any, token_ids: list[int], num_top: int | None
-) -> list[TokenLogprobs] | None:
-    """Baton's report per new token from vLLM's (a dict per position of token id to
-    ``Logprob``: the chosen token and the ``num_top`` likeliest, each with its rank)."""
-    if num_top is None or completion.logprobs is None:
-        return None
-    reports: list[TokenLogprobs] = []
-    for token_id, position in zip(token_ids, completion.logprobs, strict=True):
-        ranked = sorted(position.items(), key=lambda item: item[1].rank)
-        top = [(tid, float(lp.logprob)) for tid, lp in ranked if lp.rank <= num_top][:num_top]
-        reports.append(TokenLogprobs(float(position[token_id].logprob), top))
-    return reports
 
 
 def write_first_token(request: Any, token_id: int, block_size: int) -> None:
