@@ -144,6 +144,10 @@ class GenerateRequest(Message, frozen=True, tag="generate"):
     # A live migration: the resumed sequence's KV, to read from the worker that holds it
     # rather than recompute (set with ``resume_token_ids``; ``prefill_worker_id`` is then None).
     kv_source: KVHandle | None = None
+    # Admitted before, by a worker it has left (a role switch, a drain, a failure): admission
+    # checks its predicted first token against the whole ``ttft_budget_s``, not the share
+    # (``--slo-admit-fraction``) a new request gets, since shedding it now drops admitted work.
+    admitted: bool = False
 
 
 class AbortRequest(Message, frozen=True, tag="abort"):
@@ -181,6 +185,7 @@ class PrefillRequest(Message, frozen=True, tag="prefill"):
     hold_timeout_s: float = 30.0
     priority: int = 0
     ttft_budget_s: float | None = None  # as GenerateRequest's, minus what is spent already
+    admitted: bool = False  # as GenerateRequest's
 
 
 class PrefillDone(Message, frozen=True, tag="prefill_done"):

@@ -81,7 +81,8 @@ class WorkersFull(Overloaded):
 
 
 class WaitingShed(Shed):
-    """Admitted by a worker, then shed there when its deadline passed before it started."""
+    """Admitted by a worker, then shed: its deadline passed before it started there, or it
+    had to move (its worker left) and no other worker can start it by then."""
 
     stage = "waiting"
 
@@ -208,12 +209,16 @@ class Generator:
                         emitted,
                         left_behind,
                         kv_source=moved_kv,
+                        admitted=bool(moved_because),
                     )
                     moved_kv = None  # the new worker reads it (or gives it up) at once
                 except ServingError as exc:
                     if not moved_because:
                         raise
-                    raise Unavailable(f"{moved_because}; no other worker took it: {exc}") from exc
+                    text = f"{moved_because}; no other worker took it: {exc}"
+                    if isinstance(exc, Shed):  # it cannot make its deadline anywhere now
+                        raise WaitingShed(text, retry_after_s=exc.retry_after_s) from exc
+                    raise Unavailable(text) from exc
                 try:
                     while True:
                         chunks = await stream.get()  # bounded by StreamDemux.expire_idle
@@ -295,14 +300,16 @@ class Generator:
         left_behind: set[InstanceId],
         *,
         kv_source: KVHandle | None = None,
+        admitted: bool = False,
     ) -> WorkerState:
         """Place the request on a worker. With a deadline, a full fleet sheds it; without
         one, it waits its turn in the waiting room (behind those already there) until a
-        worker reports room, for up to ``queue_timeout_s``."""
+        worker reports room, for up to ``queue_timeout_s``. ``admitted``: a worker took it
+        before and it moved (``GenerateRequest.admitted``)."""
         request = (stream, request_id, model, token_ids, sampling, objectives)
         if deadline_s is not None or self._queue_timeout_s <= 0:
             return await self._try_place(
-                *request, deadline_s, resume_token_ids, left_behind, kv_source
+                *request, deadline_s, resume_token_ids, left_behind, kv_source, admitted
             )
         queued_until = time.monotonic() + self._queue_timeout_s
         if self._room.is_queued(model):
@@ -310,7 +317,7 @@ class Generator:
         while True:
             try:
                 return await self._try_place(
-                    *request, None, resume_token_ids, left_behind, kv_source
+                    *request, None, resume_token_ids, left_behind, kv_source, admitted
                 )
             except WorkersFull:
                 # Let through but refused all the same (another frontend took the room):
@@ -338,6 +345,7 @@ class Generator:
         resume_token_ids: Sequence[int],
         left_behind: set[InstanceId],
         kv_source: KVHandle | None,
+        admitted: bool = False,
     ) -> WorkerState:
         candidates = [
             c for c in self._pool.candidates(model) if c.info.worker_id not in left_behind
@@ -379,6 +387,7 @@ class Generator:
                 tpot_s=objectives.tpot_s,
                 resume_token_ids=list(resume_token_ids),
                 kv_source=kv_source,
+                admitted=admitted,
             )
             # Bound before it is sent: its first chunks may overtake its acceptance.
             stream.rebind(worker.info.worker_id, asyncio.get_running_loop().time())

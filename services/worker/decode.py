@@ -106,7 +106,7 @@ class DecodeRole(Role):
                 remote.start_move(engine_request, request.kv_source)
             else:
                 assert request.prefill_worker_id is not None
-                remote.start(engine_request, request.prefill_worker_id)
+                remote.start(engine_request, request.prefill_worker_id, admitted=request.admitted)
         if reply_subject:
             accepted = GenerateAccepted(
                 request_id=rid,

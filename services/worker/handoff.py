@@ -87,10 +87,15 @@ class RemotePrefill:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def start(self, request: EngineRequest, prefill_worker_id: InstanceId) -> None:
-        """Begin the handoff; its outcome arrives through ``on_ready`` or ``on_failed``."""
+    def start(
+        self, request: EngineRequest, prefill_worker_id: InstanceId, *, admitted: bool = False
+    ) -> None:
+        """Begin the handoff; its outcome arrives through ``on_ready`` or ``on_failed``.
+        ``admitted``: the request was admitted before, on a worker it has left (the prefill
+        worker checks it against its whole time left, not admission's share)."""
         rid = request.request_id
-        task = asyncio.create_task(self._run(request, prefill_worker_id), name=f"prefill {rid}")
+        run = self._run(request, prefill_worker_id, admitted)
+        task = asyncio.create_task(run, name=f"prefill {rid}")
         self._tasks[rid] = task
         task.add_done_callback(lambda _: self._tasks.pop(rid, None))
 
@@ -117,9 +122,11 @@ class RemotePrefill:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, request: EngineRequest, prefill_worker_id: InstanceId) -> None:
+    async def _run(
+        self, request: EngineRequest, prefill_worker_id: InstanceId, admitted: bool
+    ) -> None:
         try:
-            chunk = await self._handoff(request, prefill_worker_id)
+            chunk = await self._handoff(request, prefill_worker_id, admitted)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure takes the one path back to the role
@@ -179,7 +186,9 @@ class RemotePrefill:
                 logger.warning("KV release not sent request_id=%s error=%s", rid, exc)
         return num_blocks
 
-    async def _handoff(self, request: EngineRequest, prefill_worker_id: InstanceId) -> TokenChunk:
+    async def _handoff(
+        self, request: EngineRequest, prefill_worker_id: InstanceId, admitted: bool
+    ) -> TokenChunk:
         rid = request.request_id
         info = self._workers().get(prefill_worker_id)
         if info is None:
@@ -188,7 +197,7 @@ class RemotePrefill:
         is_held = False  # the prefill worker holds blocks for us
         is_reserved = False
         try:
-            done = await self._prefill(subject, request)
+            done = await self._prefill(subject, request, admitted)
             is_held = True
             async with self._loop.exclusive() as engine:
                 reservation = engine.reserve(request)
@@ -227,7 +236,7 @@ class RemotePrefill:
             logprobs=[done.first_token_logprobs] if done.first_token_logprobs else None,
         )
 
-    async def _prefill(self, subject: str, request: EngineRequest) -> PrefillDone:
+    async def _prefill(self, subject: str, request: EngineRequest, admitted: bool) -> PrefillDone:
         budget_s = None
         if request.deadline_s is not None:
             budget_s = request.deadline_s - time.monotonic()
@@ -239,6 +248,7 @@ class RemotePrefill:
             sampling=request.sampling,
             priority=request.priority,
             ttft_budget_s=budget_s,
+            admitted=admitted,
         )
         data = await self._bus.request(subject, message, timeout_s=self._prefill_timeout_s)
         reply = prefill_reply_decoder.decode(data)

@@ -97,12 +97,14 @@ class Objectives:
         if prefills_here:
             own = len(request.token_ids)
             predicted = self.predicted_wait_s(stats, num_tokens_ahead, own)
-            allowed_s = self.admit_fraction * budget_s
+            # A request admitted before (it moved here) has only its deadline to keep.
+            fraction = 1.0 if request.admitted else self.admit_fraction
+            allowed_s = fraction * budget_s
             if predicted > allowed_s:
                 self.num_shed_at_admission += 1
                 raise Shed(
                     f"predicted time to first token {predicted * 1000:.0f} ms is over "
-                    f"{self.admit_fraction:.0%} of the {budget_s * 1000:.0f} ms the objective "
+                    f"{fraction:.0%} of the {budget_s * 1000:.0f} ms the objective "
                     "leaves",
                     retry_after_s=max(1.0, predicted - allowed_s),
                 )
