@@ -1,13 +1,14 @@
 """The run's results as a JSON-ready document and as a table for the terminal (pure)."""
 
 import dataclasses
+import itertools
 import math
 from datetime import UTC, datetime
 from typing import Any
 
 from services.bench.arrivals import Stage
 from services.bench.metrics import Summary, summarize, time_series
-from services.bench.outcome import Objectives, Outcome
+from services.bench.outcome import Objectives, Outcome, Verdict, verdict
 from services.bench.workload import PRIORITIES
 
 _PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
@@ -76,6 +77,20 @@ def priority_summaries(
     return summaries
 
 
+MAX_ERROR_SAMPLES = 20
+
+
+def error_samples(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    """The first failed requests (at most ``MAX_ERROR_SAMPLES``), with what each was told:
+    a count by kind says that something failed, these say why."""
+    failed = (o for o in outcomes if verdict(o, Objectives()) is Verdict.ERROR)
+    return [
+        {"index": o.index, "sent_s": o.sent_s, "kind": o.kind.value, "status": o.status,
+         "error": o.error}
+        for o in itertools.islice(failed, MAX_ERROR_SAMPLES)
+    ]  # fmt: skip
+
+
 def results_document(
     facts: RunFacts, stages: list[Stage], outcomes: list[Outcome], objectives: Objectives
 ) -> dict[str, Any]:
@@ -105,6 +120,7 @@ def results_document(
         },
         "time_series": series,
         "server_metrics": {"before": facts.metrics_before, "after": facts.metrics_after},
+        "error_samples": error_samples(outcomes),
     }
     return json_safe(document)  # type: ignore[no-any-return]  # a dict in, a dict out
 

@@ -78,3 +78,18 @@ def test_plot_draws_a_png(tmp_path):
     path = tmp_path / "plot.png"
     plot.draw(document, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_document_keeps_what_failed_requests_were_told():
+    stages = build_stages([(1.0, 2.0)])
+    failed = [
+        Outcome(5, 0, 0.5, None, 0.5, Kind.HTTP_ERROR, 503, error="worker gone"),
+        Outcome(6, 0, 0.6, None, 0.6, Kind.TIMEOUT, error="over 120.0 s"),
+    ]
+    document = results_document(_facts(), stages, [*_outcomes(), *failed], Objectives())
+    samples = document["error_samples"]
+    assert [(s["index"], s["kind"], s["status"], s["error"]) for s in samples] == [
+        (5, Kind.HTTP_ERROR.value, 503, "worker gone"),
+        (6, Kind.TIMEOUT.value, failed[1].status, "over 120.0 s"),
+    ]
+    assert results_document(_facts(), stages, _outcomes(), Objectives())["error_samples"] == []
