@@ -137,6 +137,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--speedup", type=float, default=0.25, help="sim engine time divisor")
     p.add_argument("--slo-ttft-ms", type=float, default=4000.0)
+    p.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=0.0,
+        help="a TPOT objective too (0: none); with one, a decode worker's own long prompts "
+        "stall its streams past it, and one prefill worker pays off",
+    )
     p.add_argument("--phase-s", type=float, default=40.0, help="arrivals per phase")
     p.add_argument("--prefill-rate", type=float, default=8.0)
     p.add_argument("--prefill-prompt-tokens", type=int, default=4000)
@@ -155,6 +162,12 @@ def main() -> None:
         "cache, which a decode-heavy load fills; baton up's 65,536 needs 8x the streams)",
     )
     p.add_argument("--planner-debug", action="store_true", help="log every planner decision")
+    p.add_argument(
+        "--planner-arg",
+        action="append",
+        default=[],
+        help="one more baton-planner argument (repeat), e.g. --planner-arg=--max-prefill-busy=99",
+    )
     p.add_argument("--json", default="")
     args = p.parse_args()
 
@@ -171,10 +184,12 @@ def main() -> None:
         speedup=args.speedup,
         namespace=f"flip{uuid.uuid4().hex[:6]}",
         log_dir=tempfile.mkdtemp(prefix="baton-flip-"),
-        slo=SLOConfig(slo_ttft_ms=args.slo_ttft_ms),
+        slo=SLOConfig(slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms),
         ready_timeout_s=120.0,
     )
     slo = ["--slo-ttft-ms", str(args.slo_ttft_ms)]
+    if args.slo_tpot_ms:
+        slo += ["--slo-tpot-ms", str(args.slo_tpot_ms)]
     prefill_heavy = [
         "--rate", str(args.prefill_rate),
         "--duration-s", str(args.phase_s),
@@ -210,6 +225,8 @@ def main() -> None:
     )
     if args.planner_debug:
         spec = dataclasses.replace(spec, planner_args=(*spec.planner_args, "--log-level", "debug"))
+    if args.planner_arg:
+        spec = dataclasses.replace(spec, planner_args=(*spec.planner_args, *args.planner_arg))
     print(f"logs: {up.log_dir}")
     with tempfile.TemporaryDirectory() as tmp, cluster_in_thread(spec) as cluster:
         [planner] = cluster.planner_urls
@@ -223,7 +240,8 @@ def main() -> None:
             result = run_phase(cluster.url, phase_args, os.path.join(tmp, f"phase{i}.json"))
             rows.append(
                 {"phase": name, "start_s": round(start_s, 2),
-                 "end_s": round(time.monotonic() - t0, 2), "total": result["total"]}
+                 "end_s": round(time.monotonic() - t0, 2), "total": result["total"],
+                 "error_samples": result.get("error_samples", [])}
             )  # fmt: skip
         sampler.stop.set()
         sampler.join()
@@ -233,7 +251,8 @@ def main() -> None:
     events = switch_events(sampler.samples)
     print(
         f"\n{'phase':<14} {'start':>6} {'end':>6} {'offered':>8} {'good':>6} {'shed':>6} "
-        f"{'errors':>6} {'TTFT p50':>9} {'p99':>7}  pools (prefill+decode) at the end"
+        f"{'errors':>6} {'TTFT p50':>9} {'p99':>7} {'TPOT p50':>9} {'p99':>7}  "
+        "pools (prefill+decode) at the end"
     )
     for row in rows:
         total = row["total"]
@@ -242,8 +261,12 @@ def main() -> None:
             f"{row['phase']:<14} {row['start_s']:6.1f} {row['end_s']:6.1f} "
             f"{total['num_offered']:8d} {total['num_good']:6d} {total['num_shed']:6d} "
             f"{total['num_errors']:6d} {total['ttft_p50_ms']:9.0f} {total['ttft_p99_ms']:7.0f}"
+            f" {total['tpot_p50_ms']:9.0f} {total['tpot_p99_ms']:7.0f}"
             f"  {'{}+{}'.format(*at_end[-1]) if at_end else '?'}"
         )
+    for row in rows:
+        for sample in row["error_samples"]:
+            print(f"  error in {row['phase']}: {sample}")
     print("\nswitches:")
     for event in events:
         phase = next((r["phase"] for r in reversed(rows) if r["start_s"] <= event["t_s"]), "?")

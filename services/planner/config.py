@@ -131,12 +131,23 @@ class PlannerConfig:
     )
     max_wait_fraction: float = field(
         default=0.5,
-        metadata=doc("over: predicted wait past this fraction of the TTFT objective"),
+        metadata=doc(
+            "over: predicted wait past this fraction of what admission allows "
+            "(--slo-admit-fraction of the TTFT objective)"
+        ),
     )
     max_waiting: float = field(default=4.0, metadata=doc("over: queued requests per worker"))
     max_kv_usage: float = field(default=0.85, metadata=doc("over: KV cache usage per worker"))
     max_batch_fraction: float = field(
         default=0.9, metadata=doc("over: running sequences over the batch capacity")
+    )
+    max_prefill_busy: float = field(
+        default=0.8,
+        metadata=doc(
+            "over: seconds of prefill arriving a second per prefill worker (prompt tokens "
+            "arriving times their measured cost; with no prefill worker, the decode workers' "
+            "own prefill)"
+        ),
     )
     down_fraction: float = field(
         default=0.5,
@@ -163,7 +174,7 @@ class PlannerConfig:
     report_stale_s: float = field(
         default=1.0, metadata=doc("a worker's load report older than this is ignored")
     )
-    slo: SLOConfig = field(default_factory=SLOConfig)  # the TTFT objective
+    slo: SLOConfig = field(default_factory=SLOConfig)  # the TTFT and TPOT objectives
     host: str = field(default="127.0.0.1", metadata=doc("HTTP address (health, metrics)"))
     port: int = field(default=0, metadata=doc("HTTP port (0 picks a free one)"))
     log_level: str = field(default="info", metadata=doc("logging level"))
@@ -218,11 +229,14 @@ class PlannerConfig:
         return PolicyConfig(
             mode=Mode(self.mode),
             ttft_s=self.slo.ttft_s,
+            tpot_s=self.slo.tpot_s,
+            admit_fraction=self.slo.slo_admit_fraction,
             thresholds=Thresholds(
                 max_wait_fraction=self.max_wait_fraction,
                 max_waiting=self.max_waiting,
                 max_kv_usage=self.max_kv_usage,
                 max_batch_fraction=self.max_batch_fraction,
+                max_prefill_busy=self.max_prefill_busy,
                 down_fraction=self.down_fraction,
             ),
             up_intervals=self.up_intervals,

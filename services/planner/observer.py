@@ -124,6 +124,7 @@ def _load(metrics: LoadMetrics, info: WorkerInfo) -> WorkerLoad:
         kv_usage=metrics.kv_usage,
         predicted_wait_s=metrics.predicted_wait_s,
         wait_per_token_s=metrics.wait_per_token_s,
+        prefill_s_per_token=metrics.step_per_token_s,
         max_num_running=metrics.max_num_running,
         max_num_seqs=info.max_num_seqs,
     )

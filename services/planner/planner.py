@@ -35,6 +35,7 @@ class Planner:
         self.metrics = PlannerMetrics()
         policy = config.policy()
         self._thresholds = policy.thresholds
+        self._min_spare_streak = policy.up_intervals
         self.limits = config.limits()
         self.pools = {role: PoolPlanner(policy, limits) for role, limits in self.limits.items()}
         self.last_decisions: dict[Role, Decision] = {}
@@ -96,7 +97,9 @@ class Planner:
         """The role switch the last decisions call for, if switching is on."""
         if not self.config.switches_roles:
             return None
-        return plan_switch(self.last_decisions, self.last_views, self.limits)
+        return plan_switch(
+            self.last_decisions, self.last_views, self.limits, self._min_spare_streak
+        )
 
     async def step(self, now_s: float) -> None:
         """One interval: decide, then switch a worker's role or apply the decisions."""

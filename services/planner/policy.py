@@ -34,7 +34,7 @@ spare one, a worker of the other pool changes role (a second) instead of a proce
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from proto.messages import InstanceId
@@ -58,6 +58,10 @@ class Mode(Enum):
 class PolicyConfig:
     mode: Mode = Mode.LOAD
     ttft_s: float | None = None  # the TTFT objective, if any
+    tpot_s: float | None = None  # the TPOT objective, if any
+    # The share of the TTFT objective admission lets a predicted wait take (the workers'
+    # --slo-admit-fraction); 1.0 as if every request were admitted.
+    admit_fraction: float = 1.0
     thresholds: Thresholds = field(default_factory=Thresholds)
     up_intervals: int = 3
     down_intervals: int = 10
@@ -67,6 +71,12 @@ class PolicyConfig:
     target_utilization: float = 0.7  # SLA mode: the share of a worker's capacity to plan for
     horizon_s: float = 10.0  # SLA mode: how far ahead the trend is followed
     trend_window: int = 10  # SLA mode: intervals the trend is fitted over
+
+    @property
+    def wait_budget_s(self) -> float | None:
+        """The longest predicted wait admission takes a request on with (None: no TTFT
+        objective, so none is shed)."""
+        return None if self.ttft_s is None else self.ttft_s * self.admit_fraction
 
     def __post_init__(self) -> None:
         if self.up_intervals < 1 or self.down_intervals < 1:
@@ -79,6 +89,8 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.target_utilization <= 1:
             raise ValueError(f"target_utilization must be in (0, 1], got {self.target_utilization}")
+        if not 0 < self.admit_fraction <= 1:
+            raise ValueError(f"admit_fraction must be in (0, 1], got {self.admit_fraction}")
         if self.trend_window < 2:
             raise ValueError(f"trend_window must be >= 2, got {self.trend_window}")
 
@@ -107,13 +119,14 @@ class Decision:
     ``no_reports``, ``at_min``, ``at_max``, ``at_total``, ``at_total_min``, ``no_capacity``),
     ``detail`` a sentence with the numbers. ``direction`` is what this interval's reading
     said, whether or not it was acted on: +1 more workers, -1 fewer, 0 neither (or no
-    reading)."""
+    reading), and ``streak`` for how many intervals in a row it has said so."""
 
     desired: int
     previous: int
     reason: str
     detail: str
     direction: int = 0
+    streak: int = 0  # intervals in a row the reading has said ``direction`` (0: neither)
 
     @property
     def is_change(self) -> bool:
@@ -165,7 +178,8 @@ class PoolPlanner:
     def _decide_load(
         self, view: PoolView, previous: int, now_s: float, totals: tuple[int | None, int | None]
     ) -> Decision:
-        reading = pressure(view, self.config.thresholds, self.config.ttft_s)
+        config = self.config
+        reading = pressure(view, config.thresholds, config.wait_budget_s, config.tpot_s)
         direction = 1 if reading.is_over else -1 if reading.is_under else 0
         return self._step(
             direction, previous + direction, reading.label, reading.detail, now_s, totals
@@ -206,14 +220,30 @@ class PoolPlanner:
         """Count the streak of ``direction`` (+1 up, -1 down, 0 neither) and act on it when
         it is long enough, the cool-down has passed and the limits allow (``totals``: what
         the cap and the floor on both pools together leave this one)."""
-        max_total, min_total = totals
-        config = self.config
         previous = self.desired
         assert previous is not None  # set by decide()
         self._num_up = self._num_up + 1 if direction > 0 else 0
         self._num_down = self._num_down + 1 if direction < 0 else 0
         if direction == 0:
             return self._hold(previous, "steady", detail, direction)
+        streak = self._num_up if direction > 0 else self._num_down  # an action resets it
+        decision = self._step_on(direction, candidate, label, detail, now_s, totals)
+        return replace(decision, streak=streak)
+
+    def _step_on(
+        self,
+        direction: int,
+        candidate: int,
+        label: str,
+        detail: str,
+        now_s: float,
+        totals: tuple[int | None, int | None],
+    ) -> Decision:
+        """The rest of :meth:`_step` for a reading that says up or down."""
+        max_total, min_total = totals
+        config = self.config
+        previous = self.desired
+        assert previous is not None
         streak, needed = (
             (self._num_up, config.up_intervals)
             if direction > 0
@@ -288,13 +318,16 @@ def plan_switch(
     decisions: Mapping[Role, Decision],
     views: Mapping[Role, PoolView],
     limits: Mapping[Role, Limits],
+    min_spare_streak: int = 1,
 ) -> Switch | None:
     """A switch rather than this interval's decisions, or None (apply them as they are).
 
     Only with both pools planned. The *target* pool wants a worker more: it steps up, or it
     would but the cap on the total holds it (``at_total``). The *source* pool can spare one:
-    its reading says fewer workers (it need not have reached its down streak: a switch is
-    undone in a second, a retired process is not), it has more than its minimum, and the
+    its reading has said fewer workers for ``min_spare_streak`` intervals in a row (the
+    planner passes its up streak: a prefill worker between two prompts has no request on
+    it for an instant; it need not have reached its down streak, since a switch is undone
+    in a second and a retired process is not), it has more than its minimum, and the
     target has fewer than its maximum. The pool that wants more goes first: a pool stepping
     down with no pool short of workers is left to the connector (it retires a process)."""
     if len(decisions) != 2 or any(role not in views or role not in limits for role in decisions):
@@ -304,7 +337,7 @@ def plan_switch(
             continue
         [source] = [role for role in decisions if role is not target]
         spare = decisions[source]
-        if spare.direction >= 0:
+        if spare.direction >= 0 or spare.streak < min_spare_streak:
             return None
         if views[source].num_workers <= limits[source].min_replicas:
             return None

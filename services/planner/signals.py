@@ -28,6 +28,7 @@ class WorkerLoad:
     kv_usage: float = 0.0
     predicted_wait_s: float = 0.0
     wait_per_token_s: float = 0.0  # measured: how much longer the wait gets per queued token
+    prefill_s_per_token: float = 0.0  # measured: what a prompt token adds to its step
     max_num_running: int = 0  # the batch cap its TPOT objective sets now (0: none)
     max_num_seqs: int = 0  # its configured batch limit (WorkerInfo), the cap without one
     arrival_rate: float = 0.0  # requests per second arriving lately (its counters' rate)
@@ -37,6 +38,14 @@ class WorkerLoad:
     def batch_capacity(self) -> int:
         """The most sequences it runs at once now (0: unknown)."""
         return self.max_num_running or self.max_num_seqs
+
+    @property
+    def prefill_busy(self) -> float:
+        """Seconds of prefill a second brings it: the prompt tokens arriving for it to
+        prefill, each at its measured cost in a step (``prefill_s_per_token``; not
+        ``wait_per_token_s``, which adds the decode steps a queued prompt waits through).
+        Above 1 it cannot keep up."""
+        return self.prefill_token_rate * self.prefill_s_per_token
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,10 +65,11 @@ class Thresholds:
     it is under when all of them, spread over one worker fewer, stay below
     ``down_fraction`` of the limit (the gap between the two is the hysteresis)."""
 
-    max_wait_fraction: float = 0.5  # predicted wait over this fraction of the TTFT objective
+    max_wait_fraction: float = 0.5  # predicted wait over this fraction of admission's bound
     max_waiting: float = 4.0  # queued requests per worker
     max_kv_usage: float = 0.85
     max_batch_fraction: float = 0.9  # running sequences over the batch capacity
+    max_prefill_busy: float = 0.8  # a prefill pool's seconds of prefill a second, per worker
     down_fraction: float = 0.5
 
     def __post_init__(self) -> None:
@@ -67,6 +77,8 @@ class Thresholds:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if not self.max_prefill_busy > 0:  # above 1: past saturation (in effect, off)
+            raise ValueError(f"max_prefill_busy must be > 0, got {self.max_prefill_busy}")
         if self.max_waiting <= 0:
             raise ValueError(f"max_waiting must be > 0, got {self.max_waiting}")
 
@@ -86,8 +98,20 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def pressure(view: PoolView, limits: Thresholds, ttft_s: float | None) -> Pressure:
-    """Whether ``view`` is over its limits, under them, or neither."""
+def pressure(
+    view: PoolView, limits: Thresholds, wait_budget_s: float | None, tpot_s: float | None = None
+) -> Pressure:
+    """Whether ``view`` is over its limits, under them, or neither. ``wait_budget_s`` is the
+    longest predicted wait admission lets a request take on (``PolicyConfig.wait_budget_s``;
+    None without a TTFT objective): the ``wait`` reading is over at ``max_wait_fraction`` of
+    it, so a pool reads over before admission starts shedding what it cannot serve, never
+    after (a shed request leaves no queue for the planner to see).
+
+    A prefill pool also reads its prefill time per worker (``busy``). With no prefill worker
+    that is the time the decode workers spend on their own prompts, and it counts only with a
+    TPOT objective: without one, a decode worker's own prefill costs its streams nothing
+    they were promised, and two workers that both prefill clear more prompts than one prefill
+    worker would (the queue and wait readings still ask for one when prompts wait)."""
     loads = view.loads
     waiting = _mean([load.num_waiting for load in loads])
     wait_s = _mean([load.predicted_wait_s for load in loads])
@@ -98,9 +122,14 @@ def pressure(view: PoolView, limits: Thresholds, ttft_s: float | None) -> Pressu
         ("kv", kv, limits.max_kv_usage, f"kv usage {kv:.2f}"),
         ("batch", batch, limits.max_batch_fraction, f"batch {batch:.2f} of capacity"),
     ]
-    if ttft_s is not None:
-        max_wait_s = limits.max_wait_fraction * ttft_s
+    if wait_budget_s is not None:
+        max_wait_s = limits.max_wait_fraction * wait_budget_s
         readings.insert(1, ("wait", wait_s, max_wait_s, f"predicted wait {wait_s:.3f} s"))
+    if view.role is Role.PREFILL and (view.num_workers > 0 or tpot_s is not None):
+        # Per worker; a pool with none yet reads what its first worker would take on.
+        prefill_s = sum(load.prefill_busy for load in loads) / max(1, view.num_workers)
+        text = f"prefill {prefill_s:.2f} s/s per worker"
+        readings.append(("busy", prefill_s, limits.max_prefill_busy, text))
     for label, value, limit, text in readings:
         if value >= limit:
             return Pressure(True, False, label, f"{text} >= {limit:.3g}")
@@ -119,16 +148,26 @@ def pressure(view: PoolView, limits: Thresholds, ttft_s: float | None) -> Pressu
     return Pressure(False, True, "idle", f"load fits on {fewer} workers")
 
 
+MAX_LOCAL_PREFILL_SHARE = 0.9  # the most of a decode worker's time read as its own prefill
+
+
 def with_local_prefill(
     decode: PoolView, prefill: PoolView, limits: Thresholds
 ) -> tuple[PoolView, PoolView]:
     """The two pools' views when the prefill pool has no worker: the decode workers prefill
     their own prompts, so a decode worker's queue is prefill work, unless its batch or its
     KV cache is at its limit (then the queue waits for a batch slot or for blocks: decode
-    work). That work moves to the prefill
-    view, which keeps ``num_workers`` 0 and holds one load per decode worker (prompts queued,
-    their predicted wait, nothing running): the planner sees the demand for a first prefill
-    worker, and the decode pool's reading is left with its batch and its KV cache. With a
+    work). That work moves to the prefill view, which keeps ``num_workers`` 0 and holds one
+    load per decode worker (prompts queued, their predicted wait, the prompt tokens arriving,
+    nothing running): the planner sees the demand for a first prefill worker.
+
+    The decode pool's reading is left with its batch and its KV cache, as they would be
+    without the prefill: a worker that spends a share ``s`` of its time prefilling
+    (``WorkerLoad.prefill_busy``, at most ``MAX_LOCAL_PREFILL_SHARE``) gives its decode steps
+    ``1 - s`` of it, so each sequence lives ``1 / (1 - s)`` times longer than it would, and
+    at the same arrival rate the pool holds that many times more sequences and KV (Little's
+    law). Both are read scaled by ``1 - s``; unscaled, a prefill-heavy load would make the
+    decode pool look full of the very work a prefill worker would take off it. With a
     prefill worker registered, or no decode report, both views are returned as they are."""
     if prefill.num_workers > 0 or not decode.loads:
         return decode, prefill
@@ -141,8 +180,17 @@ def with_local_prefill(
             decode_loads.append(load)
             prefill_loads.append(WorkerLoad())
             continue
+        kept = 1.0 - min(load.prefill_busy, MAX_LOCAL_PREFILL_SHARE)
         decode_loads.append(
-            replace(load, num_waiting=0, num_waiting_tokens=0, predicted_wait_s=0.0)
+            replace(
+                load,
+                num_running=math.ceil(load.num_running * kept),
+                kv_usage=load.kv_usage * kept,
+                num_waiting=0,
+                num_waiting_tokens=0,
+                predicted_wait_s=0.0,
+                prefill_token_rate=0.0,
+            )
         )
         prefill_loads.append(
             WorkerLoad(
@@ -150,6 +198,7 @@ def with_local_prefill(
                 num_waiting_tokens=load.num_waiting_tokens,
                 predicted_wait_s=load.predicted_wait_s,
                 wait_per_token_s=load.wait_per_token_s,
+                prefill_s_per_token=load.prefill_s_per_token,
                 arrival_rate=load.arrival_rate,
                 prefill_token_rate=load.prefill_token_rate,
             )

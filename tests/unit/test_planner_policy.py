@@ -2,8 +2,10 @@
 
 import pytest
 
+from services.planner.config import PlannerConfig
 from services.planner.policy import Decision, Limits, Mode, PolicyConfig, PoolPlanner
 from services.planner.signals import PoolView, Role, Thresholds, WorkerLoad, slope_per_s
+from shared.slo import SLOConfig
 
 INTERVAL_S = 1.0
 
@@ -271,3 +273,23 @@ def test_limits_and_thresholds_reject_bad_values():
         Limits(3, 2)
     with pytest.raises(ValueError, match="max_kv_usage"):
         Thresholds(max_kv_usage=1.5)
+
+
+def test_the_wait_reading_is_over_before_admission_sheds_not_after():
+    """Admission sheds a request whose predicted wait passes ``--slo-admit-fraction`` of the
+    TTFT objective, so a queue never grows past that: the planner's wait limit is a fraction
+    of it. Read against the whole objective, a pool that sheds half its load looks fine."""
+    config = PlannerConfig(slo=SLOConfig(slo_ttft_ms=4000, slo_admit_fraction=0.25)).policy()
+    assert config.wait_budget_s == pytest.approx(1.0)
+    waiting = WorkerLoad(num_running=2, predicted_wait_s=0.6, max_num_seqs=64)
+    p, clock = planner(**{"ttft_s": 4.0, "admit_fraction": 0.25, "up_intervals": 1}), Clock()
+    [decision] = clock.run(p, [pool(1, waiting)])
+    assert (decision.desired, decision.reason) == (2, "wait")
+    assert "predicted wait 0.600 s >= 0.5" in decision.detail
+    # Without admission's bound the same wait is a third of the way to the old limit (2 s).
+    p, clock = planner(**{"ttft_s": 4.0, "up_intervals": 1}), Clock()
+    [decision] = clock.run(p, [pool(1, waiting)])
+    assert decision.reason == "steady"
+    assert PolicyConfig().wait_budget_s is None
+    with pytest.raises(ValueError, match="admit_fraction"):
+        PolicyConfig(admit_fraction=0.0)

@@ -57,8 +57,9 @@ def up(n: int) -> Decision:
     return Decision(n + 1, n, "queue", "waiting 10.0/worker >= 4", direction=1)
 
 
-def under(n: int) -> Decision:
-    return Decision(n, n, "streak", "load fits on fewer (1/5 intervals)", direction=-1)
+def under(n: int, streak: int = 1) -> Decision:
+    text = f"load fits on fewer ({streak}/5 intervals)"
+    return Decision(n, n, "streak", text, direction=-1, streak=streak)
 
 
 def steady(n: int) -> Decision:
@@ -85,6 +86,26 @@ def test_the_other_way_round_prefill_takes_a_decode_worker():
     decisions = {Role.DECODE: under(3), Role.PREFILL: up(1)}
     switch = plan_switch(decisions, views(3, 1), LIMITS)
     assert switch == Switch(Role.DECODE, Role.PREFILL, switch.detail if switch else "")
+
+
+def test_a_source_gives_a_worker_only_after_reading_under_for_the_streak_asked():
+    """A prefill worker between two prompts has no request on it for an instant: one such
+    reading is no reason to take it away (the planner asks for its up streak, 3)."""
+    decisions = {Role.DECODE: up(2), Role.PREFILL: under(2, streak=2)}
+    assert plan_switch(decisions, views(2, 2), LIMITS, min_spare_streak=3) is None
+    decisions[Role.PREFILL] = under(2, streak=3)
+    assert plan_switch(decisions, views(2, 2), LIMITS, min_spare_streak=3) is not None
+
+
+def test_decisions_carry_their_streak():
+    p = planner(down_intervals=3, down_cooldown_s=0.0)
+    readings = [p.decide(view(Role.PREFILL, 2, idle()), now_s=t) for t in (1.0, 2.0, 3.0)]
+    assert [(d.direction, d.streak, d.reason) for d in readings] == [
+        (-1, 1, "streak"),
+        (-1, 2, "streak"),
+        (-1, 3, "idle"),  # acted on: the streak that led to the action
+    ]
+    assert p.decide(view(Role.PREFILL, 1, busy()), now_s=4.0).streak == 1
 
 
 def test_no_switch_while_the_other_pool_is_not_under():
@@ -323,6 +344,101 @@ def test_from_no_prefill_worker_a_prompt_queue_switches_a_decode_worker_back():
         view(Role.DECODE, 2, prompt_queue()), now_s=10.0, max_total=2
     )
     assert unsplit.direction == 1
+
+
+def long_prompts(share: float, kv_usage: float) -> WorkerLoad:
+    """A decode worker with no queue that spends ``share`` of its time on its own prompts
+    (4,000 tokens a second arriving at 2.5e-4 s each is 1.0)."""
+    return WorkerLoad(
+        num_running=10,
+        kv_usage=kv_usage,
+        wait_per_token_s=1e-3,  # a queued token's wait counts decode steps: not its cost
+        prefill_s_per_token=2.5e-4,
+        prefill_token_rate=4000.0 * share,
+        max_num_seqs=64,
+    )
+
+
+def test_local_prefill_time_moves_to_the_prefill_view_and_leaves_the_decode_pool_smaller():
+    decode, prefill = with_local_prefill(
+        view(Role.DECODE, 2, long_prompts(0.75, 0.6)), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    assert [load.prefill_busy for load in prefill.loads] == pytest.approx([0.75, 0.75])
+    # A quarter of the time decodes: each sequence lives four times as long as it would
+    # without the prompts, so the pool would hold a quarter of the sequences and KV.
+    assert [(load.num_running, load.prefill_busy) for load in decode.loads] == [(3, 0.0)] * 2
+    assert [load.kv_usage for load in decode.loads] == pytest.approx([0.15, 0.15])
+    # At most MAX_LOCAL_PREFILL_SHARE of a worker's time is read as prefill.
+    swamped, _ = with_local_prefill(
+        view(Role.DECODE, 1, long_prompts(3.0, 0.5)), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    assert swamped.loads[0].kv_usage == pytest.approx(0.05)
+
+
+def test_a_prefill_pool_is_over_when_its_prefill_time_passes_the_limit():
+    limits = Thresholds(max_prefill_busy=0.8)
+    tpot_s = 0.1
+    # No prefill worker: the decode workers' prompts together are the first worker's load.
+    one = PoolView(role=Role.PREFILL, num_workers=0, loads=(long_prompts(0.45, 0.0),))
+    assert not pressure(one, limits, None, tpot_s).is_over
+    two = PoolView(role=Role.PREFILL, num_workers=0, loads=(long_prompts(0.45, 0.0),) * 2)
+    reading = pressure(two, limits, None, tpot_s)
+    assert (reading.is_over, reading.label) == (True, "busy")
+    assert "prefill 0.90 s/s per worker >= 0.8" in reading.detail
+    # ... and only with a TPOT objective, which the decode workers' own prompts stall.
+    assert not pressure(two, limits, None).is_over
+    # With workers, per worker (objective or not): two at 0.45 each are not over, nor fit
+    # on one; at 0.85 each they are over.
+    pool = PoolView(role=Role.PREFILL, num_workers=2, loads=two.loads)
+    reading = pressure(pool, limits, None)
+    assert (reading.is_over, reading.is_under) == (False, False)
+    hot = PoolView(role=Role.PREFILL, num_workers=2, loads=(long_prompts(0.85, 0.0),) * 2)
+    assert pressure(hot, limits, None).label == "busy"
+    # A decode pool has no such reading (its workers' own prefill is in its wait).
+    reading = pressure(view(Role.DECODE, 2, long_prompts(0.95, 0.0)), limits, None, tpot_s)
+    assert reading.label != "busy"
+
+
+@pytest.mark.parametrize(
+    ("share", "kv_usage", "switches"),
+    [
+        (0.95, 0.6, True),  # prefill-heavy: the KV is long-lived only because prompts stall it
+        (0.35, 0.9, False),  # decode-heavy: some prefill, and the KV cache really is full
+        (0.2, 0.1, False),  # light: neither pool short
+    ],
+)
+def test_a_fixed_total_of_two_decode_workers_gives_one_to_prefill_only_for_prefill_heavy_load(
+    share: float, kv_usage: float, switches: bool
+) -> None:
+    """0 + 2 at a fixed total of 2 (what a decode-heavy phase leaves), with a TPOT
+    objective: when prompts take most of both workers' time, one becomes the prefill worker;
+    otherwise both stay."""
+    limits = {Role.DECODE: Limits(1, 2), Role.PREFILL: Limits(0, 1)}
+    decode_view, prefill_view = with_local_prefill(
+        view(Role.DECODE, 2, long_prompts(share, kv_usage)),
+        view(Role.PREFILL, 0, None),
+        Thresholds(),
+    )
+    config = PolicyConfig(up_intervals=1, down_intervals=5, up_cooldown_s=0.0, tpot_s=0.1)
+    decisions = {
+        Role.DECODE: PoolPlanner(config, limits[Role.DECODE]).decide(
+            decode_view, now_s=10.0, max_total=2
+        ),
+        Role.PREFILL: PoolPlanner(config, limits[Role.PREFILL]).decide(
+            prefill_view, now_s=10.0, max_total=0
+        ),
+    }
+    views_ = {Role.DECODE: decode_view, Role.PREFILL: prefill_view}
+    switch = plan_switch(decisions, views_, limits)
+    if switches:
+        assert switch is not None
+        assert (switch.source, switch.target) == (Role.DECODE, Role.PREFILL)
+        assert switch.detail.startswith("prefill at_total (prefill 1.90 s/s per worker >= 0.8")
+        # Read unscaled, the same KV would have kept the decode pool from sparing a worker.
+        unscaled = pressure(view(Role.DECODE, 2, long_prompts(share, kv_usage)), Thresholds(), None)
+        assert not unscaled.is_under
+    else:
+        assert switch is None
 
 
 def test_a_floor_on_the_total_holds_an_idle_pool_for_a_switch_instead_of_a_retirement():
