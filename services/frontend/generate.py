@@ -362,6 +362,7 @@ class Generator:
                 candidates.insert(0, chosen)
                 routed, routed_prefill_id = chosen, decision.prefill_worker_id
         last_error: ServingError = Overloaded("no worker accepted the request", retry_after_s=1.0)
+        shed: Shed | None = None  # the first worker's refusal by its objectives, if any
         prompt = list(token_ids)  # the message's copy; the caller keeps a compact one
         for worker in candidates[: self._max_attempts]:
             budget_s = None
@@ -419,6 +420,13 @@ class Generator:
                     if isinstance(error, InvalidRequest):
                         raise error
                     last_error = error
+                    if isinstance(error, Shed) and shed is None:
+                        shed = error
+        if shed is not None:
+            # A worker that can serve it says it cannot in time: that is the answer (429),
+            # whatever the others said (one switching role or too busy to answer is no
+            # better news).
+            raise shed
         if isinstance(last_error, DeadlineExceeded):
             # Too busy to answer in admission_timeout_s: as full as a refusal says.
             raise WorkersFull(f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0)
