@@ -124,6 +124,11 @@ def switch_events(samples: list[tuple[float, dict[str, float]]]) -> list[dict[st
     return events
 
 
+def ms(value: float | None) -> str:
+    """A percentile in whole milliseconds, or '-' when the phase had none."""
+    return "-" if value is None else f"{value:.0f}"
+
+
 def run_phase(url: str, args: list[str], out: str) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "services.bench", "--url", url, "--quiet", "true", "--out", out,
@@ -260,8 +265,8 @@ def main() -> None:
         print(
             f"{row['phase']:<14} {row['start_s']:6.1f} {row['end_s']:6.1f} "
             f"{total['num_offered']:8d} {total['num_good']:6d} {total['num_shed']:6d} "
-            f"{total['num_errors']:6d} {total['ttft_p50_ms']:9.0f} {total['ttft_p99_ms']:7.0f}"
-            f" {total['tpot_p50_ms']:9.0f} {total['tpot_p99_ms']:7.0f}"
+            f"{total['num_errors']:6d} {ms(total['ttft_p50_ms']):>9} {ms(total['ttft_p99_ms']):>7}"
+            f" {ms(total['tpot_p50_ms']):>9} {ms(total['tpot_p99_ms']):>7}"
             f"  {'{}+{}'.format(*at_end[-1]) if at_end else '?'}"
         )
     for row in rows:

@@ -132,8 +132,9 @@ class PlannerConfig:
     max_wait_fraction: float = field(
         default=0.5,
         metadata=doc(
-            "over: predicted wait past this fraction of what admission allows "
-            "(--slo-admit-fraction of the TTFT objective)"
+            "load mode, over: predicted wait past this fraction of what admission allows "
+            "(--slo-admit-fraction of the TTFT objective); sla mode: the prefill window, "
+            "this fraction of the TTFT objective"
         ),
     )
     max_waiting: float = field(default=4.0, metadata=doc("over: queued requests per worker"))
@@ -145,8 +146,8 @@ class PlannerConfig:
         default=0.8,
         metadata=doc(
             "over: seconds of prefill arriving a second per prefill worker (prompt tokens "
-            "arriving times their measured cost; with no prefill worker, the decode workers' "
-            "own prefill)"
+            "arriving times their measured cost; with no prefill worker and a TPOT objective, "
+            "the decode workers' own prefill)"
         ),
     )
     down_fraction: float = field(

@@ -35,7 +35,9 @@ class Planner:
         self.metrics = PlannerMetrics()
         policy = config.policy()
         self._thresholds = policy.thresholds
-        self._min_spare_streak = policy.up_intervals
+        # A source pool gives a worker after reading under this long (an action resets a
+        # streak, so never longer than the down streak it would act on).
+        self.min_spare_streak = min(policy.up_intervals, policy.down_intervals)
         self.limits = config.limits()
         self.pools = {role: PoolPlanner(policy, limits) for role, limits in self.limits.items()}
         self.last_decisions: dict[Role, Decision] = {}
@@ -97,9 +99,7 @@ class Planner:
         """The role switch the last decisions call for, if switching is on."""
         if not self.config.switches_roles:
             return None
-        return plan_switch(
-            self.last_decisions, self.last_views, self.limits, self._min_spare_streak
-        )
+        return plan_switch(self.last_decisions, self.last_views, self.limits, self.min_spare_streak)
 
     async def step(self, now_s: float) -> None:
         """One interval: decide, then switch a worker's role or apply the decisions."""

@@ -114,8 +114,8 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """``desired`` workers (``previous`` before this decision); ``reason`` is one word from a
-    small set (a metrics label: up/down by ``queue``, ``wait``, ``kv``, ``batch``, ``idle``,
-    ``sla``, ``min``, ``max``; held by ``steady``, ``streak``, ``cooldown``, ``pending``,
+    small set (a metrics label: up/down by ``queue``, ``wait``, ``kv``, ``batch``, ``busy``,
+    ``idle``, ``sla``, ``min``, ``max``; held by ``steady``, ``streak``, ``cooldown``, ``pending``,
     ``no_reports``, ``at_min``, ``at_max``, ``at_total``, ``at_total_min``, ``no_capacity``),
     ``detail`` a sentence with the numbers. ``direction`` is what this interval's reading
     said, whether or not it was acted on: +1 more workers, -1 fewer, 0 neither (or no
@@ -324,7 +324,8 @@ def plan_switch(
 
     Only with both pools planned. The *target* pool wants a worker more: it steps up, or it
     would but the cap on the total holds it (``at_total``). The *source* pool can spare one:
-    its reading has said fewer workers for ``min_spare_streak`` intervals in a row (the
+    its reading has said fewer workers for ``min_spare_streak`` intervals in a row, or once
+    when the target is only raised to its minimum (the
     planner passes its up streak: a prefill worker between two prompts has no request on
     it for an instant; it need not have reached its down streak, since a switch is undone
     in a second and a retired process is not), it has more than its minimum, and the
@@ -337,7 +338,9 @@ def plan_switch(
             continue
         [source] = [role for role in decisions if role is not target]
         spare = decisions[source]
-        if spare.direction >= 0 or spare.streak < min_spare_streak:
+        # A target raised to its minimum (a limit, not a reading) takes any worker to spare.
+        needed_streak = 1 if wanted.reason == "min" else min_spare_streak
+        if spare.direction >= 0 or spare.streak < needed_streak:
             return None
         if views[source].num_workers <= limits[source].min_replicas:
             return None

@@ -86,7 +86,8 @@ class Thresholds:
 @dataclass(frozen=True, slots=True)
 class Pressure:
     """Load mode's reading: ``label`` names the signal that decided (``queue``, ``wait``,
-    ``kv``, ``batch``; ``idle`` when under; ``ok`` when neither), ``detail`` the numbers."""
+    ``kv``, ``batch``, ``busy``; ``idle`` when under; ``ok`` when neither), ``detail`` the
+    numbers."""
 
     is_over: bool
     is_under: bool
@@ -104,8 +105,10 @@ def pressure(
     """Whether ``view`` is over its limits, under them, or neither. ``wait_budget_s`` is the
     longest predicted wait admission lets a request take on (``PolicyConfig.wait_budget_s``;
     None without a TTFT objective): the ``wait`` reading is over at ``max_wait_fraction`` of
-    it, so a pool reads over before admission starts shedding what it cannot serve, never
-    after (a shed request leaves no queue for the planner to see).
+    it, so that a pool reads over as admission nears shedding (a shed request leaves no queue
+    for the planner to see). The two are not the same prediction: the reported wait is the
+    queue's, while admission adds the new request's own prompt (and a frontend what it sent
+    since the last report), so a pool of long prompts can shed before it reads over.
 
     A prefill pool also reads its prefill time per worker (``busy``). With no prefill worker
     that is the time the decode workers spend on their own prompts, and it counts only with a
@@ -135,11 +138,15 @@ def pressure(
             return Pressure(True, False, label, f"{text} >= {limit:.3g}")
     # Under: the same total load on one worker fewer stays well below every limit. For the
     # last worker of a pool that may be empty, that is: no request on it (a KV cache that
-    # keeps finished requests' blocks for reuse is not work).
+    # keeps finished requests' blocks for reuse is not work), and, for a prefill worker, no
+    # more than a little prefill arriving (between two prompts it holds none for an instant).
     fewer = view.num_workers - 1
     if fewer == 0:
         if any(load.num_running or load.num_waiting for load in loads):
             return Pressure(False, False, "ok", "requests on the last worker")
+        for label, value, limit, text in readings:
+            if label == "busy" and value >= limits.down_fraction * limit:
+                return Pressure(False, False, "ok", f"{text}: prompts keep arriving")
         return Pressure(False, True, "idle", "no request on the last worker")
     spread = view.num_workers / fewer if fewer > 0 else math.inf
     for label, value, limit, text in readings:
@@ -156,10 +163,11 @@ def with_local_prefill(
 ) -> tuple[PoolView, PoolView]:
     """The two pools' views when the prefill pool has no worker: the decode workers prefill
     their own prompts, so a decode worker's queue is prefill work, unless its batch or its
-    KV cache is at its limit (then the queue waits for a batch slot or for blocks: decode
-    work). That work moves to the prefill view, which keeps ``num_workers`` 0 and holds one
-    load per decode worker (prompts queued, their predicted wait, the prompt tokens arriving,
-    nothing running): the planner sees the demand for a first prefill worker.
+    KV cache is at its limit without the prompts (below; then the queue waits for a batch
+    slot or for blocks: decode work). That work moves to the prefill view, which keeps
+    ``num_workers`` 0 and holds one load per decode worker (prompts queued, their predicted
+    wait, the prompt tokens arriving, whether the queue moved or not; nothing running): the
+    planner sees the demand for a first prefill worker.
 
     The decode pool's reading is left with its batch and its KV cache, as they would be
     without the prefill: a worker that spends a share ``s`` of its time prefilling
@@ -175,32 +183,34 @@ def with_local_prefill(
     prefill_loads: list[WorkerLoad] = []
     for load in decode.loads:
         capacity = load.batch_capacity
-        is_full = capacity and load.num_running >= limits.max_batch_fraction * capacity
-        if is_full or load.kv_usage >= limits.max_kv_usage:
-            decode_loads.append(load)
-            prefill_loads.append(WorkerLoad())
-            continue
         kept = 1.0 - min(load.prefill_busy, MAX_LOCAL_PREFILL_SHARE)
+        num_running = math.ceil(load.num_running * kept)
+        kv_usage = load.kv_usage * kept
+        rates = WorkerLoad(
+            wait_per_token_s=load.wait_per_token_s,
+            prefill_s_per_token=load.prefill_s_per_token,
+            arrival_rate=load.arrival_rate,
+            prefill_token_rate=load.prefill_token_rate,
+        )
+        without_prompts = replace(
+            load, num_running=num_running, kv_usage=kv_usage, prefill_token_rate=0.0
+        )
+        is_full = capacity and num_running >= limits.max_batch_fraction * capacity
+        if is_full or kv_usage >= limits.max_kv_usage:
+            # Full even without the prompts: its queue waits for decode room. Its prompts'
+            # time still counts as prefill work (they stall its streams all the same).
+            decode_loads.append(without_prompts)
+            prefill_loads.append(rates)
+            continue
         decode_loads.append(
-            replace(
-                load,
-                num_running=math.ceil(load.num_running * kept),
-                kv_usage=load.kv_usage * kept,
-                num_waiting=0,
-                num_waiting_tokens=0,
-                predicted_wait_s=0.0,
-                prefill_token_rate=0.0,
-            )
+            replace(without_prompts, num_waiting=0, num_waiting_tokens=0, predicted_wait_s=0.0)
         )
         prefill_loads.append(
-            WorkerLoad(
+            replace(
+                rates,
                 num_waiting=load.num_waiting,
                 num_waiting_tokens=load.num_waiting_tokens,
                 predicted_wait_s=load.predicted_wait_s,
-                wait_per_token_s=load.wait_per_token_s,
-                prefill_s_per_token=load.prefill_s_per_token,
-                arrival_rate=load.arrival_rate,
-                prefill_token_rate=load.prefill_token_rate,
             )
         )
     return (

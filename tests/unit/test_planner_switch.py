@@ -1,6 +1,8 @@
 """The planner's role-switch decision (pure): when a worker changes role instead of a process
 starting, which worker, and how the pools' targets follow."""
 
+from dataclasses import replace
+
 import pytest
 
 from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
@@ -95,6 +97,55 @@ def test_a_source_gives_a_worker_only_after_reading_under_for_the_streak_asked()
     assert plan_switch(decisions, views(2, 2), LIMITS, min_spare_streak=3) is None
     decisions[Role.PREFILL] = under(2, streak=3)
     assert plan_switch(decisions, views(2, 2), LIMITS, min_spare_streak=3) is not None
+    # A pool raised to its minimum is a limit, not a reading: any worker to spare will do.
+    to_min = Decision(3, 2, "min", "limits Limits(min_replicas=3, max_replicas=4)")
+    decisions = {Role.DECODE: to_min, Role.PREFILL: under(2, streak=1)}
+    assert plan_switch(decisions, views(2, 2), LIMITS, min_spare_streak=3) is not None
+
+
+def test_the_planner_asks_a_source_for_its_up_streak_but_never_past_its_down_streak():
+    assert (
+        Planner(
+            PlannerConfig(up_intervals=3, down_intervals=10), DryRunConnector()
+        ).min_spare_streak
+        == 3
+    )
+    assert (
+        Planner(PlannerConfig(up_intervals=3, down_intervals=2), DryRunConnector()).min_spare_streak
+        == 2
+    )
+
+
+def test_a_last_prefill_worker_with_prompts_arriving_is_not_idle_between_them():
+    between = WorkerLoad(prefill_s_per_token=2.5e-4, prefill_token_rate=2000.0)  # 0.5 s/s
+    reading = pressure(view(Role.PREFILL, 1, between), Thresholds(max_prefill_busy=0.8), None)
+    assert (reading.is_under, reading.label) == (False, "ok")
+    assert "prompts keep arriving" in reading.detail
+    trickle = replace(between, prefill_token_rate=400.0)  # 0.1 s/s
+    assert pressure(view(Role.PREFILL, 1, trickle), Thresholds(), None).is_under
+
+
+def test_a_full_decode_workers_prompts_still_count_as_prefill_time():
+    # KV 0.96, a tenth of its time on prompts: 0.864 without them, still over 0.85.
+    full = WorkerLoad(
+        num_running=8, num_waiting=6, kv_usage=0.96, max_num_seqs=64,
+        prefill_s_per_token=2.5e-4, prefill_token_rate=400.0,
+    )  # fmt: skip
+    decode, prefill = with_local_prefill(
+        view(Role.DECODE, 2, full), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    # Its queue stays decode work (the cache is full even without the prompts' share) ...
+    assert [load.num_waiting for load in decode.loads] == [6, 6]
+    assert [load.kv_usage for load in decode.loads] == pytest.approx([0.864, 0.864])
+    assert all(load.num_waiting == 0 for load in prefill.loads)
+    # ... and its prompts' time is the empty prefill pool's.
+    assert [load.prefill_busy for load in prefill.loads] == pytest.approx([0.1, 0.1])
+    # A cache that is full only because prompts stall its streams is not full.
+    stalled = replace(full, prefill_token_rate=3600.0)  # 0.9 of its time
+    decode, prefill = with_local_prefill(
+        view(Role.DECODE, 1, stalled), view(Role.PREFILL, 0, None), Thresholds()
+    )
+    assert (decode.loads[0].num_waiting, prefill.loads[0].num_waiting) == (0, 6)
 
 
 def test_decisions_carry_their_streak():
@@ -403,7 +454,9 @@ def test_a_prefill_pool_is_over_when_its_prefill_time_passes_the_limit():
     ("share", "kv_usage", "switches"),
     [
         (0.95, 0.6, True),  # prefill-heavy: the KV is long-lived only because prompts stall it
-        (0.35, 0.9, False),  # decode-heavy: some prefill, and the KV cache really is full
+        # Prefill over its limit as well, but the KV cache is full even without the prompts'
+        # share (0.9 x 0.55): the decode pool cannot spare a worker.
+        (0.45, 0.9, False),
         (0.2, 0.1, False),  # light: neither pool short
     ],
 )
@@ -419,17 +472,18 @@ def test_a_fixed_total_of_two_decode_workers_gives_one_to_prefill_only_for_prefi
         view(Role.PREFILL, 0, None),
         Thresholds(),
     )
-    config = PolicyConfig(up_intervals=1, down_intervals=5, up_cooldown_s=0.0, tpot_s=0.1)
-    decisions = {
-        Role.DECODE: PoolPlanner(config, limits[Role.DECODE]).decide(
-            decode_view, now_s=10.0, max_total=2
-        ),
-        Role.PREFILL: PoolPlanner(config, limits[Role.PREFILL]).decide(
-            prefill_view, now_s=10.0, max_total=0
-        ),
-    }
+    config = PolicyConfig(up_intervals=3, down_intervals=5, up_cooldown_s=0.0, tpot_s=0.1)
+    decode_plan = PoolPlanner(config, limits[Role.DECODE])
+    prefill_plan = PoolPlanner(config, limits[Role.PREFILL])
     views_ = {Role.DECODE: decode_view, Role.PREFILL: prefill_view}
-    switch = plan_switch(decisions, views_, limits)
+    for now_s in (10.0, 11.0, 12.0):  # three intervals: the streaks the planner asks for
+        decisions = {
+            Role.DECODE: decode_plan.decide(decode_view, now_s=now_s, max_total=2),
+            Role.PREFILL: prefill_plan.decide(prefill_view, now_s=now_s, max_total=0),
+        }
+        switch = plan_switch(decisions, views_, limits, min_spare_streak=3)
+        if now_s < 12.0:
+            assert switch is None  # neither streak is long enough yet
     if switches:
         assert switch is not None
         assert (switch.source, switch.target) == (Role.DECODE, Role.PREFILL)
