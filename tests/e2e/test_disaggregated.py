@@ -71,17 +71,21 @@ async def test_disaggregated_output_equals_aggregated(start_cluster, torch_avail
     )
     got = await complete_all(disagg.api, batch)
     assert got == expected
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{disagg.url}/metrics") as resp:
-            metrics = await resp.text()
     # Every prompt went through the prefill worker (thresholds of one token).
+    assert await remote_prefills(disagg.url) == len(batch)
+
+
+async def remote_prefills(url: str) -> float:
+    """The frontend's count of prompts prefilled on a prefill worker (it must be exported)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        metrics = await resp.text()
     remote = [
         line
         for line in metrics.splitlines()
         if line.startswith("baton_frontend_remote_prefills_total")
     ]
-    assert remote
-    assert float(remote[0].split()[-1]) == len(batch)
+    assert remote, "baton_frontend_remote_prefills_total is not exported"
+    return float(remote[0].split()[-1])
 
 
 async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
@@ -153,17 +157,9 @@ async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
         assert 450 < outcomes["aborted"] < 750
         await until(idle)
         await until(lambda: {w: m.num_free_blocks for w, m in loads.items()} == free_before)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{cluster.url}/metrics") as resp:
-                metrics = await resp.text()
-        remote = next(
-            line
-            for line in metrics.splitlines()
-            if line.startswith("baton_frontend_remote_prefills_total")
-        )
         # Both paths ran: long uncached prompts went to the prefill worker, short ones did not
         # (aborted requests may end before their first token is counted).
-        assert 300 < float(remote.split()[-1]) < 1900
+        assert 300 < await remote_prefills(cluster.url) < 1900
 
 
 async def test_requests_fall_back_to_local_prefill_when_the_prefill_worker_dies(start_cluster):

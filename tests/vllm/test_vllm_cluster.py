@@ -4,7 +4,6 @@ hashes."""
 
 import asyncio
 
-import aiohttp
 import openai
 import pytest
 
@@ -17,7 +16,7 @@ from shared.bus import Bus
 from shared.codec import kv_event_batch_decoder
 from shared.kv_hash import hash_prompt_blocks
 from tests.e2e.args import ALWAYS_REMOTE, WAIT_FOR_ROUTER
-from tests.e2e.test_disaggregated import complete_all, prompts
+from tests.e2e.test_disaggregated import complete_all, prompts, remote_prefills
 
 pytestmark = [
     pytest.mark.vllm,
@@ -125,14 +124,6 @@ async def test_vllm_disaggregated_text_equals_aggregated(nats_server, etcd_serve
     )
     async with local_cluster(disaggregated) as cluster:
         got = await complete_all(cluster.api, batch)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{cluster.url}/metrics") as resp:
-                metrics = await resp.text()
+        num_remote = await remote_prefills(cluster.url)
     assert got == expected
-    remote = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("baton_frontend_remote_prefills_total")
-    ]
-    assert remote
-    assert float(remote[0].split()[-1]) == len(batch)
+    assert num_remote == len(batch)
