@@ -35,6 +35,7 @@ from typing import Any
 
 import psutil
 
+from services.bench.endpoint import parse_samples
 from services.launcher.config import UpConfig
 from services.launcher.threaded import cluster_in_thread
 from shared.slo import SLOConfig
@@ -86,7 +87,7 @@ def bench_command(args: argparse.Namespace, url: str, out: str) -> list[str]:
         "--out",
         out,
         "--metrics-url",
-        url,
+        f"{url}/metrics",
     ]
     if args.plot:
         command += ["--plot", args.plot]
@@ -196,6 +197,7 @@ def main() -> None:
     cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(server_cpu.items(), key=lambda x: -x[1]))
     print(f"server CPU s over {wall_s:.0f} s: {cpu} (total {sum(server_cpu.values()):.1f})")
     print(f"client CPU s: {result['client_cpu_s']:.1f} over {result['client_procs']} process(es)")
+    print(f"sheds as the frontends counted them: {shed_breakdown(result['server_metrics'])}")
     verdicts = [] if args.trace else checks(result, args)
     for name, ok, detail in verdicts:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
@@ -208,6 +210,25 @@ def main() -> None:
             "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in verdicts],
         }
         Path(args.json).write_text(json.dumps(doc, indent=1))
+
+
+def shed_breakdown(metrics: dict[str, list[str]]) -> str:
+    """Where the server shed, from its /metrics before and after the run: before reading the
+    body (its loop lagged), and by stage (frontend, worker, waiting) with the mean time from
+    arrival to the 429 as the frontend measured it (the client's figure adds the queues
+    before the frontend reads the request)."""
+    names = ("baton_frontend_overload_sheds_total", "baton_frontend_shed_seconds_count")
+    names += ("baton_frontend_shed_seconds_sum",)
+    before = parse_samples(metrics["before"], names)
+    after = parse_samples(metrics["after"], names)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    parts = [f"before reading {delta.get('baton_frontend_overload_sheds_total', 0.0):.0f}"]
+    for stage in ("frontend", "worker", "waiting"):
+        count = delta.get(f'baton_frontend_shed_seconds_count{{stage="{stage}"}}', 0.0)
+        total = delta.get(f'baton_frontend_shed_seconds_sum{{stage="{stage}"}}', 0.0)
+        mean = f" (mean {total / count * 1000:.1f} ms)" if count else ""
+        parts.append(f"{stage} {count:.0f}{mean}")
+    return ", ".join(parts)
 
 
 def _pair(row: dict[str, Any], what: str) -> str:
