@@ -1,6 +1,7 @@
 """HTTP handlers: parse and check, hand to the generator, render. State lives under AppKeys."""
 
 import asyncio
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from services.frontend.call import Call
 from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator
 from services.frontend.goodput import Outcome
-from services.frontend.http_errors import header_limit, openai_errors
+from services.frontend.http_errors import openai_errors
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.metrics_merge import merged_metrics
 from services.frontend.models import ModelRegistry
@@ -160,28 +161,6 @@ def _under_pressure(request: web.Request) -> web.Response | None:
     )
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    refused = _under_pressure(request)
-    if refused is not None:
-        return refused
-    try:
-        body = chat_decoder.decode(await request.read())
-    except msgspec.DecodeError as exc:
-        return _decode_error(exc)
-    return await _complete(request, "chat", body)
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    refused = _under_pressure(request)
-    if refused is not None:
-        return refused
-    try:
-        body = completion_decoder.decode(await request.read())
-    except msgspec.DecodeError as exc:
-        return _decode_error(exc)
-    return await _complete(request, "completion", body)
-
-
 async def _tokenize(state: FrontendState, size: int, work: Callable[[], list[int]]) -> list[int]:
     """Tokenize on the loop when the text is short, in a thread when it is long."""
     if size >= state.tokenize_in_thread_chars:
@@ -239,7 +218,21 @@ def _approx_prompt_tokens(body: SamplingFields) -> int:
     return size // 4 + 1
 
 
-async def _complete(request: web.Request, kind: Kind, body: SamplingFields) -> web.StreamResponse:
+async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
+    """``POST /v1/chat/completions`` (``kind`` "chat") and ``/v1/completions``. One coroutine
+    from the route to the stream: its frame lives as long as the stream, and so would every
+    wrapper's."""
+    refused = _under_pressure(request)
+    if refused is not None:
+        return refused
+    body: SamplingFields
+    try:
+        if kind == "chat":
+            body = chat_decoder.decode(await request.read())
+        else:
+            body = completion_decoder.decode(await request.read())
+    except msgspec.DecodeError as exc:
+        return _decode_error(exc)
     state = request.app[STATE]
     endpoint = "chat" if kind == "chat" else "completions"
     started = time.monotonic()
@@ -320,7 +313,7 @@ def build_app(state: FrontendState, config: FrontendConfig | None = None) -> web
     """The HTTP application; ``config`` sets its limits and API keys (None: the defaults,
     no keys)."""
     config = config or FrontendConfig()
-    middlewares: list[Middleware] = [openai_errors, header_limit(config.max_header_bytes)]
+    middlewares: list[Middleware] = [openai_errors(config.max_header_bytes)]
     keys = load_api_keys(config.api_key, config.api_key_file)
     if keys:
         middlewares.append(api_key_auth(keys, is_metrics_open=not config.metrics_require_key))
@@ -340,6 +333,6 @@ def build_app(state: FrontendState, config: FrontendConfig | None = None) -> web
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", functools.partial(complete, kind="chat"))
+    app.router.add_post("/v1/completions", functools.partial(complete, kind="completion"))
     return app

@@ -80,30 +80,14 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
     return json_error(HTTPStatusError(exc.status, message), headers=headers)
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost middleware: whatever goes wrong, the client gets an OpenAI error."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _from_http_exception(request, exc)
-    except ServingError as exc:
-        return json_error(exc)
-    except ConnectionError:
-        raise  # the client went away: nobody to answer
-    except Exception:
-        logger.exception("unhandled error method=%s path=%s", request.method, request.path)
-        return json_error(ServingError("internal error; see the frontend's log"))
-
-
-def header_limit(max_header_bytes: int) -> Middleware:
-    """A middleware answering 431 to a request whose headers total over ``max_header_bytes``
-    (names, values and their separators, as on the wire)."""
+def openai_errors(max_header_bytes: int) -> Middleware:
+    """The outermost middleware: whatever goes wrong, the client gets an OpenAI error, and
+    a request whose headers total over ``max_header_bytes`` (names, values and their
+    separators, as on the wire) gets 431. One middleware for both, since each one's frame
+    lives as long as the stream it wraps."""
 
     @web.middleware
-    async def limit_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
         if size > max_header_bytes:
             return json_error(
@@ -111,9 +95,21 @@ def header_limit(max_header_bytes: int) -> Middleware:
                     f"request headers total {size} bytes; the limit is {max_header_bytes}"
                 )
             )
-        return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _from_http_exception(request, exc)
+        except ServingError as exc:
+            return json_error(exc)
+        except ConnectionError:
+            raise  # the client went away: nobody to answer
+        except Exception:
+            logger.exception("unhandled error method=%s path=%s", request.method, request.path)
+            return json_error(ServingError("internal error; see the frontend's log"))
 
-    return limit_headers
+    return errors
 
 
 class ParserLimits(TypedDict):
