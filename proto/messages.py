@@ -336,6 +336,18 @@ class LoadMetrics(Message, frozen=True, tag="load"):
     num_arrived_prefill_tokens: int = 0
 
 
+class FrontendLoad(Message, frozen=True, tag="fload"):
+    """What one frontend process answered, published twice a second: completion requests that
+    came in and those it answered 429 (shed, at any stage: before reading them, from the
+    workers' reports, refused by a worker, or past their deadline while waiting). Counters
+    since the process started; the planner reads their rates (a shed request reaches no
+    worker's counters)."""
+
+    frontend_id: InstanceId
+    num_requests: int = 0
+    num_shed: int = 0
+
+
 # --- KV cache events (consumed by the KV-aware router) -------------------------------------------
 
 

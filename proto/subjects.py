@@ -46,6 +46,17 @@ def load_metrics_all(namespace: str) -> str:
     return f"baton.{check_token(namespace, 'namespace')}.load.*"
 
 
+def frontend_load(namespace: str, frontend_id: str) -> str:
+    """FrontendLoad published by one frontend process."""
+    ns = check_token(namespace, "namespace")
+    return f"baton.{ns}.frontend_load.{check_token(frontend_id, 'id')}"
+
+
+def frontend_load_all(namespace: str) -> str:
+    """Wildcard over every frontend process's FrontendLoad."""
+    return f"baton.{check_token(namespace, 'namespace')}.frontend_load.*"
+
+
 def kv_events(namespace: str, worker_id: str) -> str:
     """KVEventBatch published by one worker."""
     return f"baton.{check_token(namespace, 'namespace')}.kv.{check_token(worker_id, 'id')}"

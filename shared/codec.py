@@ -12,6 +12,7 @@ from msgspec.msgpack import Decoder
 from proto.messages import (
     AbortRequest,
     ErrorReply,
+    FrontendLoad,
     GenerateAccepted,
     GenerateRequest,
     KVEventBatch,
@@ -55,6 +56,7 @@ route_reply_decoder: Final[Decoder[RouteDecision | ErrorReply]] = Decoder(RouteR
 kv_state_decoder: Final[Decoder[KVState | ErrorReply]] = Decoder(KVState | ErrorReply)
 token_batch_decoder: Final[Decoder[TokenBatch]] = Decoder(TokenBatch)
 load_metrics_decoder: Final[Decoder[LoadMetrics]] = Decoder(LoadMetrics)
+frontend_load_decoder: Final[Decoder[FrontendLoad]] = Decoder(FrontendLoad)
 kv_event_batch_decoder: Final[Decoder[KVEventBatch]] = Decoder(KVEventBatch)
 worker_info_decoder: Final[Decoder[WorkerInfo]] = Decoder(WorkerInfo)
 model_card_decoder: Final[Decoder[ModelCard]] = Decoder(ModelCard)

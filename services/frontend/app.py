@@ -65,6 +65,9 @@ class FrontendState:
     is_ready: bool = False
     is_draining: bool = False
     num_in_flight: int = 0
+    # Since start, for the planner (FrontendLoad): completion requests, and those shed (429).
+    num_requests: int = 0
+    num_shed: int = 0
     frontend_id: str = ""
     metrics_dir: str = ""  # where sibling processes share their metrics (--procs); "" alone
     write_timeout_s: float = 30.0  # a client reading nothing for this long is cut
@@ -152,6 +155,7 @@ def _under_pressure(request: web.Request) -> web.Response | None:
     if priority == "high" or priority.startswith("-"):
         return None
     state.metrics.overload_sheds.inc()
+    state.num_shed += 1
     return error_response(
         Shed(
             f"the frontend is overloaded (its loop runs {state.pressure.lag_s * 1000:.0f} ms "
@@ -222,6 +226,7 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     """``POST /v1/chat/completions`` (``kind`` "chat") and ``/v1/completions``. One coroutine
     from the route to the stream: its frame lives as long as the stream, and so would every
     wrapper's."""
+    request.app[STATE].num_requests += 1
     refused = _under_pressure(request)
     if refused is not None:
         return refused
@@ -292,6 +297,8 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
         return response
     except ServingError as exc:
         status = str(exc.http_status)
+        if isinstance(exc, Shed):
+            state.num_shed += 1
         if card is not None:
             if isinstance(exc, Shed):
                 state.metrics.record_outcome(card.name, Outcome.SHED)

@@ -1,6 +1,7 @@
 """serve(): wires the frontend's connections, watches, HTTP server and graceful shutdown."""
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -9,7 +10,7 @@ from aiohttp import web
 from prometheus_client import disable_created_metrics
 
 from proto import subjects
-from proto.messages import AbortRequest, InstanceId, RequestId
+from proto.messages import AbortRequest, FrontendLoad, InstanceId, RequestId
 from services.frontend.app import FrontendState, build_app
 from services.frontend.config import FrontendConfig
 from services.frontend.generate import Generator
@@ -21,7 +22,7 @@ from services.frontend.pressure import LoopPressure
 from services.frontend.worker_pool import WorkerPool
 from shared.bus import Bus
 from shared.discovery import Discovery
-from shared.errors import DeadlineExceeded, Unavailable
+from shared.errors import DeadlineExceeded, ServingError, Unavailable
 from shared.lifecycle import shutdown_event
 from shared.streams import StreamDemux
 
@@ -104,6 +105,8 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             ]
             if state.pressure is not None:
                 followers.append(tg.create_task(state.pressure.run(), name="pressure"))
+            load_subject = subjects.frontend_load(config.namespace, frontend_id)
+            followers.append(tg.create_task(_publish_load(bus, state, load_subject), name="load"))
             if config.metrics_dir:
                 followers.append(
                     tg.create_task(_share_metrics(metrics, config.metrics_dir), name="metrics")
@@ -126,6 +129,23 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 for task in followers:
                     task.cancel()
     logger.info("[shutdown] frontend stopped frontend_id=%s", frontend_id)
+
+
+LOAD_INTERVAL_S = 0.5  # how often a frontend process publishes its FrontendLoad
+
+
+async def _publish_load(bus: Bus, state: FrontendState, subject: str) -> None:
+    """Publish this process's request and shed counters for the planner until cancelled (a
+    lost bus is skipped: the counters carry on, and the next report has them)."""
+    while True:
+        report = FrontendLoad(
+            frontend_id=InstanceId(state.frontend_id),
+            num_requests=state.num_requests,
+            num_shed=state.num_shed,
+        )
+        with contextlib.suppress(ServingError):
+            await bus.publish(subject, report)
+        await asyncio.sleep(LOAD_INTERVAL_S)
 
 
 async def _share_metrics(metrics: FrontendMetrics, directory: str) -> None:

@@ -150,6 +150,13 @@ class PlannerConfig:
             "the decode workers' own prefill)"
         ),
     )
+    max_shed_fraction: float = field(
+        default=0.02,
+        metadata=doc(
+            "over: the share of requests the frontends shed (429) lately; a pool over it "
+            "steps up to its size times demand over what is served, in one action"
+        ),
+    )
     down_fraction: float = field(
         default=0.5,
         metadata=doc("under: one worker fewer would stay below this fraction of every limit"),
@@ -238,6 +245,7 @@ class PlannerConfig:
                 max_kv_usage=self.max_kv_usage,
                 max_batch_fraction=self.max_batch_fraction,
                 max_prefill_busy=self.max_prefill_busy,
+                max_shed_fraction=self.max_shed_fraction,
                 down_fraction=self.down_fraction,
             ),
             up_intervals=self.up_intervals,

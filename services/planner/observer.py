@@ -4,7 +4,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from proto.messages import InstanceId, LoadMetrics, WorkerInfo, WorkerRole
+from proto.messages import FrontendLoad, InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from services.planner.policy import Candidate
 from services.planner.signals import PoolView, Role, WorkerLoad
 
@@ -22,6 +22,9 @@ class _Report:
 
 
 RATE_WINDOW_S = 3.0  # arrival rates are measured over the reports of this long
+# The frontends' shed share, over a shorter window: a step in the load must read whole by the
+# time the up streak acts on it, not averaged with the seconds before it.
+SHED_WINDOW_S = 1.5
 MIN_RATE_SPAN_S = 0.5  # ... once they span at least this long (before: 0)
 
 
@@ -32,6 +35,15 @@ class _Arrivals:
     at_s: float
     num_requests: int
     num_prefill_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Answers:
+    """A frontend process's counters at one report."""
+
+    at_s: float
+    num_requests: int
+    num_shed: int
 
 
 class PoolObserver:
@@ -45,6 +57,7 @@ class PoolObserver:
         self.workers: dict[InstanceId, WorkerInfo] = {}
         self._reports: dict[InstanceId, _Report] = {}
         self._arrivals: dict[InstanceId, deque[_Arrivals]] = {}
+        self._frontends: dict[InstanceId, deque[_Answers]] = {}
 
     def sync_workers(self, workers: Mapping[InstanceId, WorkerInfo]) -> None:
         """Take the directory's current members; forget the reports of those that left."""
@@ -63,6 +76,31 @@ class PoolObserver:
         # Keep the newest sample at or before the window's start: the rate spans the window.
         while len(history) > 2 and history[1].at_s <= now_s - RATE_WINDOW_S:
             history.popleft()
+
+    def record_frontend(self, load: FrontendLoad, now_s: float) -> None:
+        """A frontend process's request and shed counters (``FrontendLoad``)."""
+        history = self._frontends.setdefault(load.frontend_id, deque())
+        sample = _Answers(now_s, load.num_requests, load.num_shed)
+        if history and sample.num_requests < history[-1].num_requests:
+            history.clear()  # a new process under the same id
+        history.append(sample)
+        while len(history) > 2 and history[1].at_s <= now_s - SHED_WINDOW_S:
+            history.popleft()
+
+    def shed_fraction(self, now_s: float) -> float:
+        """The share of the completion requests the frontends answered 429 lately (over the
+        last ``SHED_WINDOW_S``; frontends silent for ``stale_s`` are forgotten). A shed
+        request reaches no worker: this is the demand the workers' reports do not show."""
+        requests = shed = 0
+        for frontend_id, history in list(self._frontends.items()):
+            first, last = history[0], history[-1]
+            if now_s - last.at_s > self.stale_s:
+                del self._frontends[frontend_id]
+                continue
+            if last.at_s - first.at_s >= MIN_RATE_SPAN_S:
+                requests += last.num_requests - first.num_requests
+                shed += last.num_shed - first.num_shed
+        return shed / requests if requests > 0 else 0.0
 
     def arrival_rates(self, worker_id: InstanceId) -> tuple[float, float]:
         """(requests, prompt tokens it prefills) per second arriving at a worker lately; 0

@@ -5,6 +5,7 @@ pool's target to the connector."""
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 import msgspec
 from nats.aio.msg import Msg
@@ -15,9 +16,9 @@ from services.planner.connectors import WORKER_ROLE, Connector
 from services.planner.metrics import PlannerMetrics
 from services.planner.observer import PoolObserver
 from services.planner.policy import Decision, PoolPlanner, Switch, choose_worker, plan_switch
-from services.planner.signals import PoolView, Role, with_local_prefill
+from services.planner.signals import PoolView, Role, shed_pool, with_local_prefill
 from shared.bus import Bus
-from shared.codec import load_metrics_decoder, role_switch_reply_decoder
+from shared.codec import frontend_load_decoder, load_metrics_decoder, role_switch_reply_decoder
 from shared.errors import ServingError, from_reply
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class Planner:
     async def on_load(self, msg: Msg) -> None:
         self.observer.record(load_metrics_decoder.decode(msg.data), time.monotonic())
 
+    async def on_frontend_load(self, msg: Msg) -> None:
+        self.observer.record_frontend(frontend_load_decoder.decode(msg.data), time.monotonic())
+
     def decide(self, now_s: float) -> dict[Role, Decision]:
         """One decision per pool, counted in the metrics and logged when it changes. With
         ``--max-total-workers``, a pool may grow only into what the other leaves; with
@@ -59,6 +63,10 @@ class Planner:
                 views[Role.PREFILL],
                 self._thresholds,
             )
+        shed = self.observer.shed_fraction(now_s)
+        if shed > 0:
+            role = shed_pool(views)
+            views[role] = replace(views[role], shed_fraction=shed)
         # The total as planned: each pool's target (a step not yet registered counts), and,
         # once a pool has decided this interval, its new one, so that two pools never both
         # step into the same room under the cap (or the same room over the floor).

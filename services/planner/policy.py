@@ -22,8 +22,11 @@ the desired number of workers and why. The rules, in order:
    under it (``min_total``) a step down (``at_total_min``): with both equal the total is
    fixed, and only role switches move capacity.
 
-Load mode moves one worker per action; SLA mode goes up to its target in one action and down
-one worker per action (a worker removed drains its requests, which takes a while).
+Load mode moves one worker per action, except up while the frontends shed requests for the
+pool: then it goes to the pool's size times demand over what is served (``1 / (1 - shed
+share)``) in one action. SLA mode counts the shed requests in the demand, goes up to its
+target in one action and down one worker per action (a worker removed drains its requests,
+which takes a while).
 
 **Role switching** (:func:`plan_switch`) runs over both pools' decisions: when one pool wants
 a worker more (it steps up, or is held ``at_total``) while the other's reading says it can
@@ -46,6 +49,7 @@ from services.planner.signals import (
     demand,
     pressure,
     slope_per_s,
+    unshed_factor,
 )
 
 
@@ -181,15 +185,19 @@ class PoolPlanner:
         config = self.config
         reading = pressure(view, config.thresholds, config.wait_budget_s, config.tpot_s)
         direction = 1 if reading.is_over else -1 if reading.is_under else 0
-        return self._step(
-            direction, previous + direction, reading.label, reading.detail, now_s, totals
-        )
+        candidate = previous + direction
+        if direction > 0 and view.shed_fraction > 0:
+            # The sheds say how far demand is past what the pool serves: go there at once.
+            candidate = max(candidate, math.ceil(previous * unshed_factor(view.shed_fraction)))
+        return self._step(direction, candidate, reading.label, reading.detail, now_s, totals)
 
     def _decide_sla(
         self, view: PoolView, previous: int, now_s: float, totals: tuple[int | None, int | None]
     ) -> Decision:
         config = self.config
         need = demand(view, config.ttft_s, config.thresholds.max_wait_fraction)
+        # What was shed never reached the pool's queues: it is demand all the same.
+        need = replace(need, amount=need.amount * unshed_factor(view.shed_fraction))
         self._history.append((now_s, need.amount))
         if need.per_worker <= 0:
             self._num_up = self._num_down = 0

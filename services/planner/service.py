@@ -40,6 +40,9 @@ async def serve(config: PlannerConfig, stopping: asyncio.Event | None = None) ->
             ]
             try:
                 subscription = await bus.subscribe(subjects.load_metrics_all(ns), planner.on_load)
+                frontends = await bus.subscribe(
+                    subjects.frontend_load_all(ns), planner.on_frontend_load
+                )
                 site = web.TCPSite(runner, config.host, config.port)
                 await site.start()
                 planner.is_started = True
@@ -55,6 +58,7 @@ async def serve(config: PlannerConfig, stopping: asyncio.Event | None = None) ->
                 )
                 await stopping.wait()
                 await subscription.unsubscribe()
+                await frontends.unsubscribe()
             finally:
                 planner.is_started = False
                 await runner.cleanup()

@@ -57,6 +57,13 @@ class PoolView:
     role: Role
     num_workers: int
     loads: tuple[WorkerLoad, ...] = ()
+    # The share of requests the frontends shed lately for want of this pool (the planner
+    # gives the frontends' sheds to one pool: ``shed_pool``).
+    shed_fraction: float = 0.0
+
+    @property
+    def mean_wait_s(self) -> float:
+        return _mean([load.predicted_wait_s for load in self.loads])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,10 +77,12 @@ class Thresholds:
     max_kv_usage: float = 0.85
     max_batch_fraction: float = 0.9  # running sequences over the batch capacity
     max_prefill_busy: float = 0.8  # a prefill pool's seconds of prefill a second, per worker
+    max_shed_fraction: float = 0.02  # of requests the frontends shed for want of the pool
     down_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("max_wait_fraction", "max_kv_usage", "max_batch_fraction", "down_fraction"):
+        names = ("max_wait_fraction", "max_kv_usage", "max_batch_fraction", "down_fraction")
+        for name in (*names, "max_shed_fraction"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -85,9 +94,9 @@ class Thresholds:
 
 @dataclass(frozen=True, slots=True)
 class Pressure:
-    """Load mode's reading: ``label`` names the signal that decided (``queue``, ``wait``,
-    ``kv``, ``batch``, ``busy``; ``idle`` when under; ``ok`` when neither), ``detail`` the
-    numbers."""
+    """Load mode's reading: ``label`` names the signal that decided (``shed``, ``queue``,
+    ``wait``, ``kv``, ``batch``, ``busy``; ``idle`` when under; ``ok`` when neither),
+    ``detail`` the numbers."""
 
     is_over: bool
     is_under: bool
@@ -110,6 +119,9 @@ def pressure(
     queue's, while admission adds the new request's own prompt (and a frontend what it sent
     since the last report), so a pool of long prompts can shed before it reads over.
 
+    A pool the frontends shed requests for (``PoolView.shed_fraction``) reads over past
+    ``max_shed_fraction`` of them (``shed``): the one reading of demand no worker sees.
+
     A prefill pool also reads its prefill time per worker (``busy``). With no prefill worker
     that is the time the decode workers spend on their own prompts, and it counts only with a
     TPOT objective: without one, a decode worker's own prefill costs its streams nothing
@@ -128,6 +140,9 @@ def pressure(
     if wait_budget_s is not None:
         max_wait_s = limits.max_wait_fraction * wait_budget_s
         readings.insert(1, ("wait", wait_s, max_wait_s, f"predicted wait {wait_s:.3f} s"))
+    if view.shed_fraction > 0:
+        shed = view.shed_fraction
+        readings.insert(0, ("shed", shed, limits.max_shed_fraction, f"shed {shed:.1%}"))
     if view.role is Role.PREFILL and (view.num_workers > 0 or tpot_s is not None):
         # Per worker; a pool with none yet reads what its first worker would take on.
         prefill_s = sum(load.prefill_busy for load in loads) / max(1, view.num_workers)
@@ -150,9 +165,33 @@ def pressure(
         return Pressure(False, True, "idle", "no request on the last worker")
     spread = view.num_workers / fewer if fewer > 0 else math.inf
     for label, value, limit, text in readings:
-        if value > 0 and value * spread >= limits.down_fraction * limit:
+        # Sheds under their limit (a burst, a frontend's moment of lag) say nothing of one
+        # worker fewer; the queue, wait and batch readings do.
+        if label != "shed" and value > 0 and value * spread >= limits.down_fraction * limit:
             return Pressure(False, False, "ok", f"{text}: {fewer} workers would hold {label}")
     return Pressure(False, True, "idle", f"load fits on {fewer} workers")
+
+
+MAX_SHED_SIZING = 0.9  # the most of the requests read as shed when sizing a pool from it
+
+
+def unshed_factor(shed_fraction: float) -> float:
+    """How many times the work served the demand is, when ``shed_fraction`` of the requests
+    are shed (at most ``1 / (1 - MAX_SHED_SIZING)``)."""
+    return 1.0 / (1.0 - min(max(shed_fraction, 0.0), MAX_SHED_SIZING))
+
+
+def shed_pool(views: dict[Role, PoolView]) -> Role:
+    """The pool the frontends' sheds are for: the prefill pool when it is planned and its
+    workers' predicted wait is the longer (with no prefill worker, its view holds the decode
+    workers' own prompts: ``with_local_prefill``), else the decode pool. Admission sheds a
+    request for its predicted wait, so the longer wait is the shortage."""
+    prefill = views.get(Role.PREFILL)
+    if prefill is not None and prefill.loads:
+        decode = views.get(Role.DECODE)
+        if decode is None or prefill.mean_wait_s > decode.mean_wait_s:
+            return Role.PREFILL
+    return Role.DECODE
 
 
 MAX_LOCAL_PREFILL_SHARE = 0.9  # the most of a decode worker's time read as its own prefill

@@ -7,6 +7,11 @@ import json
 import aiohttp
 import pytest
 
+from proto import subjects
+from proto.messages import FrontendLoad
+from shared.bus import Bus
+from shared.codec import frontend_load_decoder
+
 MODEL = "baton-sim"
 SLO = ("--slo-ttft-ms", "300", "--slo-tpot-ms", "100")
 
@@ -84,7 +89,21 @@ async def test_past_capacity_requests_get_429_and_the_rest_are_served(start_clus
 async def test_a_request_may_tighten_the_objective_but_not_loosen_it(start_cluster):
     cluster = await start_cluster(num_workers=1, frontend_args=SLO, worker_args=SLO)
     prompt = list(range(10, 60))
-    async with aiohttp.ClientSession() as session:
+    reports: dict[str, FrontendLoad] = {}  # the latest of each frontend process
+    counted = asyncio.Event()  # the reports add up to the 4 requests sent, 2 of them shed
+
+    async def on_report(msg) -> None:
+        report = frontend_load_decoder.decode(msg.data)
+        reports[report.frontend_id] = report
+        latest = list(reports.values())
+        if (sum(r.num_requests for r in latest), sum(r.num_shed for r in latest)) == (4, 2):
+            counted.set()
+
+    async with (
+        Bus.connect(cluster.nats_url) as bus,
+        aiohttp.ClientSession() as session,
+    ):
+        await bus.subscribe(subjects.frontend_load_all(cluster.namespace), on_report)
         # 1 ms leaves no time for any worker: shed at once, by body field or by header.
         status, retry_after, error = await post(session, cluster.url, body(prompt, slo_ttft_ms=1))
         assert (status, error["error"]["type"]) == (429, "rate_limit_error")
@@ -103,3 +122,6 @@ async def test_a_request_may_tighten_the_objective_but_not_loosen_it(start_clust
         )
         assert status == 400
         assert "X-Baton-Priority" in error["error"]["message"]
+
+        # The frontends tell the planner what they shed (a shed request reaches no worker).
+        await asyncio.wait_for(counted.wait(), timeout=10)
