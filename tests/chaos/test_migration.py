@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from services.bench.endpoint import parse_samples
+from tests.metrics import metric
 
 MODEL = "baton-sim"
 NUM_STREAMS = 120
@@ -49,14 +49,6 @@ async def run_all(url: str, payloads: list[dict]) -> list[str]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         return await asyncio.gather(*[stream_text(session, url, p) for p in payloads])
-
-
-async def metric(url: str, name: str) -> float:
-    """The sum of metric ``name``'s samples (every label set), matched by its exact name."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{url}/metrics") as resp:
-            text = await resp.text()
-    return sum(parse_samples(text.splitlines(), (name,)).values())
 
 
 @pytest.mark.timeout(180)

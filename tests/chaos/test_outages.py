@@ -15,6 +15,7 @@ import psutil
 from services.launcher.cluster import ClusterSpec, LocalCluster, local_cluster
 from shared.discovery import Discovery
 from shared.servers import start_etcd, start_nats
+from tests.metrics import metric
 
 MODEL = "baton-sim"
 # Past the workers' 10 s lease TTL; BATON_TEST_ETCD_DOWN_S=60 runs the issue's full minute.
@@ -60,12 +61,6 @@ async def serve_one(session: aiohttp.ClientSession, url: str) -> bool:
     with contextlib.suppress(aiohttp.ClientError, AssertionError, TimeoutError):
         return await stream(session, url, 0, 3) == 3
     return False
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name))
 
 
 async def test_streams_survive_nats_killed_and_started_again_on_its_port():
@@ -130,7 +125,7 @@ async def test_a_killed_router_leaves_its_replica_routing_and_no_request_fails()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             assert await asyncio.gather(*(stream(session, cluster.url, i, 5) for i in range(20)))
             fallbacks_before = await metric(
-                session, cluster.url, "baton_frontend_route_fallbacks_total"
+                cluster.url, "baton_frontend_route_fallbacks_total", session
             )
             victim = psutil.Process(cluster.routers[0].pid)
             victim.send_signal(signal.SIGKILL)
@@ -139,5 +134,5 @@ async def test_a_killed_router_leaves_its_replica_routing_and_no_request_fails()
             assert results == [5] * 40
             # The other router answered them (NATS stops giving a dead member of the queue
             # group requests at once): few or no requests fell back to placement by load.
-            fallbacks = await metric(session, cluster.url, "baton_frontend_route_fallbacks_total")
+            fallbacks = await metric(cluster.url, "baton_frontend_route_fallbacks_total", session)
             assert fallbacks - fallbacks_before <= 4

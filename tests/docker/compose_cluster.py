@@ -4,7 +4,6 @@ context with a wheelhouse, one image, one project, torn down with `down`."""
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -93,12 +92,6 @@ def http_get(url: str, timeout_s: float = 3.0) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError as exc:
         return 0, str(exc)
-
-
-def metric(text: str, name: str) -> float:
-    """The sum of ``name``'s samples in a Prometheus text page (0 when absent)."""
-    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.MULTILINE)
-    return sum(float(value) for value in pattern.findall(text))
 
 
 @dataclass

@@ -23,9 +23,9 @@ from tests.docker.compose_cluster import (
     compose_command,
     docker_answers,
     http_get,
-    metric,
     run,
 )
+from tests.metrics import metric_sum
 
 COMPOSE = compose_command()
 ENGINE_PROBLEM = docker_answers()
@@ -133,12 +133,12 @@ def stream_chat(client: openai.OpenAI, prompt: str) -> tuple[str, list[str | Non
 def remote_prefills(cluster: ComposeCluster) -> float:
     code, text = http_get(f"{cluster.api}/metrics")
     assert code == 200, text
-    return metric(text, "baton_frontend_remote_prefills_total")
+    return metric_sum(text, "baton_frontend_remote_prefills_total")
 
 
 def worker_steps(cluster: ComposeCluster, container_id: str) -> float:
     text = cluster.exec_get(container_id, "http://127.0.0.1:8081/metrics")
-    return metric(text, "baton_worker_steps")
+    return metric_sum(text, "baton_worker_steps")
 
 
 def stream_and_check(client: openai.OpenAI, cluster: ComposeCluster, prompt: str) -> str:
@@ -171,7 +171,7 @@ def test_compose_cluster_streams_hands_off_prefill_and_survives_a_decode_kill(cl
         decodes = cluster.container_ids("decode")
         assert len(decodes) == 2
         pulled = {
-            c: metric(
+            c: metric_sum(
                 cluster.exec_get(c, "http://127.0.0.1:8081/metrics"),
                 "baton_worker_remote_prefills",
             )

@@ -11,6 +11,7 @@ from proto import subjects
 from proto.messages import FrontendLoad
 from shared.bus import Bus
 from shared.codec import frontend_load_decoder
+from tests.metrics import metric_sum
 
 MODEL = "baton-sim"
 SLO = ("--slo-ttft-ms", "300", "--slo-tpot-ms", "100")
@@ -43,14 +44,6 @@ async def post(session: aiohttp.ClientSession, url: str, payload: dict[str, obje
         return resp.status, None, tokens
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.split()[-1])
-    return total
-
-
 @pytest.mark.timeout(180)
 async def test_past_capacity_requests_get_429_and_the_rest_are_served(start_cluster):
     cluster = await start_cluster(
@@ -77,13 +70,13 @@ async def test_past_capacity_requests_get_429_and_the_rest_are_served(start_clus
         assert error["error"]["code"] == 429
     assert all(tokens == 10 for _, _, tokens in served)
     # Shed by admission (per model), or before being read while the frontend itself lagged.
-    by_model = metric(metrics, "baton_frontend_goodput_requests_total", outcome="shed")
-    unread = metric(metrics, "baton_frontend_overload_sheds_total")
+    by_model = metric_sum(metrics, "baton_frontend_goodput_requests_total", outcome="shed")
+    unread = metric_sum(metrics, "baton_frontend_overload_sheds_total")
     assert by_model + unread == len(shed)
-    finished = metric(metrics, "baton_frontend_goodput_requests_total", outcome="good")
-    finished += metric(metrics, "baton_frontend_goodput_requests_total", outcome="slo_miss")
+    finished = metric_sum(metrics, "baton_frontend_goodput_requests_total", outcome="good")
+    finished += metric_sum(metrics, "baton_frontend_goodput_requests_total", outcome="slo_miss")
     assert finished == len(served) + 12
-    assert metric(metrics, "baton_frontend_shed_seconds_count") == by_model
+    assert metric_sum(metrics, "baton_frontend_shed_seconds_count") == by_model
 
 
 async def test_a_request_may_tighten_the_objective_but_not_loosen_it(start_cluster):

@@ -9,18 +9,10 @@ from proto import subjects
 from proto.messages import BlockHash, BlockStored, InstanceId, KVEventBatch
 from shared.bus import Bus
 from shared.codec import load_metrics_decoder
+from tests.metrics import metric
 
 MODEL = "baton-sim"
 SIM = ("--speedup", "20")
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in {url}/metrics")
 
 
 async def complete(session: aiohttp.ClientSession, api: str, prompt: list[int]) -> dict:
@@ -51,7 +43,7 @@ async def test_prefix_sharing_requests_go_where_the_prefix_is_cached(start_clust
 
         async def indexed() -> bool:
             entries = [
-                await metric(session, u, "baton_router_index_entries") for u in cluster.router_urls
+                await metric(u, "baton_router_index_entries", session) for u in cluster.router_urls
             ]
             return entries[0] == entries[1] >= 32
 
@@ -59,7 +51,7 @@ async def test_prefix_sharing_requests_go_where_the_prefix_is_cached(start_clust
         replies = [await complete(session, cluster.api, [*prefix, 100 + i, 7]) for i in range(12)]
         assert [cached_tokens(r) for r in replies] == [512] * 12
         hit_rates = [
-            await metric(session, u, "baton_router_overlap_hit_rate") for u in cluster.router_urls
+            await metric(u, "baton_router_overlap_hit_rate", session) for u in cluster.router_urls
         ]
         assert max(hit_rates) > 0.5
 
@@ -79,12 +71,12 @@ async def test_router_resyncs_after_lost_events_and_forgets_dead_workers(start_c
         async def settled() -> bool:
             # The prompts' 60 blocks, and no event still on its way (the outputs' full blocks
             # arrive after the prompts'): the same count twice, a quarter second apart.
-            seen.append(await metric(session, router, "baton_router_index_entries"))
+            seen.append(await metric(router, "baton_router_index_entries", session))
             await asyncio.sleep(0.25)
             return seen[-1] >= 60 and len(seen) > 1 and seen[-1] == seen[-2]
 
         await until(settled)
-        before = await metric(session, router, "baton_router_index_entries")
+        before = await metric(router, "baton_router_index_entries", session)
         assert before == seen[-1]
         # A batch from the future: the router sees a gap in worker 0's numbering, must ask the
         # worker for its real state, and must not keep the bogus block.
@@ -98,16 +90,16 @@ async def test_router_resyncs_after_lost_events_and_forgets_dead_workers(start_c
         await bus.publish(subjects.kv_events(cluster.namespace, victim), bogus)
 
         async def resynced() -> bool:
-            return await metric(session, router, "baton_router_resyncs_total") >= 1
+            return await metric(router, "baton_router_resyncs_total", session) >= 1
 
         await until(resynced)
-        assert await metric(session, router, "baton_router_index_entries") == before
+        assert await metric(router, "baton_router_index_entries", session) == before
         # Dead workers' blocks leave the index when their leases expire.
         for worker in cluster.workers:
             worker.kill()
 
         async def emptied() -> bool:
-            return await metric(session, router, "baton_router_index_entries") == 0
+            return await metric(router, "baton_router_index_entries", session) == 0
 
         await until(emptied, timeout_s=20)
 

@@ -13,6 +13,7 @@ from shared.bus import Bus
 from shared.codec import prefill_reply_decoder, worker_info_decoder
 from shared.discovery import Discovery
 from tests.e2e.args import ALWAYS_REMOTE
+from tests.metrics import metric
 
 MODEL = "baton-sim"
 SIM = ("--speedup", "20")
@@ -22,15 +23,6 @@ NUM_BAD = 7
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
     async with session.get(url) as resp:
         return resp.status, await resp.json()
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in {url}/metrics")
 
 
 async def until(predicate, timeout_s: float = 15.0) -> None:
@@ -83,8 +75,8 @@ async def test_router_and_workers_report_health_readiness_and_their_counters(
             status, body = await get(session, f"{info.http_url}/ready")
             assert status == 200, body
             assert body["engine"] == {"ok": True, "how": "canary", "detail": ""}
-            assert await metric(session, info.http_url, "baton_worker_canaries") == 1
-            assert await metric(session, info.http_url, "baton_worker_canary_failures") == 0
+            assert await metric(info.http_url, "baton_worker_canaries", session) == 1
+            assert await metric(info.http_url, "baton_worker_canary_failures", session) == 0
 
         # The decode worker learns of the prefill worker from its own etcd watch, which can
         # lag the cluster's readiness on a busy machine (it then prefills locally): first
@@ -93,7 +85,7 @@ async def test_router_and_workers_report_health_readiness_and_their_counters(
 
         async def prefills_remotely() -> bool:
             await complete(session, cluster.api, next(warm_ups))
-            return await metric(session, decode.http_url, "baton_worker_remote_prefills") >= 1
+            return await metric(decode.http_url, "baton_worker_remote_prefills", session) >= 1
 
         await until(prefills_remotely)
         names = (
@@ -101,18 +93,18 @@ async def test_router_and_workers_report_health_readiness_and_their_counters(
             (decode.http_url, "baton_worker_prefill_fallbacks"),
             (router, "baton_router_worker_choices_total"),
         )
-        before = [await metric(session, url, name) for url, name in names]
+        before = [await metric(url, name, session) for url, name in names]
         # Served requests show: remote prefills on the decode worker, steps, decisions.
         for i in range(3):
             await complete(session, cluster.api, 100 * (i + 1))
-        after = [await metric(session, url, name) for url, name in names]
+        after = [await metric(url, name, session) for url, name in names]
         remote, fallbacks, choices = (a - b for a, b in zip(after, before, strict=True))
         assert remote == 3
         assert fallbacks == 0
-        assert await metric(session, decode.http_url, "baton_worker_steps") >= 3
+        assert await metric(decode.http_url, "baton_worker_steps", session) >= 3
         # Two choices per request: its decode worker and its prefill worker.
         assert choices == 6
-        assert await metric(session, router, "baton_router_kv_event_batches_total") >= 1
+        assert await metric(router, "baton_router_kv_event_batches_total", session) >= 1
         status, body = await get(session, f"{decode.http_url}/ready")
         assert body["engine"]["how"] == "step", body  # it stepped just now: no canary needed
 
@@ -136,18 +128,18 @@ async def test_router_and_workers_report_health_readiness_and_their_counters(
 
         async def counted() -> bool:
             return (
-                await metric(session, decode.http_url, "baton_worker_bad_messages") == NUM_BAD
-                and await metric(session, router, "baton_router_bad_route_requests_total")
+                await metric(decode.http_url, "baton_worker_bad_messages", session) == NUM_BAD
+                and await metric(router, "baton_router_bad_route_requests_total", session)
                 == NUM_BAD
-                and await metric(session, router, "baton_router_bad_kv_events_total") == NUM_BAD
-                and await metric(session, prefill.http_url, "baton_worker_hold_timeouts") == 1
+                and await metric(router, "baton_router_bad_kv_events_total", session) == NUM_BAD
+                and await metric(prefill.http_url, "baton_worker_hold_timeouts", session) == 1
             )
 
         await until(counted)
         # The flood of bad messages logged one line per kind, the rest suppressed and counted.
-        assert await metric(session, decode.http_url, "baton_worker_log_lines_suppressed") >= (
+        assert await metric(decode.http_url, "baton_worker_log_lines_suppressed", session) >= (
             NUM_BAD - 1
         )
-        assert await metric(session, router, "baton_router_log_lines_suppressed_total") >= (
+        assert await metric(router, "baton_router_log_lines_suppressed_total", session) >= (
             2 * (NUM_BAD - 1)
         )
