@@ -3,6 +3,7 @@
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from proto.messages import FrontendLoad, InstanceId, LoadMetrics, WorkerInfo, WorkerRole
 from services.planner.policy import Candidate
@@ -46,6 +47,20 @@ class _Answers:
     num_shed: int
 
 
+_Sample = TypeVar("_Sample", _Arrivals, _Answers)
+
+
+def _append(history: deque[_Sample], sample: _Sample, window_s: float) -> None:
+    """Add a sample of a process's counters; keep the newest one at or before the window's
+    start, so that a rate spans the whole window. Counters that went back are another run of
+    the process (a restart under the same id): its history starts again."""
+    if history and sample.num_requests < history[-1].num_requests:
+        history.clear()
+    history.append(sample)
+    while len(history) > 2 and history[1].at_s <= sample.at_s - window_s:
+        history.popleft()
+
+
 class PoolObserver:
     """Keeps the last ``LoadMetrics`` of every registered worker, and its arrival counters
     over the last ``RATE_WINDOW_S``; :meth:`view` gives one pool with the workers that are
@@ -70,22 +85,12 @@ class PoolObserver:
         self._reports[metrics.worker_id] = _Report(metrics, now_s)
         history = self._arrivals.setdefault(metrics.worker_id, deque())
         sample = _Arrivals(now_s, metrics.num_arrived, metrics.num_arrived_prefill_tokens)
-        if history and sample.num_requests < history[-1].num_requests:
-            history.clear()  # counters went back: not the same run of the worker
-        history.append(sample)
-        # Keep the newest sample at or before the window's start: the rate spans the window.
-        while len(history) > 2 and history[1].at_s <= now_s - RATE_WINDOW_S:
-            history.popleft()
+        _append(history, sample, RATE_WINDOW_S)
 
     def record_frontend(self, load: FrontendLoad, now_s: float) -> None:
         """A frontend process's request and shed counters (``FrontendLoad``)."""
         history = self._frontends.setdefault(load.frontend_id, deque())
-        sample = _Answers(now_s, load.num_requests, load.num_shed)
-        if history and sample.num_requests < history[-1].num_requests:
-            history.clear()  # a new process under the same id
-        history.append(sample)
-        while len(history) > 2 and history[1].at_s <= now_s - SHED_WINDOW_S:
-            history.popleft()
+        _append(history, _Answers(now_s, load.num_requests, load.num_shed), SHED_WINDOW_S)
 
     def shed_fraction(self, now_s: float) -> float:
         """The share of the completion requests the frontends answered 429 lately (over the

@@ -129,7 +129,7 @@ def pressure(
     worker would (the queue and wait readings still ask for one when prompts wait)."""
     loads = view.loads
     waiting = _mean([load.num_waiting for load in loads])
-    wait_s = _mean([load.predicted_wait_s for load in loads])
+    wait_s = view.mean_wait_s
     kv = _mean([load.kv_usage for load in loads])
     batch = _mean([load.num_running / load.batch_capacity for load in loads if load.batch_capacity])
     readings = [
