@@ -14,9 +14,10 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.messages import ModelCard
-from services.frontend.auth import api_key_auth, load_api_keys
+from services.frontend.auth import KeyChecker, api_key_auth, load_api_keys
 from services.frontend.call import Call
 from services.frontend.config import FrontendConfig
+from services.frontend.early_shed import EarlyShed
 from services.frontend.generate import Generator
 from services.frontend.goodput import Outcome
 from services.frontend.http_errors import openai_errors
@@ -145,24 +146,52 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+def _is_overloaded(state: FrontendState) -> bool:
+    """Whether completion requests are shed before being read now: this process's loop lags,
+    and the server has a TTFT objective (without one, requests queue)."""
+    pressure = state.pressure
+    return pressure is not None and pressure.is_overloaded and state.ttft_s is not None
+
+
+def _overload_shed(state: FrontendState, where: str) -> Shed:
+    """Count one request shed before being read (``where``: "connection" or "handler")."""
+    assert state.pressure is not None
+    state.num_shed += 1
+    state.metrics.overload_sheds.labels(where).inc()
+    return Shed(
+        f"the frontend is overloaded (its loop runs {state.pressure.lag_s * 1000:.0f} ms "
+        "late); retry shortly",
+        retry_after_s=1.0,
+    )
+
+
+def early_shed(state: FrontendState, config: FrontendConfig) -> EarlyShed:
+    """The connection-level answer of the same shed (``early_shed.EarlyShed``)."""
+    keys = load_api_keys(config.api_key, config.api_key_file)
+
+    def on_shed() -> bytes:
+        state.num_requests += 1  # a request complete() never sees
+        return msgspec.json.encode(error_body(_overload_shed(state, "connection"), None))
+
+    return EarlyShed(
+        lambda: _is_overloaded(state),
+        on_shed,
+        max_header_bytes=config.max_header_bytes,
+        keys=KeyChecker(keys) if keys else None,
+    )
+
+
 def _under_pressure(request: web.Request) -> web.Response | None:
     """A 429 before the body is read, when this process is itself overloaded (its loop lags)
-    and the server has a TTFT objective; a request marked high priority by header passes."""
+    and the server has a TTFT objective; a request marked high priority by header passes.
+    (Most such requests are answered earlier still, by their connection: ``early_shed``.)"""
     state = request.app[STATE]
-    if state.pressure is None or not state.pressure.is_overloaded or state.ttft_s is None:
+    if not _is_overloaded(state):
         return None
     priority = request.headers.get("X-Baton-Priority", "").strip().lower()
     if priority == "high" or priority.startswith("-"):
         return None
-    state.metrics.overload_sheds.inc()
-    state.num_shed += 1
-    return error_response(
-        Shed(
-            f"the frontend is overloaded (its loop runs {state.pressure.lag_s * 1000:.0f} ms "
-            "late); retry shortly",
-            retry_after_s=1.0,
-        )
-    )
+    return error_response(_overload_shed(state, "handler"))
 
 
 async def _tokenize(state: FrontendState, size: int, work: Callable[[], list[int]]) -> list[int]:

@@ -132,7 +132,9 @@ class FrontendMetrics:
         )
         self.overload_sheds = Counter(
             "baton_frontend_overload_sheds",
-            "requests answered 429 before being read, while this frontend's loop lagged",
+            "requests answered 429 before being read, while this frontend's loop lagged, by "
+            "where: by their connection (the plain case) or by the handler",
+            ["where"],
             registry=self.registry,
         )
         self.migrations = Counter(

@@ -11,8 +11,9 @@ from prometheus_client import disable_created_metrics
 
 from proto import subjects
 from proto.messages import AbortRequest, FrontendLoad, InstanceId, RequestId
-from services.frontend.app import FrontendState, build_app
+from services.frontend.app import FrontendState, build_app, early_shed
 from services.frontend.config import FrontendConfig
+from services.frontend.early_shed import EarlyShedRunner
 from services.frontend.generate import Generator
 from services.frontend.http_errors import parser_limits
 from services.frontend.metrics import FrontendMetrics
@@ -82,8 +83,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         demux.on_batch = lambda worker_id: pool.heard_from(worker_id, time.monotonic())
         demux.worker_quiet_s = lambda worker_id: pool.quiet_s(worker_id, time.monotonic())
         bus.on_reconnected(demux.mark_reconnected)
-        runner = web.AppRunner(
+        runner = EarlyShedRunner(
             build_app(state, config),
+            early_shed(state, config),
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=config.drain_timeout_s,

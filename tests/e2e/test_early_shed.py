@@ -1,0 +1,121 @@
+"""While a frontend's loop lags, a plain completion request is answered 429 by its
+connection, before aiohttp reads it; the rest take the usual path, with the same answers."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from tests.metrics import metric
+
+MODEL = "baton-sim"
+SLO = ("--slo-ttft-ms", "2000", "--slo-tpot-ms", "100")
+# A bound no loop meets: every frontend process reads itself overloaded from its first tick.
+ALWAYS_LAGGING = ("--max-loop-lag-ms", "0.001")
+BODY = json.dumps({"model": MODEL, "prompt": [10, 11, 12], "max_tokens": 3}).encode()
+
+
+def raw_request(*headers: str, body: bytes = BODY) -> bytes:
+    lines = ["POST /v1/completions HTTP/1.1", "Host: baton", "Content-Type: application/json"]
+    if not any(h.lower().startswith("transfer-encoding") for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join([*lines, *headers]) + "\r\n\r\n").encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body: status, headers (lower-case), body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+    return status, headers, body
+
+
+def assert_shed(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status == 429
+    assert headers["retry-after"] == "1"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("rate_limit_error", 429)
+    assert "overloaded" in error["message"]
+
+
+@pytest.mark.timeout(120)
+async def test_a_lagging_frontend_sheds_plain_requests_on_their_connection(start_cluster):
+    cluster = await start_cluster(
+        num_workers=1, worker_args=SLO, frontend_args=(*SLO, *ALWAYS_LAGGING)
+    )
+    host, port = cluster.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for _ in range(5):  # one keep-alive connection, one whole request a write
+            writer.write(raw_request())
+            assert_shed(*await read_response(reader))
+        # Not JSON: nothing reads the body of a shed request, here or in the handler.
+        writer.write(raw_request(body=b"not json"))
+        assert_shed(*await read_response(reader))
+        # A chunked body is aiohttp's to read: the handler sheds it, with the same answer.
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
+        writer.write(raw_request("Transfer-Encoding: chunked", body=chunked))
+        assert_shed(*await read_response(reader))
+        # High priority is never shed for the lag: an idle worker serves it.
+        writer.write(raw_request("X-Baton-Priority: high"))
+        status, _, body = await read_response(reader)
+        assert status == 200
+        assert json.loads(body)["usage"]["completion_tokens"] == 3
+    finally:
+        writer.close()
+    # (A new connection: right after a response of aiohttp's, the next request on the same
+    # one may arrive before aiohttp waits for it again, and then aiohttp answers it.)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        # The client's "close" is kept: the answer says so, and the connection ends.
+        writer.write(raw_request("Connection: close"))
+        status, headers, body = await read_response(reader)
+        assert_shed(status, headers, body)
+        assert headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+
+    async with aiohttp.ClientSession() as session:
+        early = await metric(
+            cluster.url, "baton_frontend_overload_sheds_total", session, where="connection"
+        )
+        late = await metric(
+            cluster.url, "baton_frontend_overload_sheds_total", session, where="handler"
+        )
+        async with session.get(f"{cluster.url}/v1/models") as resp:  # other paths: as ever
+            assert resp.status == 200
+    assert (early, late) == (7, 1)
+
+
+async def test_with_api_keys_only_a_valid_key_is_shed_early(start_cluster):
+    cluster = await start_cluster(
+        num_workers=1, worker_args=SLO, frontend_args=(*SLO, *ALWAYS_LAGGING, "--api-key", "k1")
+    )
+    host, port = cluster.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw_request())  # no key: the 401 comes first, as without the lag
+        status, headers, _ = await read_response(reader)
+        assert status == 401
+        assert headers["www-authenticate"].startswith("Bearer")
+        writer.write(raw_request("Authorization: Bearer wrong"))
+        assert (await read_response(reader))[0] == 401
+    finally:
+        writer.close()
+    reader, writer = await asyncio.open_connection(host, int(port))  # see the test above
+    try:
+        writer.write(raw_request("Authorization: Bearer k1"))
+        assert_shed(*await read_response(reader))
+    finally:
+        writer.close()
+    early = await metric(cluster.url, "baton_frontend_overload_sheds_total", where="connection")
+    assert early == 1
