@@ -24,13 +24,14 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_response import StreamResponse
 
 from services.frontend.auth import KeyChecker
 
 COMPLETION_LINES = (b"POST /v1/completions HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1")
 _HEADERS_END = b"\r\n\r\n"
 # aiohttp's RequestHandler fields read here (``__slots__`` names).
-_FIELDS: tuple[str, ...] = ("_waiter", "_messages", "_payload_parser", "_upgraded", "_close")
+_FIELDS: tuple[str, ...] = ("_messages", "_payload_parser", "_upgraded", "_close")
 _FIELDS += ("_force_close", "_keepalive_timeout", "_next_keepalive_close_time", "_loop")
 _FIELDS += ("_request_count",)
 
@@ -98,11 +99,15 @@ def reply_429(body: bytes, *, close: bool) -> bytes:
 
 
 def is_supported() -> bool:
-    """Whether the installed aiohttp's connection handler has the fields read here."""
+    """Whether the installed aiohttp's connection handler has the fields read here, and the
+    method that answers one parsed request (counted by ``_Handler``)."""
     slots: set[str] = set()
     for cls in RequestHandler.__mro__:
         slots.update(getattr(cls, "__slots__", ()))
-    return all(name in slots for name in _FIELDS)
+    has_fields = all(name in slots for name in _FIELDS)
+    return has_fields and asyncio.iscoroutinefunction(
+        getattr(RequestHandler, "_handle_request", None)
+    )
 
 
 class EarlyShed:
@@ -140,7 +145,17 @@ class EarlyShed:
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering the plain shed before aiohttp parses it."""
 
-    __slots__ = ()
+    __slots__ = ("_num_handled",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._num_handled = 0  # requests aiohttp parsed and answered whole on this connection
+
+    async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[StreamResponse, bool]:
+        try:
+            return await super()._handle_request(*args, **kwargs)
+        finally:
+            self._num_handled += 1
 
     def data_received(self, data: bytes) -> None:
         server = self._manager
@@ -159,19 +174,16 @@ class _Handler(RequestHandler):
         super().data_received(data)
 
     def _is_idle(self) -> bool:
-        """No request queued or in progress, and the parser between two messages (so the
-        bytes that come next start a request): aiohttp waits for the next request, or has
-        parsed none on this connection yet (its reading task may not have run). Right after
-        aiohttp answered one, there is a moment when it is neither: a request arriving then
-        is aiohttp's, which answers it the same way."""
+        """No request queued or in progress: every request aiohttp parsed on this connection
+        has been answered whole (its response written to the end), so an answer written now
+        cannot overtake one. Then the bytes that come next start a request, unless a client
+        sends the rest of a body after its request was answered: those bytes go to aiohttp
+        (they are not a whole completion request: ``plain_completion``)."""
         if self._messages or self._payload_parser is not None or self._upgraded:
             return False
         if self._close or self._force_close:
             return False
-        waiter = self._waiter
-        if waiter is not None:
-            return not waiter.done()
-        return self._request_count == 0
+        return self._num_handled == self._request_count
 
 
 class _Server(web.Server):
