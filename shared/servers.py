@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -45,12 +46,45 @@ def find_binary(name: str) -> str:
     return found
 
 
+# Ports tried below the kernel's ephemeral range (see free_port); none at all below this.
+_LOWEST_PORT = 10_000
+_PORT_TRIES = 64
+_port_rng = random.Random()  # its own: a test that seeds the global one must not fix the ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux), else its usual one."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral
+    range where there is room: a port from that range (what binding port 0 gives) can be
+    taken by any outgoing connection between this check and the server's own bind, and a
+    load run opens tens of thousands (etcd once failed four starts in a row on it here)."""
+    low, _ = _ephemeral_range()
+    if low - _LOWEST_PORT >= 1000:
+        for _ in range(_PORT_TRIES):
+            port = _port_rng.randrange(_LOWEST_PORT, low)
+            if _is_free(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def check_port_free(host: str, port: int) -> None:
