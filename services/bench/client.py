@@ -12,10 +12,12 @@ import resource
 import time
 from collections.abc import MutableSequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import msgspec
 
+from services.bench import http1
 from services.bench.outcome import (
     Kind,
     Objectives,
@@ -114,49 +116,69 @@ def _retry_after_s(value: str | None) -> float:
         return math.nan
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, outcome: Outcome, sent: float) -> None:
-    """Follow one SSE stream to ``[DONE]``; fills the outcome's times and kind."""
-    first = last = math.nan
-    num_text_events, num_usage_tokens, is_done = 0, -1, False
-    error = ""
-    async for line in resp.content:
-        if not line.startswith(b"data:"):
-            continue
+class _StreamReader:
+    """Follows one SSE stream, a line at a time, to ``[DONE]``; fills the outcome's times
+    and kind (``finish``)."""
+
+    __slots__ = ("error", "first", "is_done", "last", "num_text_events", "num_usage_tokens")
+
+    def __init__(self) -> None:
+        self.first = self.last = math.nan
+        self.num_text_events, self.num_usage_tokens = 0, -1
+        self.is_done = False
+        self.error = ""
+
+    def line(self, line: bytes, outcome: Outcome) -> None:
+        """One line of the stream (the line ending stripped or not)."""
+        if self.is_done or not line.startswith(b"data:"):
+            return
         data = line[5:].strip()
         if data == b"[DONE]":
-            is_done = True
-            break
+            self.is_done = True
+            return
         event = _event_decoder.decode(data)
-        if event.error is not None and not error:
-            error = f"{event.error.code} {event.error.type}: {event.error.message}"
+        if event.error is not None and not self.error:
+            self.error = f"{event.error.code} {event.error.type}: {event.error.message}"
         if event.choices:
-            last = time.monotonic()
-            if math.isnan(first):
-                first = last
-            num_text_events += sum(1 for c in event.choices if c.text)
+            self.last = time.monotonic()
+            if math.isnan(self.first):
+                self.first = self.last
+            self.num_text_events += sum(1 for c in event.choices if c.text)
         if event.usage is not None:
-            num_usage_tokens = event.usage.completion_tokens
+            self.num_usage_tokens = event.usage.completion_tokens
             outcome.num_prompt_tokens = event.usage.prompt_tokens
             details = event.usage.prompt_tokens_details
             outcome.num_cached_tokens = details.cached_tokens if details else 0
-    outcome.latency_s = time.monotonic() - sent
-    num_tokens = num_usage_tokens if num_usage_tokens >= 0 else num_text_events
-    outcome.num_output_tokens = num_tokens
-    outcome.ttft_s = first - sent
-    outcome.tpot_s = time_per_output_token(first, last, num_tokens)
-    if error:
-        outcome.kind, outcome.error = Kind.SSE_ERROR, error[:_MAX_ERROR_CHARS]
-    elif not is_done:
-        outcome.kind, outcome.error = Kind.INCOMPLETE, "stream ended without [DONE]"
+
+    def finish(self, outcome: Outcome, sent: float) -> None:
+        outcome.latency_s = time.monotonic() - sent
+        num_tokens = self.num_usage_tokens if self.num_usage_tokens >= 0 else self.num_text_events
+        outcome.num_output_tokens = num_tokens
+        outcome.ttft_s = self.first - sent
+        outcome.tpot_s = time_per_output_token(self.first, self.last, num_tokens)
+        if self.error:
+            outcome.kind, outcome.error = Kind.SSE_ERROR, self.error[:_MAX_ERROR_CHARS]
+        elif not self.is_done:
+            outcome.kind, outcome.error = Kind.INCOMPLETE, "stream ended without [DONE]"
+        else:
+            outcome.kind = Kind.OK
+
+
+def _refused(outcome: Outcome, share: Share, text: str, retry_after: str | None) -> None:
+    """A response other than 200: shed (``share.shed_statuses``) or an HTTP error."""
+    if outcome.status in share.shed_statuses:
+        outcome.kind = Kind.SHED
+        outcome.retry_after_s = _retry_after_s(retry_after)
     else:
-        outcome.kind = Kind.OK
+        outcome.kind = Kind.HTTP_ERROR
+    outcome.error = text[:_MAX_ERROR_CHARS]
 
 
 async def send(
     session: aiohttp.ClientSession, share: Share, body: bytes, outcome: Outcome, t0: float
 ) -> None:
-    """Send one request and fill its outcome; raises only on cancellation (the outcome then
-    stays ``aborted``)."""
+    """Send one request through aiohttp (``https://``) and fill its outcome; raises only on
+    cancellation (the outcome then stays ``aborted``)."""
     sent = time.monotonic()
     outcome.sent_s = sent - t0
     try:
@@ -170,16 +192,16 @@ async def send(
         ):
             outcome.status = resp.status
             if resp.status == 200:
-                await _read_stream(resp, outcome, sent)
+                reader = _StreamReader()
+                async for line in resp.content:
+                    reader.line(line, outcome)
+                    if reader.is_done:
+                        break
+                reader.finish(outcome, sent)
                 return
             text = await resp.text(errors="replace")
             outcome.latency_s = time.monotonic() - sent
-            if resp.status in share.shed_statuses:
-                outcome.kind = Kind.SHED
-                outcome.retry_after_s = _retry_after_s(resp.headers.get("Retry-After"))
-            else:
-                outcome.kind = Kind.HTTP_ERROR
-            outcome.error = text[:_MAX_ERROR_CHARS]
+            _refused(outcome, share, text, resp.headers.get("Retry-After"))
     except TimeoutError:
         outcome.kind, outcome.error = Kind.TIMEOUT, f"over {share.request_timeout_s} s"
     except (aiohttp.ClientError, OSError) as exc:
@@ -189,10 +211,74 @@ async def send(
         outcome.kind, outcome.error = Kind.SSE_ERROR, f"bad event: {exc}"[:_MAX_ERROR_CHARS]
 
 
+async def send_lean(
+    client: http1.Client, share: Share, request: bytes, outcome: Outcome, t0: float
+) -> None:
+    """``send`` through ``http1.Client`` (``http://``): the same outcome, at a fraction of
+    the client's CPU."""
+    sent = time.monotonic()
+    outcome.sent_s = sent - t0
+    reader = _StreamReader()
+    response = http1.Response(asyncio.get_running_loop(), lambda line: reader.line(line, outcome))
+    try:
+        async with asyncio.timeout(share.request_timeout_s):
+            await client.send(request, response)
+    except TimeoutError:
+        outcome.kind, outcome.error = Kind.TIMEOUT, f"over {share.request_timeout_s} s"
+        return
+    except (OSError, http1.ProtocolError) as exc:
+        outcome.status = response.status
+        outcome.kind = Kind.CONNECTION_ERROR
+        outcome.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+        return
+    except msgspec.DecodeError as exc:
+        outcome.status = response.status
+        outcome.kind, outcome.error = Kind.SSE_ERROR, f"bad event: {exc}"[:_MAX_ERROR_CHARS]
+        return
+    outcome.status = response.status
+    if response.status == 200:
+        reader.finish(outcome, sent)
+        return
+    outcome.latency_s = time.monotonic() - sent
+    text = response.body.decode("utf-8", "replace")
+    _refused(outcome, share, text, response.headers.get("retry-after"))
+
+
+class _Transport(Protocol):
+    """How a share's requests go out: ``prepare`` turns a JSON body into what ``send`` takes
+    (built before the request is due), ``send`` sends it and fills the outcome."""
+
+    def prepare(self, body: bytes) -> bytes: ...
+
+    async def send(self, request: bytes, outcome: Outcome, t0: float) -> None: ...
+
+
+class _Aiohttp:
+    def __init__(self, session: aiohttp.ClientSession, share: Share) -> None:
+        self.session, self.share = session, share
+
+    def prepare(self, body: bytes) -> bytes:
+        return body
+
+    async def send(self, request: bytes, outcome: Outcome, t0: float) -> None:
+        await send(self.session, self.share, request, outcome, t0)
+
+
+class _Lean:
+    def __init__(self, client: http1.Client, share: Share) -> None:
+        self.client, self.share = client, share
+
+    def prepare(self, body: bytes) -> bytes:
+        return self.client.post_bytes("/v1/completions", body)
+
+    async def send(self, request: bytes, outcome: Outcome, t0: float) -> None:
+        await send_lean(self.client, self.share, request, outcome, t0)
+
+
 async def _send_counted(
-    session: aiohttp.ClientSession,
+    transport: _Transport,
     share: Share,
-    body: bytes,
+    request: bytes,
     outcome: Outcome,
     t0: float,
     counters: MutableSequence[int],
@@ -201,7 +287,7 @@ async def _send_counted(
     counters[base + Tally.SENT] += 1
     counters[base + Tally.IN_FLIGHT] += 1
     try:
-        await send(session, share, body, outcome, t0)
+        await transport.send(request, outcome, t0)
     finally:
         counters[base + Tally.IN_FLIGHT] -= 1
         if outcome.kind is not Kind.ABORTED:
@@ -218,7 +304,7 @@ async def _send_counted(
 
 
 async def _drive(
-    session: aiohttp.ClientSession,
+    transport: _Transport,
     share: Share,
     t0: float,
     counters: MutableSequence[int],
@@ -230,14 +316,15 @@ async def _drive(
     tasks: set[asyncio.Task[None]] = set()
     try:
         for plan in share.plans:
-            body = request_body(share, plan)  # built before it is due, off the clock
+            # Built before it is due, off the clock.
+            request = transport.prepare(request_body(share, plan))
             delay = t0 + plan.due_s - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             outcome = Outcome(plan.index, plan.stage, plan.due_s, plan.priority)
             outcomes.append(outcome)
             task = asyncio.create_task(
-                _send_counted(session, share, body, outcome, t0, counters, base)
+                _send_counted(transport, share, request, outcome, t0, counters, base)
             )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -270,20 +357,39 @@ async def run_share(
     """Send the share's requests on the schedule that starts at monotonic time ``t0``; when
     ``stopping`` is set, send no more and abort those in flight."""
     result = ShareResult()
+    if share.url.startswith("http://"):
+        client = http1.Client(share.url)
+        try:
+            await _run(_Lean(client, share), share, t0, counters, base, stopping, result)
+        finally:
+            client.close()
+        return result
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        drive = asyncio.create_task(_drive(session, share, t0, counters, base, result.outcomes))
-        sampler = asyncio.create_task(_sample_cpu(t0, result.cpu_s_by_second))
-        stop = asyncio.create_task(stopping.wait())
-        try:
-            await asyncio.wait({drive, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if stop.done():
-                result.stopped_s = time.monotonic() - t0
-        finally:
-            for task in (drive, sampler, stop):
-                task.cancel()
-            await asyncio.wait({drive, sampler, stop})
-        if not drive.cancelled():
-            drive.result()  # a bug in the driver surfaces here
+        await _run(_Aiohttp(session, share), share, t0, counters, base, stopping, result)
     return result
+
+
+async def _run(
+    transport: _Transport,
+    share: Share,
+    t0: float,
+    counters: MutableSequence[int],
+    base: int,
+    stopping: asyncio.Event,
+    result: ShareResult,
+) -> None:
+    drive = asyncio.create_task(_drive(transport, share, t0, counters, base, result.outcomes))
+    sampler = asyncio.create_task(_sample_cpu(t0, result.cpu_s_by_second))
+    stop = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({drive, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
+            result.stopped_s = time.monotonic() - t0
+    finally:
+        for task in (drive, sampler, stop):
+            task.cancel()
+        await asyncio.wait({drive, sampler, stop})
+    if not drive.cancelled():
+        drive.result()  # a bug in the driver surfaces here
