@@ -120,16 +120,26 @@ class _StreamReader:
     """Follows one SSE stream, a line at a time, to ``[DONE]``; fills the outcome's times
     and kind (``finish``)."""
 
-    __slots__ = ("error", "first", "is_done", "last", "num_text_events", "num_usage_tokens")
+    __slots__ = (
+        "error",
+        "first",
+        "is_done",
+        "last",
+        "num_text_events",
+        "num_usage_tokens",
+        "outcome",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
         self.first = self.last = math.nan
         self.num_text_events, self.num_usage_tokens = 0, -1
         self.is_done = False
         self.error = ""
 
-    def line(self, line: bytes, outcome: Outcome) -> None:
+    def line(self, line: bytes) -> None:
         """One line of the stream (the line ending stripped or not)."""
+        outcome = self.outcome
         if self.is_done or not line.startswith(b"data:"):
             return
         data = line[5:].strip()
@@ -150,7 +160,8 @@ class _StreamReader:
             details = event.usage.prompt_tokens_details
             outcome.num_cached_tokens = details.cached_tokens if details else 0
 
-    def finish(self, outcome: Outcome, sent: float) -> None:
+    def finish(self, sent: float) -> None:
+        outcome = self.outcome
         outcome.latency_s = time.monotonic() - sent
         num_tokens = self.num_usage_tokens if self.num_usage_tokens >= 0 else self.num_text_events
         outcome.num_output_tokens = num_tokens
@@ -192,12 +203,12 @@ async def send(
         ):
             outcome.status = resp.status
             if resp.status == 200:
-                reader = _StreamReader()
+                reader = _StreamReader(outcome)
                 async for line in resp.content:
-                    reader.line(line, outcome)
+                    reader.line(line)
                     if reader.is_done:
                         break
-                reader.finish(outcome, sent)
+                reader.finish(sent)
                 return
             text = await resp.text(errors="replace")
             outcome.latency_s = time.monotonic() - sent
@@ -218,8 +229,8 @@ async def send_lean(
     the client's CPU."""
     sent = time.monotonic()
     outcome.sent_s = sent - t0
-    reader = _StreamReader()
-    response = http1.Response(asyncio.get_running_loop(), lambda line: reader.line(line, outcome))
+    reader = _StreamReader(outcome)
+    response = http1.Response(asyncio.get_running_loop(), reader.line)
     try:
         async with asyncio.timeout(share.request_timeout_s):
             await client.send(request, response)
@@ -237,7 +248,7 @@ async def send_lean(
         return
     outcome.status = response.status
     if response.status == 200:
-        reader.finish(outcome, sent)
+        reader.finish(sent)
         return
     outcome.latency_s = time.monotonic() - sent
     text = response.body.decode("utf-8", "replace")

@@ -33,8 +33,7 @@ class Response:
 
     __slots__ = (
         "_buffer",
-        "_chunk_left",
-        "_length_left",
+        "_left",
         "_line",
         "_state",
         "body",
@@ -55,8 +54,7 @@ class Response:
         self._buffer = bytearray()
         self._line = bytearray()
         self._state = "head"  # head, length, chunk-size, chunk, chunk-end, trailer, eof, done
-        self._length_left = 0
-        self._chunk_left = 0
+        self._left = 0  # body bytes still to come in this length or chunk
 
     def feed(self, data: bytes) -> None:
         """Parse what arrived; raises ``ProtocolError`` on a malformed response."""
@@ -72,13 +70,17 @@ class Response:
                     return
                 self._read_head(bytes(buffer[:end]))
                 del buffer[: end + 4]
-            elif state == "length":
-                take = min(self._length_left, len(buffer))
+            elif state in ("length", "chunk"):  # ``_left`` more bytes of body
+                take = min(self._left, len(buffer))
                 self._body(bytes(buffer[:take]))
                 del buffer[:take]
-                self._length_left -= take
-                if not self._length_left:
+                self._left -= take
+                if self._left:
+                    continue
+                if state == "length":
                     self._finish()
+                else:
+                    self._state = "chunk-end"
             elif state == "eof":  # read to the end of the connection
                 self._body(bytes(buffer))
                 buffer.clear()
@@ -92,15 +94,8 @@ class Response:
                 except ValueError:
                     raise ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
                 del buffer[: end + 2]
-                self._chunk_left = size
+                self._left = size
                 self._state = "chunk" if size else "trailer"
-            elif state == "chunk":
-                take = min(self._chunk_left, len(buffer))
-                self._body(bytes(buffer[:take]))
-                del buffer[:take]
-                self._chunk_left -= take
-                if not self._chunk_left:
-                    self._state = "chunk-end"
             elif state == "chunk-end":
                 if len(buffer) < 2:
                     return
@@ -148,8 +143,8 @@ class Response:
             length = headers["content-length"]
             if not length.isdigit():
                 raise ProtocolError(f"bad Content-Length {length[:20]!r}")
-            self._length_left = int(length)
-            self._state = "length" if self._length_left else "done"
+            self._left = int(length)
+            self._state = "length" if self._left else "done"
         elif status in (204, 304):
             self._state = "done"
         else:
