@@ -165,9 +165,9 @@ def _overload_shed(state: FrontendState, where: str) -> Shed:
     )
 
 
-def early_shed(state: FrontendState, config: FrontendConfig) -> EarlyShed:
-    """The connection-level answer of the same shed (``early_shed.EarlyShed``)."""
-    keys = load_api_keys(config.api_key, config.api_key_file)
+def early_shed(state: FrontendState, config: FrontendConfig, keys: list[str]) -> EarlyShed:
+    """The connection-level answer of the same shed (``early_shed.EarlyShed``); ``keys``
+    are the API keys (``load_api_keys``; none: the API is open)."""
 
     def on_shed() -> bytes:
         state.num_requests += 1  # a request complete() never sees
@@ -345,12 +345,15 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
         state.metrics.requests.labels(model, endpoint, status).inc()
 
 
-def build_app(state: FrontendState, config: FrontendConfig | None = None) -> web.Application:
+def build_app(
+    state: FrontendState, config: FrontendConfig | None = None, keys: list[str] | None = None
+) -> web.Application:
     """The HTTP application; ``config`` sets its limits and API keys (None: the defaults,
-    no keys)."""
+    no keys). ``keys``, when given, are its keys already loaded (``load_api_keys``)."""
     config = config or FrontendConfig()
     middlewares: list[Middleware] = [openai_errors(config.max_header_bytes)]
-    keys = load_api_keys(config.api_key, config.api_key_file)
+    if keys is None:
+        keys = load_api_keys(config.api_key, config.api_key_file)
     if keys:
         middlewares.append(api_key_auth(keys, is_metrics_open=not config.metrics_require_key))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)

@@ -137,6 +137,8 @@ class FrontendMetrics:
             ["where"],
             registry=self.registry,
         )
+        for where in ("connection", "handler"):  # both series from the start, at zero
+            self.overload_sheds.labels(where)
         self.migrations = Counter(
             "baton_frontend_migrations",
             "streams moved to another worker after theirs died or dropped them",

@@ -12,6 +12,7 @@ from prometheus_client import disable_created_metrics
 from proto import subjects
 from proto.messages import AbortRequest, FrontendLoad, InstanceId, RequestId
 from services.frontend.app import FrontendState, build_app, early_shed
+from services.frontend.auth import load_api_keys
 from services.frontend.config import FrontendConfig
 from services.frontend.early_shed import EarlyShedRunner
 from services.frontend.generate import Generator
@@ -83,9 +84,10 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         demux.on_batch = lambda worker_id: pool.heard_from(worker_id, time.monotonic())
         demux.worker_quiet_s = lambda worker_id: pool.quiet_s(worker_id, time.monotonic())
         bus.on_reconnected(demux.mark_reconnected)
+        keys = load_api_keys(config.api_key, config.api_key_file)  # read once, for both
         runner = EarlyShedRunner(
-            build_app(state, config),
-            early_shed(state, config),
+            build_app(state, config, keys),
+            early_shed(state, config, keys),
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=config.drain_timeout_s,

@@ -199,6 +199,7 @@ class ScheduledEngine:
         its blocks, in order, and how many tokens their KV covers. ``KeyError`` if it is not
         running, ``ValueError`` if it is still prefilling. ``release`` frees the blocks."""
         seq = self.scheduler.detach(request_id)
+        self.runner.sync_kv(seq)
         self.runner.remove(request_id)
         num_blocks = -(-seq.num_computed_tokens // self.block_size)
         return seq.block_table[:num_blocks], seq.num_computed_tokens

@@ -75,6 +75,10 @@ class Runner(Protocol):
         sequence before then, nor on EOS when ``sampling.ignore_eos``.
         """
 
+    def sync_kv(self, seq: Sequence) -> None:
+        """Make the KV memory of ``seq``'s blocks current (its KV is about to be read by a
+        peer): what ``execute`` left for later, it writes now. Called between steps."""
+
     @property
     def kv_region(self) -> KVRegion | None:
         """The KV cache memory, or None when the runner has none to transfer."""

@@ -17,9 +17,11 @@ bytes, so two processes and two runs agree (``hash()`` of a str is salted per pr
 The runner also keeps a small real KV cache (``kv_block_bytes`` per block, block-major) and
 writes each block it computes with bytes derived from the block's tokens and its prefix
 (``block_kv_bytes``), so a disaggregated cluster moves real bytes between workers and a test can
-check what arrived. The time a real transfer of those blocks would take is modelled by the
-transfer layer, not here: ``SimEngine.transfer_time_s`` is the function a worker hands to
-``shared.kv_transfer.simulated.SimulatedTimeAgent``, which pads each read to it.
+check what arrived. A prefill writes its blocks in its step; decodes write a block once it is
+full, and the part-filled last block when a peer is about to read it (``sync_kv``), so the
+per-token cost is not a hash per token. The time a real transfer of those blocks would take
+is modelled by the transfer layer, not here: ``SimEngine.transfer_time_s`` is the function a
+worker hands to ``shared.kv_transfer.simulated.SimulatedTimeAgent``, which pads each read to it.
 """
 
 import ctypes
@@ -214,13 +216,13 @@ class SimRunner:
         tokens = seq.token_ids
         start = seq.num_computed_tokens
         first = start // bs
-        parent = _parent_hash(seq, first, bs)
-        if num_new == 1:  # a decode: rewrite the block its one new token lands in
-            offset = seq.block_table[first] * size
-            view[offset : offset + size] = block_kv_bytes(
-                parent, tokens[first * bs : start + 1], size
-            )
+        if num_new == 1 and start >= seq.num_prompt_tokens:
+            # A decode (an output token's KV): its block is written once full; the part
+            # filled before that, when a peer is about to read it (``sync_kv``).
+            if (start + 1) % bs == 0:
+                self._write_block(seq, first, start + 1)
             return
+        parent = _parent_hash(seq, first, bs)
         hashes = seq.block_hashes
         end = start + num_new
         for i in range(first, -(-end // bs)):
@@ -229,6 +231,22 @@ class SimRunner:
             view[offset : offset + size] = block_kv_bytes(parent, chunk, size)
             if len(chunk) == bs:
                 parent = hashes[i] if i < len(hashes) else hash_block_tokens(parent, chunk)
+
+    def sync_kv(self, seq: Sequence) -> None:
+        """Write the block that decodes have filled only in part (a decode writes a block
+        once it is full: one BLAKE2b per block rather than one per token)."""
+        num_tokens = seq.num_computed_tokens
+        if self._kv_region is not None and num_tokens % self.config.block_size:
+            self._write_block(seq, num_tokens // self.config.block_size, num_tokens)
+
+    def _write_block(self, seq: Sequence, index: int, end: int) -> None:
+        """Write block ``index`` of ``seq`` with the KV of its tokens before ``end``."""
+        bs = self.config.block_size
+        size = self.config.kv_block_bytes
+        offset = seq.block_table[index] * size
+        self._kv_view[offset : offset + size] = block_kv_bytes(
+            _parent_hash(seq, index, bs), seq.token_ids[index * bs : end], size
+        )
 
     # --- tokens --------------------------------------------------------------------------------
 

@@ -159,6 +159,9 @@ class TorchRunner:
         """Drop the request's sampler state. Idempotent."""
         self._sampler.remove(request_id)
 
+    def sync_kv(self, seq: Sequence) -> None:
+        """Nothing: each step writes its KV (and ``execute`` synchronises the device)."""
+
     def execute(self, plan: BatchPlan, kv_usage: float) -> RunResult:
         """Write the KV of every scheduled token into its sequence's blocks and sample each
         sequence's next token; ``duration_s`` is the measured wall time (device synchronised).

@@ -84,3 +84,14 @@ def test_the_installed_aiohttp_has_what_the_early_answer_reads():
     # Where an aiohttp upgrade renames these fields, the frontend falls back to answering
     # through aiohttp (correct, at about twice the CPU a shed): this says so in CI.
     assert is_supported()
+
+
+def test_both_shed_series_are_exported_from_the_start():
+    """A dashboard's rate() needs the zero before the first shed, on each path."""
+    from prometheus_client import generate_latest
+
+    from services.frontend.metrics import FrontendMetrics
+
+    text = generate_latest(FrontendMetrics(60.0).registry).decode()
+    for where in ("connection", "handler"):
+        assert f'baton_frontend_overload_sheds_total{{where="{where}"}} 0.0' in text

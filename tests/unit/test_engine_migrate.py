@@ -92,9 +92,26 @@ def test_moved_kv_bytes_are_what_the_new_engine_would_compute():
     dst.step()  # computes the newest token's KV and samples the next
     seq = dst.scheduler.get(moved.request_id)
     assert seq is not None
-    assert block_bytes(dst, seq.block_table[: -(-seq.num_computed_tokens // BS)]) == (
-        expected_bytes(seq.token_ids, seq.num_computed_tokens)
-    )
+    tokens = list(seq.token_ids)
+    # What a peer reads when it moves on again (a decode writes its block once full; the
+    # part-filled one when the KV is about to be read).
+    block_ids, num_kv_tokens = dst.detach(moved.request_id)
+    assert num_kv_tokens == len(tokens) - 1
+    assert block_bytes(dst, block_ids) == expected_bytes(tokens, num_kv_tokens)
+
+
+@pytest.mark.parametrize("num_steps", [3, 4, 5, 20])
+def test_decodes_write_a_block_once_full(num_steps):
+    prompt = list(range(300, 306))  # 6 tokens: one full block and a part
+    engine = make_engine()
+    req = request("r", prompt, max_tokens=40, temperature=0.0, ignore_eos=True)
+    engine.add_request(req)
+    decode_steps(engine, num_steps)
+    seq = engine.scheduler.get(req.request_id)
+    assert seq is not None
+    num_full = seq.num_computed_tokens // BS
+    full = seq.block_table[:num_full]
+    assert block_bytes(engine, full) == expected_bytes(seq.token_ids, num_full * BS)
 
 
 def test_moved_sequence_reuses_the_prefix_the_new_engine_caches():
