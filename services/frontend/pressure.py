@@ -14,6 +14,8 @@ import asyncio
 class LoopPressure:
     """An exponentially weighted loop lag, with hysteresis on the overload flag."""
 
+    MAX_TICK_LAG = 4.0  # x max_lag_s: with the weight 0.2, one tick moves the average 0.8x
+
     # 50 ticks a second: each wakes an idle process (on the 2-core machine here, 100 a second
     # cost each frontend process 1.2 % of a core doing nothing). A weight of 0.2 a tick keeps
     # the average's memory at about 100 ms.
@@ -27,8 +29,14 @@ class LoopPressure:
         self.is_overloaded = False
 
     def observe(self, lag_s: float) -> None:
-        """One tick's lag (seconds late); sets or clears ``is_overloaded``."""
-        self.lag_s += self.weight * (max(0.0, lag_s) - self.lag_s)
+        """One tick's lag (seconds late); sets or clears ``is_overloaded``.
+
+        A tick counts as at most ``MAX_TICK_LAG`` times the bound, so one stall alone (the
+        process descheduled on a busy machine, a GC pause) never sets the flag, however long:
+        shedding after it would help nothing, the requests it delayed are late already. Lag
+        that lasts (two such ticks in a row, or more smaller ones) does."""
+        lag_s = min(max(0.0, lag_s), self.MAX_TICK_LAG * self.max_lag_s)
+        self.lag_s += self.weight * (lag_s - self.lag_s)
         if self.lag_s > self.max_lag_s:
             self.is_overloaded = True
         elif self.lag_s < self.max_lag_s / 2:

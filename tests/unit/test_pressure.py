@@ -31,3 +31,14 @@ def test_overload_clears_only_below_half_the_bound():
 def test_pressure_needs_a_positive_bound():
     with pytest.raises(ValueError, match="max_lag_s"):
         LoopPressure(0.0)
+
+
+def test_one_stall_never_overloads_however_long_but_two_in_a_row_do():
+    pressure = LoopPressure(0.025)  # the defaults: a tick weighs 0.2
+    pressure.observe(5.0)  # the process descheduled for 5 s, once
+    assert not pressure.is_overloaded
+    for _ in range(20):
+        pressure.observe(0.0)
+    pressure.observe(0.1)
+    pressure.observe(0.1)
+    assert pressure.is_overloaded
