@@ -30,6 +30,13 @@ class WorkerServiceConfig:
             " decode, draining: free a moved stream's KV this long after the move"
         ),
     )
+    publish_interval_ms: float = field(
+        default=2.0,
+        metadata=doc(
+            "decode: engine steps faster than this send their tokens together, at most this "
+            "long (or one step) later, one message per frontend (0: each step's at once)"
+        ),
+    )
     drain_handoff: str = field(
         default="kv",
         metadata=doc(
@@ -46,6 +53,8 @@ class WorkerServiceConfig:
             raise ValueError(
                 f"drain_handoff must be one of {DRAIN_HANDOFFS}, got {self.drain_handoff!r}"
             )
+        if not self.publish_interval_ms >= 0:
+            raise ValueError(f"publish_interval_ms must be >= 0, got {self.publish_interval_ms}")
         for name in ("prefill_timeout_s", "transfer_timeout_s", "max_hold_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -68,6 +68,12 @@ class DecodeRole(Role):
         self.drain_handoff = "kv"  # what a drain does with the streams (see the config)
         self._log = RateLimitedLog(logger)
         self._moving: asyncio.Future[None] | None = None  # set while a drain moves streams
+        # Steps faster than this go out together: a step's chunks wait (at most this long,
+        # or one step more) for the next ones, one message per frontend for all (see
+        # ``deliver``). 0: every step's at once.
+        self.publish_interval_s = 0.0
+        self._pending: list[TokenChunk] = []
+        self._published_s = 0.0  # when chunks last went out (time.monotonic)
 
     @property
     def num_handoffs(self) -> int:
@@ -132,21 +138,36 @@ class DecodeRole(Role):
             )
 
     async def deliver(self, result: StepResult) -> None:
-        await self.publish(
-            [
-                TokenChunk(
-                    out.request_id,
-                    out.new_token_ids,
-                    out.finish_reason,
-                    out.num_prompt_tokens,
-                    out.num_cached_tokens,
-                    num_output_tokens=out.num_output_tokens,
-                    logprobs=out.logprobs,
-                )
-                for out in result.outputs
-            ]
-        )
-        if self._moving is not None and not self._moving.done():
+        """Publish a step's chunks, or hold them for the next step's: each message costs the
+        worker, the bus and the frontend a fixed price whatever it carries, and an engine
+        that steps faster than ``publish_interval_s`` would pay it for a token or two. They
+        go out once the interval has passed since the last message, when the engine has
+        nothing left to step (so a last chunk never waits for a step that will not come), or
+        with anything else this role publishes (in order: ``publish`` and ``end`` send what
+        is held first)."""
+        chunks = [
+            TokenChunk(
+                out.request_id,
+                out.new_token_ids,
+                out.finish_reason,
+                out.num_prompt_tokens,
+                out.num_cached_tokens,
+                num_output_tokens=out.num_output_tokens,
+                logprobs=out.logprobs,
+            )
+            for out in result.outputs
+        ]
+        moving = self._moving is not None and not self._moving.done()
+        if (
+            self.publish_interval_s > 0
+            and not moving
+            and time.monotonic() - self._published_s < self.publish_interval_s
+            and self.context.loop.has_work()
+        ):
+            self._pending += chunks
+        else:
+            await self.publish(chunks)
+        if moving:
             await self._move_out()  # a step boundary with every output published
 
     # --- live migration out (drain) ------------------------------------------------------------
@@ -242,7 +263,12 @@ class DecodeRole(Role):
     async def publish(self, chunks: list[TokenChunk]) -> None:
         """Send chunks to their frontends, one message per destination; a finished request
         leaves ``in_flight``. A destination that cannot be reached (a chunk over the bus's
-        payload limit, a closed connection) ends only its own requests."""
+        payload limit, a closed connection) ends only its own requests. Chunks that
+        ``deliver`` held go first."""
+        if self._pending:
+            chunks = self._pending + chunks
+            self._pending = []
+        self._published_s = time.monotonic()
         pairs = []
         in_flight = self.in_flight
         for chunk in chunks:
@@ -267,6 +293,8 @@ class DecodeRole(Role):
     async def end(
         self, request_id: RequestId, reason: FinishReason, error: str | None = None
     ) -> None:
+        if self._pending:  # the tokens it had before it ended go first
+            await self.publish([])
         subject = self.in_flight.pop(request_id)
         if subject is None:
             return
@@ -328,5 +356,7 @@ class DecodeRole(Role):
             await self.end(rid, FinishReason.ERROR, str(exc))
 
     async def close(self) -> None:
+        if self._pending:
+            await self.publish([])
         if self.remote is not None:
             await self.remote.close()

@@ -87,6 +87,7 @@ def make_role(
     role = DecodeRole(context)
     role.hold_timeout_s = config.max_hold_s
     role.drain_handoff = config.drain_handoff
+    role.publish_interval_s = config.publish_interval_ms / 1000
     if runtime.connector is not None and runtime.agent is not None:
         agent_name = runtime.agent.name
         role.lender = KVLender(context.loop, runtime.connector, agent_name, context.worker_id)

@@ -56,6 +56,10 @@ class EngineLoop:
         lock-free read (admission must not wait for a step to end)."""
         return self._engine.num_tokens_ahead(priority)
 
+    def has_work(self) -> bool:
+        """Whether the loop will step again without a new request (lock-free, as ``stats``)."""
+        return self._engine.has_unfinished()
+
     def stats(self) -> EngineStats:
         """A snapshot; safe between steps and good enough during one (plain int reads)."""
         return self._engine.stats()

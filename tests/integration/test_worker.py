@@ -8,6 +8,7 @@ that a prefill or a transfer may take, and leave no block reserved or held.
 import asyncio
 import contextlib
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -114,6 +115,7 @@ async def start_worker(bus: Bus, namespace: str, peers: Peers) -> AsyncIterator[
         max_hold_s: float = 30.0,
         speedup: float = 50.0,
         slo_tpot_ms: float = 0.0,
+        publish_interval_s: float = 0.0,
     ) -> Worker:
         worker_id = InstanceId(f"{role.name.lower()}-{len(peers.infos)}")
         agent = stack.enter_context(create_agent("tcp", worker_id))
@@ -128,6 +130,7 @@ async def start_worker(bus: Bus, namespace: str, peers: Peers) -> AsyncIterator[
             worker_role = PrefillRole(context, connector, agent.name, max_hold_s=max_hold_s)
         else:
             decode = DecodeRole(context)
+            decode.publish_interval_s = publish_interval_s
             decode.remote = RemotePrefill(
                 bus,
                 namespace,
@@ -674,3 +677,49 @@ async def test_prefill_refuses_a_hold_timeout_that_never_ends(bus, start_worker)
         assert reply.code == ErrorCode.INVALID_REQUEST
         assert "hold_timeout_s" in reply.message
     assert_no_blocks_in_use(prefill)
+
+
+# --- publishing: steps faster than the interval go out together ------------------------------
+
+
+async def _count_messages(bus: Bus, subject: str) -> list[int]:
+    """Chunks per message on ``subject``, one entry a message."""
+    sizes: list[int] = []
+
+    async def on_batch(msg: Msg) -> None:
+        sizes.append(len(token_batch_decoder.decode(msg.data).chunks))
+
+    await bus.subscribe(subject, on_batch)
+    return sizes
+
+
+async def test_steps_faster_than_the_publish_interval_go_out_together(bus, start_worker, stream):
+    fast = await start_worker(WorkerRole.DECODE, speedup=1e6, publish_interval_s=0.05)
+    sizes = await _count_messages(bus, stream.subject)
+    sampling = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0)
+    for i in range(4):
+        prompt = PROMPT[: 20 + i]
+        reply = await generate(bus, fast, stream, f"r{i}", prompt=prompt, sampling=sampling)
+        assert isinstance(reply, GenerateAccepted)
+    for i in range(4):
+        assert (await finish(stream, f"r{i}")).finish_reason is FinishReason.LENGTH
+        assert len(stream.tokens(f"r{i}")) == 40
+        counts = [c.num_output_tokens for c in stream.chunks[RequestId(f"r{i}")]]
+        assert counts == sorted(counts)  # in order
+        assert counts[-1] == 40  # none lost
+    await bus.flush()
+    # 160 tokens from about 40 steps; a message carries many steps' chunks.
+    assert sum(sizes) == sum(len(stream.chunks[RequestId(f"r{i}")]) for i in range(4))
+    assert len(sizes) <= 20
+    assert_no_blocks_in_use(fast)
+
+
+async def test_a_last_chunk_never_waits_for_the_interval(bus, start_worker, stream):
+    worker = await start_worker(WorkerRole.DECODE, speedup=1e6, publish_interval_s=60.0)
+    started = time.monotonic()
+    reply = await generate(bus, worker, stream, "r")
+    assert isinstance(reply, GenerateAccepted)
+    last = await finish(stream, "r")  # bounded by FAST, far below the interval
+    assert last.finish_reason is FinishReason.LENGTH
+    assert len(stream.tokens("r")) == SAMPLING.max_tokens
+    assert time.monotonic() - started < FAST
