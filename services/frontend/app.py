@@ -24,7 +24,7 @@ from services.frontend.http_errors import openai_errors
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.metrics_merge import merged_metrics
 from services.frontend.models import ModelRegistry
-from services.frontend.objectives import request_objectives
+from services.frontend.objectives import is_high_priority_header, request_objectives
 from services.frontend.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -188,8 +188,7 @@ def _under_pressure(request: web.Request) -> web.Response | None:
     state = request.app[STATE]
     if not _is_overloaded(state):
         return None
-    priority = request.headers.get("X-Baton-Priority", "").strip().lower()
-    if priority == "high" or priority.startswith("-"):
+    if is_high_priority_header(request.headers.get("X-Baton-Priority", "")):
         return None
     return error_response(_overload_shed(state, "handler"))
 

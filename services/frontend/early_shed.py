@@ -28,6 +28,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_response import StreamResponse
 
 from services.frontend.auth import KeyChecker
+from services.frontend.objectives import is_high_priority_header
 
 COMPLETION_LINES = (b"POST /v1/completions HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1")
 _HEADERS_END = b"\r\n\r\n"
@@ -74,8 +75,7 @@ def plain_completion(data: bytes, max_header_bytes: int) -> PlainRequest | None:
         elif name == b"connection":
             close = b"close" in value.lower()
         elif name == b"x-baton-priority":
-            priority = value.lower()
-            if priority == b"high" or priority.startswith(b"-"):
+            if is_high_priority_header(value.decode("latin-1")):
                 return None
         elif name == b"authorization":
             scheme, _, token = value.partition(b" ")

@@ -56,6 +56,14 @@ def _header_float(headers: Mapping[str, str], name: str) -> float | None:
     return value
 
 
+def is_high_priority_header(value: str) -> bool:
+    """Whether an ``X-Baton-Priority`` value asks for more than normal priority (``high`` or
+    a negative number), read before the body and without validating it: such a request is
+    never shed for the frontend's own lag (its worker decides)."""
+    value = value.strip().lower()
+    return value == "high" or value.startswith("-")
+
+
 def _priority(body_priority: int, headers: Mapping[str, str]) -> int:
     raw = headers.get("X-Baton-Priority")
     priority = body_priority

@@ -74,6 +74,11 @@ class DecodeRole(Role):
         self.publish_interval_s = 0.0
         self._pending: list[TokenChunk] = []
         self._published_s = 0.0  # when chunks last went out (time.monotonic)
+        # One publish at a time: a publish awaits the bus once per destination, and the bus
+        # yields when its outbound buffer is over its limit; another publish interleaved then
+        # (an abort's ``end`` sending what is held, say) could put a stream's later chunks on
+        # the bus before its earlier ones.
+        self._publish_lock = asyncio.Lock()
 
     @property
     def num_handoffs(self) -> int:
@@ -264,11 +269,15 @@ class DecodeRole(Role):
         """Send chunks to their frontends, one message per destination; a finished request
         leaves ``in_flight``. A destination that cannot be reached (a chunk over the bus's
         payload limit, a closed connection) ends only its own requests. Chunks that
-        ``deliver`` held go first."""
-        if self._pending:
-            chunks = self._pending + chunks
-            self._pending = []
-        self._published_s = time.monotonic()
+        ``deliver`` held go first; publishes go out in the order they are called."""
+        async with self._publish_lock:
+            if self._pending:
+                chunks = self._pending + chunks
+                self._pending = []
+            self._published_s = time.monotonic()
+            await self._publish(chunks)
+
+    async def _publish(self, chunks: list[TokenChunk]) -> None:
         pairs = []
         in_flight = self.in_flight
         for chunk in chunks:
@@ -304,8 +313,9 @@ class DecodeRole(Role):
         chunk = TokenChunk(request_id, [], reason, error=error)
         try:
             payloads = encode_batches(self.context.worker_id, [chunk], self.context.bus.max_payload)
-            for payload in payloads:
-                await self.context.bus.publish_bytes(subject, payload)
+            async with self._publish_lock:  # after any publish already on its way
+                for payload in payloads:
+                    await self.context.bus.publish_bytes(subject, payload)
         except ServingError as exc:
             self._log.log(
                 "end not delivered", "end not delivered request_id=%s error=%s", request_id, exc

@@ -211,17 +211,17 @@ class SimRunner:
 
     def _write_kv(self, seq: Sequence, num_new: int) -> None:
         bs = self.config.block_size
-        size = self.config.kv_block_bytes
-        view = self._kv_view
-        tokens = seq.token_ids
         start = seq.num_computed_tokens
-        first = start // bs
         if num_new == 1 and start >= seq.num_prompt_tokens:
             # A decode (an output token's KV): its block is written once full; the part
             # filled before that, when a peer is about to read it (``sync_kv``).
             if (start + 1) % bs == 0:
-                self._write_block(seq, first, start + 1)
+                self._write_block(seq, start // bs, start + 1)
             return
+        size = self.config.kv_block_bytes
+        view = self._kv_view
+        tokens = seq.token_ids
+        first = start // bs
         parent = _parent_hash(seq, first, bs)
         hashes = seq.block_hashes
         end = start + num_new
