@@ -142,9 +142,12 @@ async def test_workers_serve_health_ready_and_metrics(start_cluster):
             assert (await resp.json())["role"] == "decode"
         async with session.post(
             f"{cluster.api}/completions",
-            json={"model": "baton-sim", "prompt": "hello", "max_tokens": 3},
+            json={"model": "baton-sim", "prompt": "hello", "max_tokens": 3, "ignore_eos": True},
         ) as resp:
             assert resp.status == 200
+            # The sim draws each request's length (EOS) from its id: without ignore_eos one
+            # request in a few dozen stops before its third token and steps fewer times.
+            assert (await resp.json())["usage"]["completion_tokens"] == 3
         async with session.get(f"{info.http_url}/metrics") as resp:
             text = await resp.text()
     steps = next(ln for ln in text.splitlines() if ln.startswith("baton_worker_steps "))
