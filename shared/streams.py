@@ -137,6 +137,17 @@ class TokenStream:
         self.last_active_s = now_s
         self._error = None
 
+    @property
+    def has_chunks(self) -> bool:
+        """Whether chunks have arrived that ``get`` has not taken yet."""
+        return bool(self._chunks)
+
+    def drop_chunks(self) -> int:
+        """Forget the chunks not yet taken (they belong to an abandoned attempt); how many."""
+        num = len(self._chunks)
+        self._chunks = []
+        return num
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -196,10 +207,13 @@ class StreamDemux:
         """The id for the stream's next placement: its request's own id the first time,
         ``<id>-<n>`` after that. A worker that took an earlier attempt late (after its
         admission timed out) or that the stream left may still send chunks under the old id:
-        no longer registered, they are dropped, never mixed into this attempt's tokens."""
+        no longer registered, they are dropped, never mixed into this attempt's tokens; so are
+        those that arrived before this call and are still waiting in the stream (an attempt
+        that ended in a gap or an error goes on sending until the abort reaches it)."""
         if stream.num_attempts:
             if self._streams.get(stream.request_id) is stream:
                 del self._streams[stream.request_id]
+            self.num_stale_chunks += stream.drop_chunks()
             stream.request_id = RequestId(f"{stream.origin_id}-{stream.num_attempts}")
             self._streams[stream.request_id] = stream
         stream.num_attempts += 1

@@ -37,6 +37,7 @@ from shared.errors import (
     Unavailable,
     from_reply,
 )
+from shared.logs import RateLimitedLog
 from shared.streams import StreamDemux, StreamGap, TokenStream
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,11 @@ class Generator:
         migration_limit: int = 3,
         on_migration: Callable[[], None] = lambda: None,
         queue_timeout_s: float = 0.0,
+        on_late_acceptance: Callable[[], None] = lambda: None,
     ) -> None:
         self._queue_timeout_s = queue_timeout_s
+        self._on_late_acceptance = on_late_acceptance
+        self._log = RateLimitedLog(logger, level=logging.INFO)
         self._room = WaitingRoom()
         self._migration_limit = migration_limit
         self._on_migration = on_migration
@@ -244,8 +248,11 @@ class Generator:
                         if taken < len(chunks):
                             if taken:
                                 yield chunks[:taken]
+                            gap = chunks[taken]
                             raise StreamGap(
-                                f"tokens after the {len(emitted)}th were lost on the bus"
+                                f"tokens after the {len(emitted)}th were lost on the bus "
+                                f"(the next chunk brought {len(gap.token_ids)} and said "
+                                f"{gap.num_output_tokens} in all)"
                             )
                         finished = reason is not None
                         yield chunks
@@ -400,6 +407,20 @@ class Generator:
                 )
                 reply = generate_reply_decoder.decode(data)
             except (Unavailable, DeadlineExceeded) as exc:
+                if isinstance(exc, DeadlineExceeded) and stream.has_chunks:
+                    # Its tokens came before its acceptance (a busy frontend reads its
+                    # replies late): the worker took it and is serving it. Keep it there;
+                    # aborting would throw that work away.
+                    worker.last_heard_s = time.monotonic()
+                    self._on_late_acceptance()
+                    self._log.log(
+                        "late",
+                        "accepted after the admission timeout, its tokens first: kept "
+                        "request_id=%s worker_id=%s",
+                        stream.origin_id,
+                        worker.info.worker_id,
+                    )
+                    return worker
                 worker.in_flight -= 1
                 last_error = exc
                 if isinstance(exc, DeadlineExceeded):

@@ -144,6 +144,12 @@ class FrontendMetrics:
             "streams moved to another worker after theirs died or dropped them",
             registry=self.registry,
         )
+        self.late_acceptances = Counter(
+            "baton_frontend_late_acceptances",
+            "requests kept on a worker whose acceptance came after the admission timeout "
+            "but after their first tokens",
+            registry=self.registry,
+        )
         self.silent_workers = Counter(
             "baton_frontend_silent_workers",
             "workers found dead: quiet, and no longer subscribed to their inbox on the bus",

@@ -67,6 +67,7 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
                 migration_limit=config.migration_limit,
                 on_migration=metrics.migrations.inc,
                 queue_timeout_s=config.queue_timeout_s,
+                on_late_acceptance=metrics.late_acceptances.inc,
             ),
             metrics=metrics,
             ttft_s=config.slo.ttft_s,

@@ -200,3 +200,30 @@ async def test_a_new_attempt_drops_chunks_of_the_abandoned_one(nats_server, name
             got = await stream.get()
         assert [(c.token_ids, c.finish_reason) for c in got] == [([3], FinishReason.LENGTH)]
         assert demux.num_orphan_chunks == 1
+
+
+async def test_a_new_attempt_drops_what_the_last_one_left_in_the_stream(nats_server, namespace):
+    # An attempt abandoned after a gap goes on streaming until the abort reaches its worker:
+    # chunks that arrived before the stream was placed again must not open the new attempt
+    # (their counts would read as a gap at once, and every later attempt would fail the same
+    # way until the stream ran out of moves).
+    inbox = subjects.stream_inbox(namespace, "f1")
+    async with Bus.connect(nats_server.url) as frontend, Bus.connect(nats_server.url) as worker:
+        demux = StreamDemux(frontend, inbox)
+        await demux.start()
+        arrived = asyncio.Event()
+        demux.on_batch = lambda _worker_id: arrived.set()
+        stream = demux.open(RequestId("r"))
+        first = demux.new_attempt(stream)
+        late = [(inbox, TokenChunk(first, [7], num_output_tokens=7))]
+        await publish_chunks(worker, InstanceId("w"), group_chunks(late))
+        async with asyncio.timeout(10):
+            await arrived.wait()  # handed to the stream, not yet taken
+        second = demux.new_attempt(stream)
+        assert demux.num_stale_chunks == 1
+        fresh = [(inbox, TokenChunk(second, [3], FinishReason.LENGTH, num_output_tokens=3))]
+        await publish_chunks(worker, InstanceId("w"), group_chunks(fresh))
+        await worker.flush()
+        async with asyncio.timeout(10):
+            got = await stream.get()
+        assert [(c.token_ids, c.num_output_tokens) for c in got] == [([3], 3)]
