@@ -13,7 +13,9 @@ MODEL = "baton-sim"
 SLO = ("--slo-ttft-ms", "2000", "--slo-tpot-ms", "100")
 # A bound no loop meets: every frontend process reads itself overloaded from its first tick.
 ALWAYS_LAGGING = ("--max-loop-lag-ms", "0.001")
-BODY = json.dumps({"model": MODEL, "prompt": [10, 11, 12], "max_tokens": 3}).encode()
+BODY = json.dumps(
+    {"model": MODEL, "prompt": [10, 11, 12], "max_tokens": 3, "ignore_eos": True}
+).encode()
 
 
 def raw_request(*headers: str, body: bytes = BODY) -> bytes:
