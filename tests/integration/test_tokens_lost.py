@@ -1,6 +1,11 @@
-"""Tokens the bus dropped (a frontend cut off as a slow consumer loses what was published to
-it meanwhile) are noticed from the chunks' counts: the stream resumes after its last token,
-and the client sees every token once, in order."""
+"""A frontend's stream keeps every token once, in order, when the bus or its own lateness
+gets in the way:
+
+- tokens the bus dropped (a frontend cut off as a slow consumer loses what was published to
+  it meanwhile) are noticed from the chunks' counts, and the stream resumes after its last
+  token;
+- a worker's acceptance read after the admission timeout, its tokens first (replies and tokens
+  travel on different subscriptions), keeps the request where it is."""
 
 import asyncio
 
@@ -27,6 +32,7 @@ from shared.streams import StreamDemux, group_chunks, publish_chunks
 
 WORKER = InstanceId("w1")
 MAX_TOKENS = 8
+ADMISSION_TIMEOUT_S = 0.2  # the late-acceptance test's
 
 
 class LossyWorker:
@@ -63,6 +69,33 @@ class LossyWorker:
             await asyncio.sleep(0.01)
 
 
+async def generate(generator: Generator) -> tuple[list[int], TokenChunk]:
+    """Request "r" (MAX_TOKENS tokens) and read its stream: its tokens and its last chunk."""
+    sampling = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    tokens: list[int] = []
+    async with asyncio.timeout(10):
+        async for chunks in generator.generate(RequestId("r"), "m", [1, 2, 3], sampling):
+            for chunk in chunks:
+                tokens.extend(chunk.token_ids)
+            last = chunks[-1]
+    return tokens, last
+
+
+def pool_of_one(frontend: Bus, namespace: str, subject: str) -> WorkerPool:
+    """A frontend's view of one decode worker, ``WORKER``, listening on ``subject``."""
+    pool = WorkerPool(frontend, namespace)
+    info = WorkerInfo(
+        worker_id=WORKER,
+        model="m",
+        role=WorkerRole.DECODE,
+        subject=subject,
+        max_num_seqs=8,
+        num_kv_blocks=64,
+    )
+    pool.sync({WORKER: info})
+    return pool
+
+
 async def test_a_gap_in_a_stream_resumes_it_after_its_last_token(nats_server, namespace):
     async with Bus.connect(nats_server.url) as frontend, Bus.connect(nats_server.url) as bus:
         worker = LossyWorker(bus)
@@ -71,24 +104,9 @@ async def test_a_gap_in_a_stream_resumes_it_after_its_last_token(nats_server, na
         await bus.flush()
         demux = StreamDemux(frontend, subjects.stream_inbox(namespace, "f1"))
         await demux.start()
-        pool = WorkerPool(frontend, namespace)
-        info = WorkerInfo(
-            worker_id=WORKER,
-            model="m",
-            role=WorkerRole.DECODE,
-            subject=subject,
-            max_num_seqs=8,
-            num_kv_blocks=64,
-        )
-        pool.sync({WORKER: info})
+        pool = pool_of_one(frontend, namespace, subject)
         generator = Generator(frontend, demux, pool, namespace, admission_timeout_s=2.0)
-        sampling = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-        tokens: list[int] = []
-        async with asyncio.timeout(10):
-            async for chunks in generator.generate(RequestId("r"), "m", [1, 2, 3], sampling):
-                for chunk in chunks:
-                    tokens.extend(chunk.token_ids)
-                last = chunks[-1]
+        tokens, last = await generate(generator)
     # Every token once, in order; the end is the real one.
     assert tokens == [100 + n for n in range(1, MAX_TOKENS + 1)]
     assert last.finish_reason is FinishReason.LENGTH
@@ -98,3 +116,67 @@ async def test_a_gap_in_a_stream_resumes_it_after_its_last_token(nats_server, na
         ("r-1", [101, 102]),
     ]
     assert "r" in worker.aborted  # the first attempt was stopped
+
+
+class LateReplyWorker:
+    """Streams each request's tokens at once and answers its acceptance only after the
+    frontend's admission timeout has passed."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.requests: list[RequestId] = []
+        self.aborted: list[RequestId] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def on_message(self, msg: Msg) -> None:
+        message = worker_inbound_decoder.decode(msg.data)
+        if isinstance(message, AbortRequest):
+            self.aborted.append(message.request_id)
+            return
+        assert isinstance(message, GenerateRequest)
+        self.requests.append(message.request_id)
+        self.tasks.append(asyncio.create_task(self.serve(message, msg.reply)))
+
+    async def serve(self, request: GenerateRequest, reply: str) -> None:
+        for n in range(1, MAX_TOKENS + 1):
+            reason = FinishReason.LENGTH if n == MAX_TOKENS else None
+            chunk = TokenChunk(request.request_id, [100 + n], reason, num_output_tokens=n)
+            pairs = [(request.stream_subject, chunk)]
+            await publish_chunks(self.bus, WORKER, group_chunks(pairs))
+            if n == 2:
+                await asyncio.sleep(3 * ADMISSION_TIMEOUT_S)
+                accepted = GenerateAccepted(
+                    request_id=request.request_id, worker_id=WORKER, num_prompt_tokens=3
+                )
+                await self.bus.publish_bytes(reply, encode(accepted))
+
+
+async def test_tokens_before_a_late_acceptance_keep_the_request_on_its_worker(
+    nats_server, namespace
+):
+    async with Bus.connect(nats_server.url) as frontend, Bus.connect(nats_server.url) as bus:
+        worker = LateReplyWorker(bus)
+        subject = subjects.worker_inbox(namespace, WORKER)
+        await bus.subscribe(subject, worker.on_message)
+        demux = StreamDemux(frontend, subjects.stream_inbox(namespace, "f1"))
+        await demux.start()
+        pool = pool_of_one(frontend, namespace, subject)
+        late: list[int] = []
+        generator = Generator(
+            frontend,
+            demux,
+            pool,
+            namespace,
+            admission_timeout_s=ADMISSION_TIMEOUT_S,
+            on_late_acceptance=lambda: late.append(1),
+        )
+        tokens, last = await generate(generator)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*worker.tasks)
+    assert tokens == [100 + n for n in range(1, MAX_TOKENS + 1)]
+    assert last.finish_reason is FinishReason.LENGTH
+    assert worker.requests == ["r"]  # placed once
+    assert worker.aborted == []  # and never stopped
+    assert late == [1]
+    assert pool.get(WORKER) is not None
+    assert pool.get(WORKER).in_flight == 0  # type: ignore[union-attr]
