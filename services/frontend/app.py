@@ -250,6 +250,19 @@ def _approx_prompt_tokens(body: SamplingFields) -> int:
     return size // 4 + 1
 
 
+async def _read_body(request: web.Request) -> bytearray:
+    """The request's body, read as ``request.read()`` reads it (a body over the app's
+    ``client_max_size`` is refused with 413), without the copy aiohttp would keep on the
+    request for as long as the stream is open."""
+    limit = request.client_max_size
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if limit and len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return body
+
+
 async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     """``POST /v1/chat/completions`` (``kind`` "chat") and ``/v1/completions``. One coroutine
     from the route to the stream: its frame lives as long as the stream, and so would every
@@ -261,9 +274,9 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     body: SamplingFields
     try:
         if kind == "chat":
-            body = chat_decoder.decode(await request.read())
+            body = chat_decoder.decode(await _read_body(request))
         else:
-            body = completion_decoder.decode(await request.read())
+            body = completion_decoder.decode(await _read_body(request))
     except msgspec.DecodeError as exc:
         return _decode_error(exc)
     state = request.app[STATE]
@@ -316,7 +329,9 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
         )
         call.objectives, call.deadline_s = objectives, deadline_s
         del prompt_ids  # the call keeps a compact copy for the stream's life
-        response = await (call.stream() if body.stream else call.collect())
+        streams = body.stream
+        del body  # nor is the decoded request kept for it
+        response = await (call.stream() if streams else call.collect())
         status = "ok"
         if call.error is not None:
             state.metrics.record_outcome(card.name, Outcome.ERROR)

@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from services.frontend.auth import KeyChecker
@@ -101,13 +102,13 @@ def reply_429(body: bytes, *, close: bool) -> bytes:
 
 def is_supported() -> bool:
     """Whether the installed aiohttp's connection handler has the fields read here, and the
-    method that answers one parsed request (counted by ``_Handler``)."""
+    method that ends each answer to a parsed request (counted by ``_Handler``)."""
     slots: set[str] = set()
     for cls in RequestHandler.__mro__:
         slots.update(getattr(cls, "__slots__", ()))
     has_fields = all(name in slots for name in _FIELDS)
     return has_fields and inspect.iscoroutinefunction(
-        getattr(RequestHandler, "_handle_request", None)
+        getattr(RequestHandler, "finish_response", None)
     )
 
 
@@ -152,9 +153,14 @@ class _Handler(RequestHandler):
         super().__init__(*args, **kwargs)
         self._num_handled = 0  # requests aiohttp parsed and answered whole on this connection
 
-    async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[StreamResponse, bool]:
+    async def finish_response(
+        self, request: BaseRequest, resp: StreamResponse, start_time: float | None
+    ) -> tuple[StreamResponse, bool]:
+        """aiohttp's last step for every request it answers (after the handler returned),
+        counted here: an override around the handler would keep one more coroutine frame
+        alive for each stream's whole life."""
         try:
-            return await super()._handle_request(*args, **kwargs)
+            return await super().finish_response(request, resp, start_time)
         finally:
             self._num_handled += 1
 

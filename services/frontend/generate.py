@@ -6,6 +6,7 @@ import time
 import uuid
 from array import array
 from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Set as AbstractSet
 
 from proto import subjects
 from proto.messages import (
@@ -195,7 +196,9 @@ class Generator:
         worker: WorkerState | None = None
         finished = False
         emitted = array("q")  # tokens streamed so far, compact (8 bytes each): a move resends them
-        left_behind: set[InstanceId] = set()
+        # Workers the stream left for good; a set only once there is one (most never move,
+        # and an empty set costs 216 bytes for the stream's life).
+        left_behind: AbstractSet[InstanceId] = frozenset()
         num_moves = 0
         moved_because = ""  # why the stream last had to move
         moved_kv: KVHandle | None = None  # where its KV waits, after a live migration
@@ -267,7 +270,7 @@ class Generator:
                             raise
                         num_moves += 1
                     if not isinstance(exc, StreamGap):  # that worker is fine: it may stay
-                        left_behind.add(worker.info.worker_id)
+                        left_behind = {*left_behind, worker.info.worker_id}
                     worker.in_flight -= 1
                     if moved_kv is None:  # it may be alive: free its KV
                         await self._abort(worker, stream.request_id)
@@ -304,7 +307,7 @@ class Generator:
         objectives: RequestObjectives,
         deadline_s: float | None,
         resume_token_ids: Sequence[int],
-        left_behind: set[InstanceId],
+        left_behind: AbstractSet[InstanceId],
         *,
         kv_source: KVHandle | None = None,
         admitted: bool = False,
@@ -350,7 +353,7 @@ class Generator:
         objectives: RequestObjectives,
         deadline_s: float | None,
         resume_token_ids: Sequence[int],
-        left_behind: set[InstanceId],
+        left_behind: AbstractSet[InstanceId],
         kv_source: KVHandle | None,
         admitted: bool = False,
     ) -> WorkerState:
