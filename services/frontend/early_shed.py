@@ -144,6 +144,18 @@ class EarlyShed:
         return reply_429(self.on_shed(), close=request.close), request.close
 
 
+class _Messages(list[Any]):
+    """aiohttp's queue of the requests parsed on one connection and not yet handled, as a
+    list: it is almost always empty or one deep, and an empty deque holds a block of 64
+    slots (760 bytes) for as long as the connection is open. aiohttp uses only ``append``,
+    ``popleft``, ``len`` and truth on it."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering the plain shed before aiohttp parses it."""
 
@@ -152,6 +164,7 @@ class _Handler(RequestHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._num_handled = 0  # requests aiohttp parsed and answered whole on this connection
+        self._messages = _Messages()  # type: ignore[assignment]
 
     async def finish_response(
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
