@@ -231,9 +231,10 @@ class Call:
         self.kind = kind
         self.card = card
         self.tokenizer = tokenizer
-        # Held for the stream's life (a migration sends it again): 8 bytes a token, rather
-        # than a list's pointer plus an int object each (about 36 bytes a token).
-        self.prompt_ids = array("q", prompt_ids)
+        # Held for the stream's life (a migration sends it again): 4 bytes a token (ids are
+        # checked against the vocabulary, far below 2**31), rather than a list's pointer
+        # plus an int object each (about 36 bytes a token).
+        self.prompt_ids = array("i", prompt_ids)
         self.started = started
         self.objectives = RequestObjectives()
         self.deadline_s: float | None = None

@@ -195,7 +195,7 @@ class Generator:
         stream = self._demux.open(request_id)
         worker: WorkerState | None = None
         finished = False
-        emitted = array("q")  # tokens streamed so far, compact (8 bytes each): a move resends them
+        emitted = array("i")  # tokens streamed so far, 4 bytes each: a move resends them
         # Workers the stream left for good; a set only once there is one (most never move,
         # and an empty set costs 216 bytes for the stream's life).
         left_behind: AbstractSet[InstanceId] = frozenset()
