@@ -15,6 +15,10 @@ class LoopPressure:
     """An exponentially weighted loop lag, with hysteresis on the overload flag."""
 
     MAX_TICK_LAG = 4.0  # x max_lag_s: with the weight 0.2, one tick moves the average 0.8x
+    # uvloop's clock counts whole milliseconds: a tick reads 0 or at least 1 ms late. A cap
+    # below that would make every late tick the same tiny number, and the average would
+    # follow how many ticks read late, not how late they were.
+    CLOCK_RESOLUTION_S = 0.001
 
     # 50 ticks a second: each wakes an idle process (on the 2-core machine here, 100 a second
     # cost each frontend process 1.2 % of a core doing nothing). A weight of 0.2 a tick keeps
@@ -34,8 +38,11 @@ class LoopPressure:
         A tick counts as at most ``MAX_TICK_LAG`` times the bound, so one stall alone (the
         process descheduled on a busy machine, a GC pause) never sets the flag, however long:
         shedding after it would help nothing, the requests it delayed are late already. Lag
-        that lasts (two such ticks in a row, or more smaller ones) does."""
-        lag_s = min(max(0.0, lag_s), self.MAX_TICK_LAG * self.max_lag_s)
+        that lasts (two such ticks in a row, or more smaller ones) does. The cap is never
+        below the clock's resolution, so a bound far below it (``--max-loop-lag-ms 0.001``)
+        reads any tick the clock sees as late as overload, and holds it for a while."""
+        cap_s = max(self.MAX_TICK_LAG * self.max_lag_s, self.CLOCK_RESOLUTION_S)
+        lag_s = min(max(0.0, lag_s), cap_s)
         self.lag_s += self.weight * (lag_s - self.lag_s)
         if self.lag_s > self.max_lag_s:
             self.is_overloaded = True

@@ -42,3 +42,15 @@ def test_one_stall_never_overloads_however_long_but_two_in_a_row_do():
     pressure.observe(0.1)
     pressure.observe(0.1)
     assert pressure.is_overloaded
+
+
+def test_a_bound_below_the_clocks_resolution_reads_any_late_tick_as_overload():
+    # uvloop's clock reads a tick 0 or at least 1 ms late. A bound of 1 us (what the early
+    # shed's tests set, to shed every request) must not be capped to 4 us a tick, or the
+    # flag would clear after a few ticks that read on time, as most do on an idle loop.
+    pressure = LoopPressure(0.000001)
+    pressure.observe(0.001)
+    assert pressure.is_overloaded
+    for _ in range(20):  # 0.4 s of ticks on time
+        pressure.observe(0.0)
+    assert pressure.is_overloaded
