@@ -146,8 +146,8 @@ class FrontendMetrics:
         )
         self.late_acceptances = Counter(
             "baton_frontend_late_acceptances",
-            "requests kept on a worker whose acceptance came after the admission timeout "
-            "but after their first tokens",
+            "requests kept on their worker: its acceptance came after the admission "
+            "timeout, their first tokens before it",
             registry=self.registry,
         )
         self.silent_workers = Counter(
