@@ -35,14 +35,15 @@ MAX_TOKENS = 8
 ADMISSION_TIMEOUT_S = 0.2  # the late-acceptance test's
 
 
-class LossyWorker:
-    """Answers GenerateRequests like a worker; its first attempt's tokens 3 and 4 are lost
-    on the way (never published), as a disconnected subscriber would lose them."""
+class ScriptedWorker:
+    """Takes GenerateRequests like a worker, each served by ``serve`` in its own task, and
+    records them and the aborts that come."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.requests: list[GenerateRequest] = []
         self.aborted: list[RequestId] = []
+        self.tasks: list[asyncio.Task[None]] = []
 
     async def on_message(self, msg: Msg) -> None:
         message = worker_inbound_decoder.decode(msg.data)
@@ -51,21 +52,35 @@ class LossyWorker:
             return
         assert isinstance(message, GenerateRequest)
         self.requests.append(message)
-        reply = GenerateAccepted(
-            request_id=message.request_id, worker_id=WORKER, num_prompt_tokens=3
-        )
-        await self.bus.publish_bytes(msg.reply, encode(reply))
-        asyncio.get_running_loop().create_task(self.stream(message))
+        self.tasks.append(asyncio.create_task(self.serve(message, msg.reply)))
 
-    async def stream(self, request: GenerateRequest) -> None:
-        done = len(request.resume_token_ids)
-        is_first = len(self.requests) == 1
-        for n in range(done + 1, MAX_TOKENS + 1):
+    async def serve(self, request: GenerateRequest, reply: str) -> None:
+        raise NotImplementedError
+
+    async def accept(self, request: GenerateRequest, reply: str) -> None:
+        accepted = GenerateAccepted(
+            request_id=request.request_id, worker_id=WORKER, num_prompt_tokens=3
+        )
+        await self.bus.publish_bytes(reply, encode(accepted))
+
+    async def send(self, request: GenerateRequest, n: int) -> None:
+        """The request's ``n``-th token (100 + n), the last one at MAX_TOKENS."""
+        reason = FinishReason.LENGTH if n == MAX_TOKENS else None
+        chunk = TokenChunk(request.request_id, [100 + n], reason, num_output_tokens=n)
+        await publish_chunks(self.bus, WORKER, group_chunks([(request.stream_subject, chunk)]))
+
+
+class LossyWorker(ScriptedWorker):
+    """Its first attempt's tokens 3 and 4 are lost on the way (never published), as a
+    disconnected subscriber would lose them."""
+
+    async def serve(self, request: GenerateRequest, reply: str) -> None:
+        await self.accept(request, reply)
+        is_first = request is self.requests[0]
+        for n in range(len(request.resume_token_ids) + 1, MAX_TOKENS + 1):
             if is_first and n in (3, 4):
                 continue  # published while the frontend was cut off: gone
-            reason = FinishReason.LENGTH if n == MAX_TOKENS else None
-            chunk = TokenChunk(request.request_id, [100 + n], reason, num_output_tokens=n)
-            await publish_chunks(self.bus, WORKER, group_chunks([(request.stream_subject, chunk)]))
+            await self.send(request, n)
             await asyncio.sleep(0.01)
 
 
@@ -118,37 +133,16 @@ async def test_a_gap_in_a_stream_resumes_it_after_its_last_token(nats_server, na
     assert "r" in worker.aborted  # the first attempt was stopped
 
 
-class LateReplyWorker:
+class LateReplyWorker(ScriptedWorker):
     """Streams each request's tokens at once and answers its acceptance only after the
     frontend's admission timeout has passed."""
 
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self.requests: list[RequestId] = []
-        self.aborted: list[RequestId] = []
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def on_message(self, msg: Msg) -> None:
-        message = worker_inbound_decoder.decode(msg.data)
-        if isinstance(message, AbortRequest):
-            self.aborted.append(message.request_id)
-            return
-        assert isinstance(message, GenerateRequest)
-        self.requests.append(message.request_id)
-        self.tasks.append(asyncio.create_task(self.serve(message, msg.reply)))
-
     async def serve(self, request: GenerateRequest, reply: str) -> None:
         for n in range(1, MAX_TOKENS + 1):
-            reason = FinishReason.LENGTH if n == MAX_TOKENS else None
-            chunk = TokenChunk(request.request_id, [100 + n], reason, num_output_tokens=n)
-            pairs = [(request.stream_subject, chunk)]
-            await publish_chunks(self.bus, WORKER, group_chunks(pairs))
+            await self.send(request, n)
             if n == 2:
                 await asyncio.sleep(3 * ADMISSION_TIMEOUT_S)
-                accepted = GenerateAccepted(
-                    request_id=request.request_id, worker_id=WORKER, num_prompt_tokens=3
-                )
-                await self.bus.publish_bytes(reply, encode(accepted))
+                await self.accept(request, reply)
 
 
 async def test_tokens_before_a_late_acceptance_keep_the_request_on_its_worker(
@@ -175,7 +169,7 @@ async def test_tokens_before_a_late_acceptance_keep_the_request_on_its_worker(
             await asyncio.gather(*worker.tasks)
     assert tokens == [100 + n for n in range(1, MAX_TOKENS + 1)]
     assert last.finish_reason is FinishReason.LENGTH
-    assert worker.requests == ["r"]  # placed once
+    assert [r.request_id for r in worker.requests] == ["r"]  # placed once
     assert worker.aborted == []  # and never stopped
     assert late == [1]
     assert pool.get(WORKER) is not None
