@@ -1,26 +1,33 @@
-"""HTTP handlers: parse and check, hand to the generator, render. State lives under AppKeys."""
+"""HTTP handlers: parse and check, hand to the generator, render. State lives under AppKeys.
+
+There are no aiohttp middlewares: a middleware's frame lives as long as every stream it
+wraps. Each handler asks the ``Gate`` first (431 for oversized headers, 401 without a valid
+key) and renders its own errors in OpenAI's shape: the short ones through ``guarded``, the
+completions in ``complete`` itself; a catch-all route answers unknown paths and methods.
+"""
 
 import asyncio
 import functools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
 import msgspec
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.messages import ModelCard
-from services.frontend.auth import KeyChecker, api_key_auth, load_api_keys
+from services.frontend.auth import KeyChecker, KeyGate, load_api_keys
 from services.frontend.call import Call
 from services.frontend.config import FrontendConfig
+from services.frontend.conn_memory import release_body_buffer
 from services.frontend.early_shed import EarlyShed
 from services.frontend.generate import Generator
 from services.frontend.goodput import Outcome
-from services.frontend.http_errors import openai_errors
+from services.frontend.http_errors import error_for, headers_too_large, no_route
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.metrics_merge import merged_metrics
 from services.frontend.models import ModelRegistry
@@ -74,7 +81,24 @@ class FrontendState:
     write_timeout_s: float = 30.0  # a client reading nothing for this long is cut
 
 
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """What every request passes before its handler's work: its headers' size, and its API
+    key where keys are set."""
+
+    max_header_bytes: int
+    keys: KeyGate | None = None
+
+    def refuse(self, request: web.BaseRequest) -> web.Response | None:
+        """The refusal (431 or 401) for ``request``, or None to serve it."""
+        refused = headers_too_large(request, self.max_header_bytes)
+        if refused is None and self.keys is not None:
+            refused = self.keys.refuse(request)
+        return refused
+
+
 STATE = web.AppKey("state", FrontendState)
+GATE = web.AppKey("gate", Gate)
 LIMITS = web.AppKey("limits", RequestLimits)
 OPENAPI = web.AppKey("openapi", bytes)
 # Label of requests for a model the registry does not know: a client's invented name never
@@ -103,6 +127,31 @@ def _decode_error(exc: msgspec.DecodeError) -> web.Response:
     if isinstance(exc, msgspec.ValidationError):
         return error_response(InvalidRequest(text), param)
     return error_response(InvalidRequest(f"request body is not valid JSON: {text}"))
+
+
+def guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+    """``handler`` behind the gate, its errors in OpenAI's shape (for the short routes; a
+    completion does both itself, so that no wrapper's frame lives as long as its stream)."""
+
+    async def guard(request: web.Request) -> web.StreamResponse:
+        refused = request.app[GATE].refuse(request)
+        if refused is not None:
+            return refused
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return _error_answer(request, exc)
+
+    return guard
+
+
+def _error_answer(request: web.BaseRequest, exc: Exception) -> web.Response:
+    """``exc``'s answer in OpenAI's shape (``error_for``); ``exc`` raised again where there is
+    none (a client that went away)."""
+    response = error_for(request, exc)
+    if response is None:
+        raise exc
+    return response
 
 
 async def health(request: web.Request) -> web.Response:
@@ -260,13 +309,17 @@ async def _read_body(request: web.Request) -> bytearray:
         body += chunk
         if limit and len(body) > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    release_body_buffer(request.content)
     return body
 
 
 async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     """``POST /v1/chat/completions`` (``kind`` "chat") and ``/v1/completions``. One coroutine
     from the route to the stream: its frame lives as long as the stream, and so would every
-    wrapper's."""
+    wrapper's (hence the gate and the error answers here, not in a wrapper)."""
+    refused = request.app[GATE].refuse(request)
+    if refused is not None:
+        return refused
     request.app[STATE].num_requests += 1
     refused = _under_pressure(request)
     if refused is not None:
@@ -279,6 +332,8 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
             body = completion_decoder.decode(await _read_body(request))
     except msgspec.DecodeError as exc:
         return _decode_error(exc)
+    except Exception as exc:  # a body over the limit (413), say
+        return _error_answer(request, exc)
     state = request.app[STATE]
     endpoint = "chat" if kind == "chat" else "completions"
     started = time.monotonic()
@@ -352,6 +407,8 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     except asyncio.CancelledError:
         status = "cut" if call is not None and call.is_cut else "cancelled"
         raise
+    except Exception as exc:  # unexpected: a 500, and the log says why
+        return _error_answer(request, exc)
     finally:
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
@@ -365,13 +422,14 @@ def build_app(
     """The HTTP application; ``config`` sets its limits and API keys (None: the defaults,
     no keys). ``keys``, when given, are its keys already loaded (``load_api_keys``)."""
     config = config or FrontendConfig()
-    middlewares: list[Middleware] = [openai_errors(config.max_header_bytes)]
     if keys is None:
         keys = load_api_keys(config.api_key, config.api_key_file)
-    if keys:
-        middlewares.append(api_key_auth(keys, is_metrics_open=not config.metrics_require_key))
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    app = web.Application(client_max_size=config.max_body_bytes)
     app[STATE] = state
+    app[GATE] = Gate(
+        config.max_header_bytes,
+        KeyGate(keys, is_metrics_open=not config.metrics_require_key) if keys else None,
+    )
     app[LIMITS] = RequestLimits(
         max_messages=config.max_messages,
         max_prompt_chars=config.max_prompt_chars,
@@ -381,11 +439,22 @@ def build_app(
     app[OPENAPI] = msgspec.json.encode(
         openapi_document(has_api_keys=bool(keys), is_metrics_open=is_metrics_open)
     )
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/chat/completions", functools.partial(complete, kind="chat"))
-    app.router.add_post("/v1/completions", functools.partial(complete, kind="completion"))
+    routes: dict[str, frozenset[str]] = {}
+    for path, handler in (
+        ("/openapi.json", openapi_json),
+        ("/health", health),
+        ("/ready", ready),
+        ("/metrics", metrics),
+        ("/v1/models", list_models),
+    ):
+        app.router.add_get(path, guarded(handler))
+        routes[path] = frozenset({"GET", "HEAD"})
+    completions: tuple[tuple[str, Kind], ...] = (
+        ("/v1/chat/completions", "chat"),
+        ("/v1/completions", "completion"),
+    )
+    for path, kind in completions:
+        app.router.add_post(path, functools.partial(complete, kind=kind))
+        routes[path] = frozenset({"POST"})
+    app.router.add_route("*", "/{path:.*}", guarded(no_route(routes)))
     return app

@@ -1,4 +1,4 @@
-"""API keys: an aiohttp middleware that lets through only requests bearing a known key.
+"""API keys: a gate that lets through only requests bearing a known key.
 
 Clients send ``Authorization: Bearer <key>``, as the OpenAI SDK does with ``api_key=``. A
 missing or wrong key gets 401 in OpenAI's shape (``invalid_request_error``,
@@ -12,7 +12,6 @@ import logging
 from collections.abc import Iterable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from services.frontend.http_errors import json_error
 from shared.errors import ServingError
@@ -21,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 # Always open: liveness and readiness probes carry no key, and the API description is public.
 OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="baton"'}
 
 
 class Unauthorized(ServingError):
@@ -67,7 +67,7 @@ class KeyChecker:
         return matched
 
 
-def _bearer(request: web.Request) -> str | None:
+def _bearer(request: web.BaseRequest) -> str | None:
     header = request.headers.get("Authorization")
     if header is None:
         return None
@@ -77,28 +77,28 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() or None
 
 
-def api_key_auth(keys: Iterable[str], *, is_metrics_open: bool) -> Middleware:
-    """The middleware: ``/health``, ``/ready``, ``/openapi.json`` (and ``/metrics`` while
-    ``is_metrics_open``) are open; every other path needs a key."""
-    checker = KeyChecker(keys)
-    open_paths = OPEN_PATHS | {"/metrics"} if is_metrics_open else OPEN_PATHS
-    challenge = {"WWW-Authenticate": 'Bearer realm="baton"'}
+class KeyGate:
+    """``/health``, ``/ready``, ``/openapi.json`` (and ``/metrics`` while
+    ``is_metrics_open``) are open; every other path needs a key. Asked by each handler first
+    (``app.Gate``)."""
 
-    @web.middleware
-    async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths:
-            return await handler(request)
+    def __init__(self, keys: Iterable[str], *, is_metrics_open: bool) -> None:
+        self._checker = KeyChecker(keys)
+        self._open_paths = OPEN_PATHS | {"/metrics"} if is_metrics_open else OPEN_PATHS
+
+    def refuse(self, request: web.BaseRequest) -> web.Response | None:
+        """401 for a request that needs a key and lacks a valid one; None for the others."""
+        if request.path in self._open_paths:
+            return None
         key = _bearer(request)
         if key is None:
             message = (
                 "You didn't provide an API key. Send it in the Authorization header "
                 "as 'Authorization: Bearer YOUR_KEY'."
             )
-        elif checker.is_valid(key):
-            return await handler(request)
+        elif self._checker.is_valid(key):
+            return None
         else:
             message = "Incorrect API key provided."
         logger.debug("unauthorized method=%s path=%s", request.method, request.path)
-        return json_error(Unauthorized(message), code="invalid_api_key", headers=challenge)
-
-    return require_key
+        return json_error(Unauthorized(message), code="invalid_api_key", headers=_CHALLENGE)

@@ -2,7 +2,7 @@
 
 While this frontend's own loop lags (``LoopPressure``), completion requests are shed before
 their body is read (``app._under_pressure``). Through aiohttp, that answer still costs a
-request object, a task, the middlewares, the route and a response object: about 370 µs of
+request object, a task, the route, the handler and a response object: about 370 µs of
 CPU each on this project's 2-core machine, against about 70 µs for a bare protocol that
 writes a canned reply. At ten times a worker's capacity the sheds are most of what a
 frontend does, so their price decides how much CPU is left for the streams it serves.
@@ -29,6 +29,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from services.frontend.auth import KeyChecker
+from services.frontend.conn_memory import MessageQueue, stop_idle_timer
 from services.frontend.objectives import is_high_priority_header
 
 COMPLETION_LINES = (b"POST /v1/completions HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1")
@@ -36,7 +37,7 @@ _HEADERS_END = b"\r\n\r\n"
 # aiohttp's RequestHandler fields read here (``__slots__`` names).
 _FIELDS: tuple[str, ...] = ("_messages", "_payload_parser", "_upgraded", "_close")
 _FIELDS += ("_force_close", "_keepalive_timeout", "_next_keepalive_close_time", "_loop")
-_FIELDS += ("_request_count",)
+_FIELDS += ("_request_count", "_keepalive_handle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +118,7 @@ class EarlyShed:
 
     ``is_shedding`` says whether to shed now; ``on_shed`` counts one shed and returns the
     error body. ``keys``: with API keys, only a request that presents a valid one is shed
-    here (the others get their 401 from the middleware, as they would without the lag)."""
+    here (the others get their 401 from the handler, as they would without the lag)."""
 
     def __init__(
         self,
@@ -144,18 +145,6 @@ class EarlyShed:
         return reply_429(self.on_shed(), close=request.close), request.close
 
 
-class _Messages(list[Any]):
-    """aiohttp's queue of the requests parsed on one connection and not yet handled, as a
-    list: it is almost always empty or one deep, and an empty deque holds a block of 64
-    slots (760 bytes) for as long as the connection is open. aiohttp uses only ``append``,
-    ``popleft``, ``len`` and truth on it."""
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering the plain shed before aiohttp parses it."""
 
@@ -164,7 +153,7 @@ class _Handler(RequestHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._num_handled = 0  # requests aiohttp parsed and answered whole on this connection
-        self._messages = _Messages()  # type: ignore[assignment]
+        self._messages = MessageQueue()  # type: ignore[assignment]
 
     async def finish_response(
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
@@ -192,6 +181,7 @@ class _Handler(RequestHandler):
                     self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
                 return
         super().data_received(data)
+        stop_idle_timer(self)
 
     def _is_idle(self) -> bool:
         """No request queued or in progress: every request aiohttp parsed on this connection

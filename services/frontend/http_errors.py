@@ -1,8 +1,12 @@
 """Every HTTP error in OpenAI's shape, also those no handler raised on purpose.
 
 aiohttp answers some errors itself in plain text: an unknown path (404), a wrong method (405),
-a body over ``client_max_size`` (413). The middleware here renders them, oversized headers
-(431) and any unexpected exception (500) as ``{"error": {"message", "type", "param", "code"}}``.
+a body over ``client_max_size`` (413). The helpers here render them, oversized headers (431)
+and any unexpected exception (500) as ``{"error": {"message", "type", "param", "code"}}``.
+They are called by the handlers (``app.guarded``, ``app.complete``) and by a catch-all route
+(``no_route``), not from an aiohttp middleware: a middleware's coroutine frame lives as long
+as each stream it wraps (about 400 bytes a stream, two with aiohttp's own that comes with any
+middleware), and a frontend holds tens of thousands of streams.
 """
 
 import logging
@@ -11,7 +15,7 @@ from typing import TypedDict
 
 import msgspec
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
 from services.frontend.render import error_body
 from shared.errors import InvalidRequest, ServingError
@@ -63,7 +67,7 @@ def json_error(
     )
 
 
-def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+def _from_http_exception(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
     path = request.path if len(request.path) <= 200 else request.path[:200] + "..."
     if exc.status == 404:
         message = f"no such endpoint: {request.method} {path}"
@@ -80,36 +84,41 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
     return json_error(HTTPStatusError(exc.status, message), headers=headers)
 
 
-def openai_errors(max_header_bytes: int) -> Middleware:
-    """The outermost middleware: whatever goes wrong, the client gets an OpenAI error, and
-    a request whose headers total over ``max_header_bytes`` (names, values and their
-    separators, as on the wire) gets 431. One middleware for both, since each one's frame
-    lives as long as the stream it wraps."""
+def headers_too_large(request: web.BaseRequest, max_header_bytes: int) -> web.Response | None:
+    """431 for a request whose headers total over ``max_header_bytes`` (names, values and
+    their separators, as on the wire); None for the others."""
+    size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    if size <= max_header_bytes:
+        return None
+    return json_error(
+        HeadersTooLarge(f"request headers total {size} bytes; the limit is {max_header_bytes}")
+    )
 
-    @web.middleware
-    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
-        if size > max_header_bytes:
-            return json_error(
-                HeadersTooLarge(
-                    f"request headers total {size} bytes; the limit is {max_header_bytes}"
-                )
-            )
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _from_http_exception(request, exc)
-        except ServingError as exc:
-            return json_error(exc)
-        except ConnectionError:
-            raise  # the client went away: nobody to answer
-        except Exception:
-            logger.exception("unhandled error method=%s path=%s", request.method, request.path)
-            return json_error(ServingError("internal error; see the frontend's log"))
 
-    return errors
+def error_for(request: web.BaseRequest, exc: Exception) -> web.Response | None:
+    """The answer to an exception a handler raised, or None where it must propagate (a
+    redirect, a client that went away: there is nobody to answer)."""
+    if isinstance(exc, web.HTTPException):
+        return None if exc.status < 400 else _from_http_exception(request, exc)
+    if isinstance(exc, ServingError):
+        return json_error(exc)
+    if isinstance(exc, ConnectionError):
+        return None
+    logger.error("unhandled error method=%s path=%s", request.method, request.path, exc_info=exc)
+    return json_error(ServingError("internal error; see the frontend's log"))
+
+
+def no_route(routes: Mapping[str, frozenset[str]]) -> Handler:
+    """The handler of every request no route matched: 405 naming the allowed methods where
+    the path has routes (``routes``: path to its methods), else 404."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        methods = routes.get(request.path)
+        if methods is None:
+            raise web.HTTPNotFound()
+        raise web.HTTPMethodNotAllowed(request.method, methods)
+
+    return answer
 
 
 class ParserLimits(TypedDict):
@@ -119,6 +128,6 @@ class ParserLimits(TypedDict):
 
 def parser_limits(max_header_bytes: int) -> ParserLimits:
     """aiohttp's own parser bounds, as keyword arguments of ``web.AppRunner``: past them aiohttp
-    answers a plain-text 400 itself (before any middleware runs), so they sit well above
+    answers a plain-text 400 itself (before any handler runs), so they sit well above
     ``max_header_bytes``, whose 431 is in OpenAI's shape."""
     return ParserLimits(max_line_size=4 * max_header_bytes, max_field_size=4 * max_header_bytes)

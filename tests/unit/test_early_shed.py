@@ -1,14 +1,11 @@
 """The connection-level shed's reading of raw request bytes: only one whole, plain completion
 request is answered there; everything else is left to aiohttp."""
 
-import inspect
 import json
-import re
 
 import pytest
-from aiohttp.web_protocol import RequestHandler
 
-from services.frontend.early_shed import _Messages, is_supported, plain_completion, reply_429
+from services.frontend.early_shed import is_supported, plain_completion, reply_429
 
 LIMIT = 16 * 1024
 
@@ -87,18 +84,6 @@ def test_the_installed_aiohttp_has_what_the_early_answer_reads():
     # Where an aiohttp upgrade renames these fields, the frontend falls back to answering
     # through aiohttp (correct, at about twice the CPU a shed): this says so in CI.
     assert is_supported()
-
-
-def test_the_installed_aiohttp_uses_its_message_queue_as_the_list_here_allows():
-    # The connection's queue of parsed requests is a list with popleft (``_Messages``), not
-    # a deque: an aiohttp that used any other deque method on it would break there.
-    source = inspect.getsource(RequestHandler)
-    used = set(re.findall(r"self\._messages\.(\w+)", source))
-    assert used <= {"append", "popleft"}, used
-    queue = _Messages()
-    queue.append(1)
-    queue.append(2)
-    assert (len(queue), queue.popleft(), queue.popleft(), bool(queue)) == (2, 1, 2, False)
 
 
 def test_both_shed_series_are_exported_from_the_start():

@@ -1,0 +1,50 @@
+"""What aiohttp keeps for each connection while its stream is open, trimmed.
+
+A frontend holds tens of thousands of streams open at once, each for minutes, so whatever a
+connection keeps for its life is multiplied by that. aiohttp keeps a few things sized for
+busier connections than a stream's; the helpers here replace them once they can no longer
+be used. They touch aiohttp's private fields, and ``tests/unit/test_conn_memory.py`` checks
+the installed aiohttp against each assumption made here, so that an upgrade that breaks one
+fails in CI rather than in production.
+"""
+
+from typing import Any
+
+from aiohttp import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+# What a request body's reader holds once it has been read to its end: nothing more can
+# arrive (aiohttp asserts that nothing is fed after the end), and reads find it empty. A
+# tuple, not a shared deque: anything that tried to add to it would fail loudly rather
+# than hand one connection's bytes to another.
+_READ_TO_END: tuple[bytes, ...] = ()
+
+
+class MessageQueue(list[Any]):
+    """aiohttp's queue of the requests parsed on one connection and not yet handled, as a
+    list: it is almost always empty or one deep, and an empty deque holds a block of 64
+    slots (760 bytes) for as long as the connection is open. aiohttp uses only ``append``,
+    ``popleft``, ``len`` and truth on it."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def release_body_buffer(reader: StreamReader) -> None:
+    """Drop the buffer of a request body read to its end: an empty deque of 64 slots (760
+    bytes) that aiohttp would keep until the response ends, a stream's whole life."""
+    if reader.is_eof() and not reader._buffer:
+        reader._buffer = _READ_TO_END  # type: ignore[assignment]
+
+
+def stop_idle_timer(handler: RequestHandler) -> None:
+    """Cancel a connection's keep-alive timer once a request has been parsed on it. The timer
+    closes a connection left idle; while a request is queued or handled it can do nothing,
+    yet aiohttp keeps it (about 550 bytes with its handle and context) until it first fires,
+    75 s into a stream. aiohttp starts it again after each response."""
+    timer = handler._keepalive_handle
+    if timer is not None and handler._messages:
+        timer.cancel()
+        handler._keepalive_handle = None
