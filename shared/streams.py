@@ -150,23 +150,38 @@ class TokenStream:
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def get(self) -> list[TokenChunk]:
-        """Every chunk that has arrived, waiting for at least one. The wait is bounded by the
-        demux's ``expire_idle`` (one sweep for all streams, rather than a timer per wait on the
-        token path); a failed stream raises its error once its chunks are taken."""
-        while not self._chunks:
+    def take(self) -> list[TokenChunk]:
+        """Every chunk that has arrived, none waited for (an empty list: none yet); a failed
+        stream raises its error once its chunks are taken."""
+        chunks = self._chunks
+        if not chunks:
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunks = self._chunks
+            return []
         self._chunks = []
+        return chunks
+
+    def arrival(self) -> "asyncio.Future[None]":
+        """A future done when a chunk or an error arrives. The token path awaits it directly
+        (``take`` first, this while there is nothing): a coroutine between them would be one
+        more frame kept for the stream's life. The wait is bounded by the demux's
+        ``expire_idle`` (one sweep for all streams, rather than a timer per wait)."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    async def get(self) -> list[TokenChunk]:
+        """Every chunk that has arrived, waiting for at least one (``take`` and ``arrival``)."""
+        chunks = self.take()
+        while not chunks:
+            await self.arrival()
+            chunks = self.take()
         return chunks
 
 

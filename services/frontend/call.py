@@ -19,6 +19,7 @@ from proto.messages import (
     ModelCard,
     RequestId,
     SamplingParams,
+    TokenChunk,
     TokenLogprobs,
     TTFTBreakdown,
 )
@@ -167,10 +168,11 @@ class Choice:
         numbered = tuple(enumerate(calls, start=first))
         return Piece(self.index, content, done, logprobs, numbered)
 
-    async def pieces(self) -> AsyncGenerator[Piece, None]:
-        """One piece per batch of arrived chunks; the last one is ``done``."""
+    def open(self) -> AsyncGenerator[list[TokenChunk], None]:
+        """The choice's request, placed on a worker as it is first iterated: its chunks as
+        they arrive (``Generator.generate``). Closing it aborts the request."""
         call = self.call
-        generator = call.state.generator.generate(
+        return call.state.generator.generate(
             self.request_id,
             call.card.name,
             call.prompt_ids,
@@ -178,36 +180,50 @@ class Choice:
             call.objectives,
             call.deadline_s,
         )
+
+    def piece(self, chunks: list[TokenChunk]) -> Piece:
+        """The piece for a batch of arrived chunks: ``done`` when they end the choice (a
+        finish reason, or a stop string matched)."""
+        token_ids: list[int] = []
+        reports: list[TokenLogprobs] = []
+        finish: FinishReason | None = None
+        ttft: TTFTBreakdown | None = None
+        for chunk in chunks:
+            token_ids.extend(chunk.token_ids)
+            if chunk.logprobs:
+                reports.extend(chunk.logprobs)
+            if chunk.ttft is not None:
+                ttft = chunk.ttft
+            if chunk.finish_reason is not None:
+                finish = chunk.finish_reason
+                self.num_cached_tokens = chunk.num_cached_tokens
+        self.call.observe(self, len(token_ids), ttft)
+        logprobs = self._render_logprobs(token_ids, reports)
+        text, stopped = self._text(token_ids)
+        if stopped:
+            self.finish_reason = "stop"
+            return self._piece(text, True, logprobs)
+        if finish is not None:
+            self.finish_reason = FINISH_REASONS[finish]
+            return self._piece(text + self._final_text(), True, logprobs)
+        return self._piece(text, False, logprobs)
+
+    def last_piece(self) -> Piece:
+        """The ``done`` piece of a choice whose chunks ended without a finish reason."""
+        return self._piece(self._final_text(), True, None)
+
+    async def pieces(self) -> AsyncGenerator[Piece, None]:
+        """One piece per batch of arrived chunks; the last one is ``done``."""
+        chunks = self.open()
         try:
-            async for chunks in generator:
-                token_ids: list[int] = []
-                reports: list[TokenLogprobs] = []
-                finish: FinishReason | None = None
-                ttft: TTFTBreakdown | None = None
-                for chunk in chunks:
-                    token_ids.extend(chunk.token_ids)
-                    if chunk.logprobs:
-                        reports.extend(chunk.logprobs)
-                    if chunk.ttft is not None:
-                        ttft = chunk.ttft
-                    if chunk.finish_reason is not None:
-                        finish = chunk.finish_reason
-                        self.num_cached_tokens = chunk.num_cached_tokens
-                call.observe(self, len(token_ids), ttft)
-                logprobs = self._render_logprobs(token_ids, reports)
-                text, stopped = self._text(token_ids)
-                if stopped:
-                    self.finish_reason = "stop"
-                    yield self._piece(text, True, logprobs)
+            async for batch in chunks:
+                piece = self.piece(batch)
+                yield piece
+                if piece.done:
                     return
-                if finish is not None:
-                    self.finish_reason = FINISH_REASONS[finish]
-                    yield self._piece(text + self._final_text(), True, logprobs)
-                    return
-                yield self._piece(text, False, logprobs)
-            yield self._piece(self._final_text(), True, None)
+            yield self.last_piece()
         finally:
-            await generator.aclose()
+            await chunks.aclose()
 
 
 class Call:
@@ -381,19 +397,33 @@ class Call:
             raise asyncio.CancelledError from None
 
     async def stream(self) -> web.StreamResponse:
-        pieces = self._pieces()
-        # Place the request before answering 200, so refusals still get a proper status.
-        # (Every choice ends with a ``done`` piece, so there is always a first one.)
-        first = await pieces.__anext__()
-        response = web.StreamResponse(headers=_SSE_HEADERS)
-        _bound_send_buffer(self.request)
-        await response.prepare(self.request)
+        # One choice (nearly every request) is read straight from its chunks: a generator of
+        # pieces between them would be one more frame, and one more entry in the loop's
+        # registry of async generators, for the stream's whole life.
+        one = self.choices[0] if len(self.choices) == 1 else None
+        chunks = one.open() if one is not None else None
+        merged = self._merged() if one is None else None
         renderer = self.renderer
-        out = bytearray(renderer.first_event(len(self.choices)))
+        response: web.StreamResponse | None = None
+        out = bytearray()
         remaining = len(self.choices)
         try:
-            piece = first
             while True:
+                if one is not None and chunks is not None:
+                    try:
+                        piece = one.piece(await chunks.__anext__())
+                    except StopAsyncIteration:
+                        piece = one.last_piece()
+                else:
+                    assert merged is not None
+                    piece = await merged.__anext__()
+                if response is None:
+                    # Placed: only now answer 200, so that a refusal still gets its own
+                    # status. (Every choice ends with a ``done`` piece: there is a first.)
+                    response = web.StreamResponse(headers=_SSE_HEADERS)
+                    _bound_send_buffer(self.request)
+                    await response.prepare(self.request)
+                    out += renderer.first_event(len(self.choices))
                 if piece.text or piece.logprobs is not None:
                     out += renderer.text_event(piece.text, piece.index, piece.logprobs)
                 if piece.tool_calls:
@@ -408,20 +438,22 @@ class Call:
                 if out:
                     await self._send(response, bytes(out))
                     out.clear()
-                piece = await pieces.__anext__()
             if renderer.include_usage:
                 out += renderer.usage_event(self._usage())
             out += DONE
             await self._send(response, bytes(out))
         except ServingError as exc:
-            if isinstance(exc, Cancelled):
+            if isinstance(exc, Cancelled) or response is None:
                 raise
             logger.warning("stream ended with error request_id=%s error=%s", self.request_id, exc)
             self.error = exc
             out += renderer.error_event(exc) + DONE
             await self._send(response, bytes(out))
         finally:
-            await pieces.aclose()
+            if chunks is not None:
+                await chunks.aclose()
+            if merged is not None:
+                await merged.aclose()
         await response.write_eof()
         return response
 
