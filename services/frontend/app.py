@@ -313,6 +313,61 @@ async def _read_body(request: web.Request) -> bytearray:
     return body
 
 
+def _card_for(request: web.Request, body: SamplingFields) -> ModelCard:
+    """The card of the model ``body`` asks for, once the request passes the checks that need
+    no tokenizer: its limits, the model's features, this frontend's own room."""
+    state = request.app[STATE]
+    check_limits(body, request.app[LIMITS])
+    card = state.models.card(body.model)
+    if card is None:
+        raise NotFound(f"model {body.model!r} does not exist")
+    check_features(body, card.name, card.features)
+    if state.is_draining:
+        raise Overloaded("this frontend is shutting down", retry_after_s=1.0)
+    if state.num_in_flight > state.max_in_flight:
+        raise Overloaded(
+            f"frontend has {state.max_in_flight} requests in flight", retry_after_s=1.0
+        )
+    return card
+
+
+async def _new_call(
+    request: web.Request, kind: Kind, body: SamplingFields, card: ModelCard, started: float
+) -> Call:
+    """The call serving ``body``: its objectives (shed here when no worker can meet them),
+    its prompt tokenized and its sampling checked. Separate from ``complete`` so that none of
+    its locals stay in the frame that lives as long as the stream."""
+    state = request.app[STATE]
+    objectives = request_objectives(
+        server_ttft_s=state.ttft_s,
+        server_tpot_s=state.tpot_s,
+        body_ttft_ms=body.slo_ttft_ms,
+        body_tpot_ms=body.slo_tpot_ms,
+        body_priority=body.priority,
+        headers=request.headers,
+    )
+    deadline_s = None
+    if objectives.ttft_s is not None:
+        deadline_s = started + objectives.ttft_s
+        state.generator.check_capacity(
+            card.name, objectives, _approx_prompt_tokens(body), deadline_s - time.monotonic()
+        )
+    tokenizer = await state.models.tokenizer(card)
+    check_tools(body, tokenizer.chat_template)
+    prompt_ids = await _prompt_ids(state, kind, body, tokenizer)
+    max_tokens = body.max_tokens
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        max_tokens = body.max_completion_tokens
+    sampling = sampling_params(
+        body, max_tokens, len(prompt_ids), card.context_length, tokenizer.vocab_size
+    )
+    stops = stop_strings(body.stop, request.app[LIMITS].max_stop_strings)
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
+    call = Call(request, state, kind, body, card, tokenizer, prompt_ids, sampling, stops, started)
+    call.objectives, call.deadline_s = objectives, deadline_s
+    return call
+
+
 async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     """``POST /v1/chat/completions`` (``kind`` "chat") and ``/v1/completions``. One coroutine
     from the route to the stream: its frame lives as long as the stream, and so would every
@@ -343,49 +398,10 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     card: ModelCard | None = None
     call: Call | None = None
     try:
-        check_limits(body, request.app[LIMITS])
-        card = state.models.card(body.model)
-        if card is None:
-            raise NotFound(f"model {body.model!r} does not exist")
-        check_features(body, card.name, card.features)
-        if state.is_draining:
-            raise Overloaded("this frontend is shutting down", retry_after_s=1.0)
-        if state.num_in_flight > state.max_in_flight:
-            raise Overloaded(
-                f"frontend has {state.max_in_flight} requests in flight", retry_after_s=1.0
-            )
-        objectives = request_objectives(
-            server_ttft_s=state.ttft_s,
-            server_tpot_s=state.tpot_s,
-            body_ttft_ms=body.slo_ttft_ms,
-            body_tpot_ms=body.slo_tpot_ms,
-            body_priority=body.priority,
-            headers=request.headers,
-        )
-        deadline_s = None
-        if objectives.ttft_s is not None:
-            deadline_s = started + objectives.ttft_s
-            state.generator.check_capacity(
-                card.name, objectives, _approx_prompt_tokens(body), deadline_s - time.monotonic()
-            )
-        tokenizer = await state.models.tokenizer(card)
-        check_tools(body, tokenizer.chat_template)
-        prompt_ids = await _prompt_ids(state, kind, body, tokenizer)
-        max_tokens = body.max_tokens
-        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
-            max_tokens = body.max_completion_tokens
-        sampling = sampling_params(
-            body, max_tokens, len(prompt_ids), card.context_length, tokenizer.vocab_size
-        )
-        stops = stop_strings(body.stop, request.app[LIMITS].max_stop_strings)
-        state.metrics.prompt_tokens.inc(len(prompt_ids))
-        call = Call(
-            request, state, kind, body, card, tokenizer, prompt_ids, sampling, stops, started
-        )
-        call.objectives, call.deadline_s = objectives, deadline_s
-        del prompt_ids  # the call keeps a compact copy for the stream's life
+        card = _card_for(request, body)
+        call = await _new_call(request, kind, body, card, started)
         streams = body.stream
-        del body  # nor is the decoded request kept for it
+        del body  # the call keeps what it needs of the request, not the request itself
         response = await (call.stream() if streams else call.collect())
         status = "ok"
         if call.error is not None:

@@ -23,9 +23,8 @@ from proto.messages import (
     TokenLogprobs,
     TTFTBreakdown,
 )
-from services.frontend.generate import new_request_id
+from services.frontend.generate import NO_OBJECTIVES, new_request_id
 from services.frontend.goodput import Outcome
-from services.frontend.objectives import RequestObjectives
 from services.frontend.openai_types import SamplingFields, uses_tools
 from services.frontend.render import (
     DONE,
@@ -229,6 +228,25 @@ class Choice:
 class Call:
     """One completion being served: its ``n`` choices, merged into one response."""
 
+    __slots__ = (
+        "card",
+        "choices",
+        "deadline_s",
+        "error",
+        "is_cut",
+        "kind",
+        "num_output_tokens",
+        "objectives",
+        "prompt_ids",
+        "renderer",
+        "request",
+        "request_id",
+        "started",
+        "state",
+        "tokenizer",
+        "uses_tools",
+    )
+
     def __init__(
         self,
         request: web.Request,
@@ -252,13 +270,13 @@ class Call:
         # plus an int object each (about 36 bytes a token).
         self.prompt_ids = array("i", prompt_ids)
         self.started = started
-        self.objectives = RequestObjectives()
+        self.objectives = NO_OBJECTIVES  # (set by its caller)
         self.deadline_s: float | None = None
         self.uses_tools = uses_tools(body)
-        self.choices = [
+        self.choices = tuple(
             Choice(self, i, new_request_id(), _choice_sampling(sampling, i), stops)
             for i in range(body.n)
-        ]
+        )
         self.request_id = self.choices[0].request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.renderer = Renderer(kind, self.request_id, card.name, include_usage=include_usage)
@@ -423,6 +441,9 @@ class Call:
                     response = web.StreamResponse(headers=_SSE_HEADERS)
                     _bound_send_buffer(self.request)
                     await response.prepare(self.request)
+                    # Written out (aiohttp reads them no more, and this server keeps no
+                    # access log): their dict would hold about 700 bytes for the stream's life.
+                    response.headers.clear()
                     out += renderer.first_event(len(self.choices))
                 if piece.text or piece.logprobs is not None:
                     out += renderer.text_event(piece.text, piece.index, piece.logprobs)

@@ -7,7 +7,7 @@ request and only the text is encoded per event.
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -114,38 +114,64 @@ class Choice:
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
+# What follows a text event's content, by kind and by whether usage is streamed: the same
+# bytes for every stream, so shared rather than kept by each.
+_TEXT_SUFFIXES: dict[tuple[Kind, bool], bytes] = {
+    (kind, include_usage): (b"}" if kind == "chat" else b"")
+    + b',"logprobs":null,"finish_reason":null}]'
+    + (b',"usage":null}\n\n' if include_usage else b"}\n\n")
+    for kind in get_args(Kind)
+    for include_usage in (False, True)
+}
+
+
 class Renderer:
-    """Builds one request's response bodies and events."""
+    """Builds one request's response bodies and events. It lives as long as the stream, so
+    it keeps only what cannot be shared: the request's id, time and model, and the prefix of
+    its text events (the hot path)."""
+
+    __slots__ = (
+        "_text_prefix",
+        "_text_suffix",
+        "created",
+        "include_usage",
+        "kind",
+        "model",
+        "request_id",
+    )
 
     def __init__(self, kind: Kind, request_id: str, model: str, *, include_usage: bool) -> None:
-        self.kind = kind
-        self.response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self.kind: Kind = kind
+        self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
-        head: dict[str, Any] = {
-            "id": self.response_id,
-            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-            "created": self.created,
-            "model": model,
-        }
-        self._head = head
-        head_json = _json.encode(head)[:-1]  # without the closing brace
-        tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        head_json = _json.encode(self._head())[:-1]  # without the closing brace
         if kind == "chat":
             self._text_prefix = (
                 b"data: " + head_json + b',"choices":[{"index":0,"delta":{"content":'
             )
-            self._text_suffix = b'},"logprobs":null,"finish_reason":null}]' + tail
         else:
             self._text_prefix = b"data: " + head_json + b',"choices":[{"index":0,"text":'
-            self._text_suffix = b',"logprobs":null,"finish_reason":null}]' + tail
+        self._text_suffix = _TEXT_SUFFIXES[kind, include_usage]
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+        }
 
     def _event(self, body: dict[str, Any]) -> bytes:
         return b"data: " + _json.encode(body) + b"\n\n"
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        body = dict(self._head)
+        body = self._head()
         body["choices"] = [choice] if choice else []
         if self.include_usage:
             body["usage"] = None
@@ -202,7 +228,7 @@ class Renderer:
         return self._event(self._chunk(choice))
 
     def usage_event(self, usage_body: dict[str, Any]) -> bytes:
-        body = dict(self._head)
+        body = self._head()
         body["choices"] = []
         body["usage"] = usage_body
         return self._event(body)

@@ -13,7 +13,7 @@ byte of it is invalid, so a broken run can differ).
 """
 
 import codecs
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from shared.tokenizer.tokenizer import Tokenizer
 
@@ -68,7 +68,9 @@ class IncrementalDetokenizer:
     ``skip_special_tokens=False``. Ids the tokenizer does not have are skipped.
     """
 
-    __slots__ = ("_decode", "_num_ids", "_table", "_window_decoder")
+    # It lives as long as its stream: it keeps the decoder, not its bound ``decode`` (64 bytes
+    # more), and the table's length is read when needed, not kept as an int of its own.
+    __slots__ = ("_decoder", "_table", "_window_decoder")
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
         """Start a stream; the tokenizer's byte table is built on the first stream, then shared."""
@@ -81,24 +83,22 @@ class IncrementalDetokenizer:
             self._table = byte_table.text_bytes
         else:
             self._table = byte_table.token_bytes
-        self._num_ids = len(self._table)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._decode: Callable[[bytes, bool], str] = decoder.decode
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Add ``token_ids``; return the text they complete (often all of it, maybe ``""``)."""
         if self._window_decoder is not None:
             return self._window_decoder.push(token_ids)
         table = self._table
-        num_ids = self._num_ids
+        num_ids = len(table)
         if len(token_ids) == 1:
             token_id = token_ids[0]
-            return self._decode(table[token_id] if 0 <= token_id < num_ids else b"", False)
+            return self._decoder.decode(table[token_id] if 0 <= token_id < num_ids else b"")
         data = b"".join([table[i] if 0 <= i < num_ids else b"" for i in token_ids])
-        return self._decode(data, False)
+        return self._decoder.decode(data)
 
     def flush(self) -> str:
         """End the stream: return the held text, with U+FFFD for an unfinished character."""
         if self._window_decoder is not None:
             return self._window_decoder.flush()
-        return self._decode(b"", True)
+        return self._decoder.decode(b"", True)
