@@ -115,13 +115,17 @@ class TokenStream:
         self.num_attempts = 0  # placements tried
         self.worker_id: InstanceId | None = None
         self.last_active_s = now_s  # when the last chunk arrived (event-loop clock)
-        # A list, swapped out whole by ``get``: an empty deque costs ~600 bytes a stream.
-        self._chunks: list[TokenChunk] = []
+        # A list, swapped out whole by ``take``, and none while there is nothing (an empty
+        # deque costs ~600 bytes a stream, an empty list 56).
+        self._chunks: list[TokenChunk] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._error: ServingError | None = None
 
     def put(self, chunk: TokenChunk, now_s: float) -> None:
-        self._chunks.append(chunk)
+        if self._chunks is None:
+            self._chunks = [chunk]
+        else:
+            self._chunks.append(chunk)
         self.last_active_s = now_s
         self._wake()
 
@@ -144,8 +148,8 @@ class TokenStream:
 
     def drop_chunks(self) -> int:
         """Forget the chunks not yet taken (they belong to an abandoned attempt); how many."""
-        num = len(self._chunks)
-        self._chunks = []
+        num = len(self._chunks) if self._chunks is not None else 0
+        self._chunks = None
         return num
 
     def _wake(self) -> None:
@@ -159,11 +163,11 @@ class TokenStream:
         """Every chunk that has arrived, none waited for (an empty list: none yet); a failed
         stream raises its error once its chunks are taken."""
         chunks = self._chunks
-        if not chunks:
+        if chunks is None:
             if self._error is not None:
                 raise self._error
             return []
-        self._chunks = []
+        self._chunks = None
         return chunks
 
     def arrival(self) -> "asyncio.Future[None]":

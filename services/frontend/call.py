@@ -23,6 +23,7 @@ from proto.messages import (
     TokenLogprobs,
     TTFTBreakdown,
 )
+from services.frontend.conn_memory import release_request_cache
 from services.frontend.generate import NO_OBJECTIVES, new_request_id
 from services.frontend.goodput import Outcome
 from services.frontend.openai_types import SamplingFields, uses_tools
@@ -444,6 +445,7 @@ class Call:
                     # Written out (aiohttp reads them no more, and this server keeps no
                     # access log): their dict would hold about 700 bytes for the stream's life.
                     response.headers.clear()
+                    release_request_cache(self.request)
                     out += renderer.first_event(len(self.choices))
                 if piece.text or piece.logprobs is not None:
                     out += renderer.text_event(piece.text, piece.index, piece.logprobs)

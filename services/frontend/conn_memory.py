@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 # What a request body's reader holds once it has been read to its end: nothing more can
 # arrive (aiohttp asserts that nothing is fed after the end), and reads find it empty. A
@@ -48,3 +49,19 @@ def stop_idle_timer(handler: RequestHandler) -> None:
     if timer is not None and handler._messages:
         timer.cancel()
         handler._keepalive_handle = None
+
+
+# What aiohttp's request may hold in its cache other than values it computed from the
+# message: what ``clone()`` or an absolute-form target set, which cannot be computed again.
+_CACHE_OVERRIDES = ("url", "host", "scheme", "remote")
+
+
+def release_request_cache(request: BaseRequest) -> None:
+    """Empty a request's cache of computed properties (its path, headers, URL, keep-alive...)
+    once its response has started: aiohttp computes each again if asked, and nothing asks
+    during a stream, while the cache's table (about 300 bytes) would be kept for its life.
+    Values that could not be computed again are kept."""
+    cache = request._cache
+    kept = {name: cache[name] for name in _CACHE_OVERRIDES if name in cache}
+    cache.clear()  # ``clear`` frees the table; removing keys one by one would not
+    cache.update(kept)

@@ -11,7 +11,11 @@ from aiohttp import StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.web_protocol import RequestHandler
 
-from services.frontend.conn_memory import MessageQueue, release_body_buffer
+from services.frontend.conn_memory import (
+    MessageQueue,
+    release_body_buffer,
+    release_request_cache,
+)
 from services.frontend.early_shed import EarlyShed, EarlyShedRunner
 
 
@@ -57,8 +61,16 @@ async def test_an_open_stream_holds_no_idle_timer_and_an_idle_connection_still_c
         protocol = request.protocol
         seen["protocol"] = protocol
         seen["timer_while_handled"] = protocol._keepalive_handle
+        assert (request.path, request.headers["Content-Length"]) == ("/v1/completions", "2")
         response = web.StreamResponse()
         await response.prepare(request)
+        release_request_cache(request)
+        seen["cache_after_release"] = dict(request._cache)
+        # Computed again when asked; what a clone set cannot be, and is kept.
+        seen["asked_again"] = (request.path, request.keep_alive, request.headers["Host"])
+        clone = request.clone(remote="10.0.0.1")
+        release_request_cache(clone)
+        seen["clone_remote"] = clone.remote
         await response.write(b"data: x\n\n")
         return response
 
@@ -77,6 +89,9 @@ async def test_an_open_stream_holds_no_idle_timer_and_an_idle_connection_still_c
             protocol = seen["protocol"]
             assert isinstance(protocol, RequestHandler)
             assert seen["timer_while_handled"] is None
+            assert seen["cache_after_release"] == {}
+            assert seen["asked_again"] == ("/v1/completions", True, f"127.0.0.1:{port}")
+            assert seen["clone_remote"] == "10.0.0.1"
             # After the response aiohttp starts the idle timer again, and it closes the
             # connection once it has been idle that long.
             await asyncio.sleep(0.05)
