@@ -11,6 +11,7 @@ fails in CI rather than in production.
 from typing import Any
 
 from aiohttp import StreamReader
+from aiohttp.helpers import TimerNoop
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -33,11 +34,30 @@ class MessageQueue(list[Any]):
         return self.pop(0)
 
 
+class _NoCallbacks(list[Any]):
+    """The end-of-body callbacks of a reader at its end: always empty (aiohttp runs a callback
+    added after the end at once), shared, and loud if anything tries to add one."""
+
+    __slots__ = ()
+
+    def append(self, callback: Any) -> None:
+        raise RuntimeError("a request body at its end takes no more callbacks")
+
+
+_NO_CALLBACKS = _NoCallbacks()
+_NO_TIMER = TimerNoop()  # stateless: one serves every reader
+
+
 def release_body_buffer(reader: StreamReader) -> None:
-    """Drop the buffer of a request body read to its end: an empty deque of 64 slots (760
-    bytes) that aiohttp would keep until the response ends, a stream's whole life."""
+    """Drop what a request body read to its end keeps until the response ends, a stream's
+    whole life: an empty deque of 64 slots (760 bytes), an empty list of callbacks, and a
+    no-op timer of its own."""
     if reader.is_eof() and not reader._buffer:
         reader._buffer = _READ_TO_END  # type: ignore[assignment]
+        if not reader._eof_callbacks:
+            reader._eof_callbacks = _NO_CALLBACKS
+        if type(reader._timer) is TimerNoop:
+            reader._timer = _NO_TIMER
 
 
 def stop_idle_timer(handler: RequestHandler) -> None:

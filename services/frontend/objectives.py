@@ -9,6 +9,7 @@ promised, and a client may only ask for better. With no objective at all a reque
 shed; it waits its turn.
 """
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,4 +98,11 @@ def request_objectives(
     ttft = _tightest(ttft, _header_float(headers, "X-Baton-SLO-TTFT-Ms"), "X-Baton-SLO-TTFT-Ms")
     tpot = _tightest(server_tpot_s, body_tpot_ms, "slo_tpot_ms")
     tpot = _tightest(tpot, _header_float(headers, "X-Baton-SLO-TPOT-Ms"), "X-Baton-SLO-TPOT-Ms")
-    return RequestObjectives(ttft, tpot, _priority(body_priority, headers))
+    return _shared(ttft, tpot, _priority(body_priority, headers))
+
+
+@functools.lru_cache(maxsize=256)
+def _shared(ttft_s: float | None, tpot_s: float | None, priority: int) -> RequestObjectives:
+    """One object for each combination in use (nearly every request has the server's), not
+    one per request kept for its stream's life."""
+    return RequestObjectives(ttft_s, tpot_s, priority)

@@ -7,6 +7,7 @@ import inspect
 import re
 
 import aiohttp
+import pytest
 from aiohttp import StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.web_protocol import RequestHandler
@@ -48,6 +49,17 @@ async def test_a_body_read_to_its_end_gives_up_its_buffer_and_reads_as_before():
     )
     assert reader.is_eof()
     assert reader.at_eof()
+    called: list[str] = []
+    reader.on_eof(lambda: called.append("at once"))  # after the end: run, not kept
+    assert called == ["at once"]
+    other = StreamReader(BaseProtocol(asyncio.get_running_loop()), 2**16)
+    other.feed_eof()
+    release_body_buffer(other)
+    # What they keep is shared, and refuses what a reader at its end never takes.
+    assert other._eof_callbacks is reader._eof_callbacks
+    assert other._timer is reader._timer
+    with pytest.raises(RuntimeError):
+        reader._eof_callbacks.append(print)
     reader.set_exception(RuntimeError("after the response"))  # aiohttp's last call on it
     # Nothing can be added to it: aiohttp refuses data after the end.
     source = inspect.getsource(StreamReader.feed_data)
