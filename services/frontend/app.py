@@ -27,7 +27,7 @@ from services.frontend.conn_memory import release_body_buffer
 from services.frontend.early_shed import EarlyShed
 from services.frontend.generate import Generator
 from services.frontend.goodput import Outcome
-from services.frontend.http_errors import error_for, headers_too_large, no_route
+from services.frontend.http_errors import error_for, headers_too_large, json_error, no_route
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.metrics_merge import merged_metrics
 from services.frontend.models import ModelRegistry
@@ -107,17 +107,10 @@ UNKNOWN_MODEL = "_unknown"
 
 
 def error_response(error: ServingError, param: str | None = None) -> web.Response:
-    headers = {}
+    """``json_error`` for ``error``, naming the field a ``FieldError`` is about."""
     if param is None and isinstance(error, FieldError):
         param = error.param
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-    return web.Response(
-        body=msgspec.json.encode(error_body(error, param)),
-        status=error.http_status,
-        content_type="application/json",
-        headers=headers,
-    )
+    return json_error(error, param=param)
 
 
 def _decode_error(exc: msgspec.DecodeError) -> web.Response:
@@ -363,9 +356,20 @@ async def _new_call(
     )
     stops = stop_strings(body.stop, request.app[LIMITS].max_stop_strings)
     state.metrics.prompt_tokens.inc(len(prompt_ids))
-    call = Call(request, state, kind, body, card, tokenizer, prompt_ids, sampling, stops, started)
-    call.objectives, call.deadline_s = objectives, deadline_s
-    return call
+    return Call(
+        request,
+        state,
+        kind,
+        body,
+        card,
+        tokenizer,
+        prompt_ids,
+        sampling,
+        stops,
+        started,
+        objectives,
+        deadline_s,
+    )
 
 
 async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:

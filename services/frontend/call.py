@@ -24,8 +24,9 @@ from proto.messages import (
     TTFTBreakdown,
 )
 from services.frontend.conn_memory import release_request_cache
-from services.frontend.generate import NO_OBJECTIVES, new_request_id
+from services.frontend.generate import new_request_id
 from services.frontend.goodput import Outcome
+from services.frontend.objectives import RequestObjectives
 from services.frontend.openai_types import SamplingFields, uses_tools
 from services.frontend.render import (
     DONE,
@@ -260,6 +261,8 @@ class Call:
         sampling: SamplingParams,
         stops: list[str],
         started: float,
+        objectives: RequestObjectives,
+        deadline_s: float | None,
     ) -> None:
         self.request = request
         self.state = state
@@ -271,8 +274,8 @@ class Call:
         # plus an int object each (about 36 bytes a token).
         self.prompt_ids = array("i", prompt_ids)
         self.started = started
-        self.objectives = NO_OBJECTIVES  # (set by its caller)
-        self.deadline_s: float | None = None
+        self.objectives = objectives
+        self.deadline_s = deadline_s  # when the first token is due (None: no objective)
         self.uses_tools = uses_tools(body)
         self.choices = tuple(
             Choice(self, i, new_request_id(), _choice_sampling(sampling, i), stops)
