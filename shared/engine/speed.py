@@ -42,11 +42,20 @@ class StepSpeed:
 
 
 class SpeedModel:
-    """Exponentially weighted least squares over steps; ``speed`` is refitted lazily."""
+    """Exponentially weighted least squares over steps; ``speed`` is refitted lazily, at most
+    once per ``refit_steps`` steps. A fit is a small linear solve, about as costly as a fast
+    step's own bookkeeping, while the weights move by a few percent over that many steps
+    (their half-life is ``half_life_steps``): refitting after every step bought nothing."""
 
-    def __init__(self, *, half_life_steps: float = 200.0, min_steps: int = 8) -> None:
+    def __init__(
+        self, *, half_life_steps: float = 200.0, min_steps: int = 8, refit_steps: int = 8
+    ) -> None:
+        if refit_steps < 1:
+            raise ValueError(f"refit_steps must be >= 1, got {refit_steps}")
         self._decay = 0.5 ** (1.0 / half_life_steps)
         self._min_steps = min_steps
+        self._refit_steps = refit_steps
+        self._fitted_at = 0  # num_steps at the last fit (0: none yet)
         self._xtx = [[0.0] * _NUM_FEATURES for _ in range(_NUM_FEATURES)]
         self._xty = [0.0] * _NUM_FEATURES
         self._weight = 0.0
@@ -75,9 +84,15 @@ class SpeedModel:
 
     @property
     def speed(self) -> StepSpeed:
-        if self._is_stale and self.num_steps >= self._min_steps:
+        num_steps = self.num_steps
+        if (
+            self._is_stale
+            and num_steps >= self._min_steps
+            and (not self._fitted_at or num_steps - self._fitted_at >= self._refit_steps)
+        ):
             self._speed = self._fit()
             self._is_stale = False
+            self._fitted_at = num_steps
         return self._speed
 
     def _fit(self) -> StepSpeed:

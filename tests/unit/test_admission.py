@@ -182,6 +182,21 @@ def test_speed_model_is_unknown_until_it_has_seen_steps():
     assert model.num_steps == 0
 
 
+def test_speed_model_refits_once_per_refit_steps():
+    model = SpeedModel(min_steps=8, refit_steps=4)
+    for i in range(8):
+        model.observe(0.010 + 0.001 * (i % 2), 10 + i, 0)
+    first = model.speed
+    assert first.is_known  # fitted as soon as it has min_steps
+    for _ in range(3):
+        model.observe(0.5, 10, 0)  # a much slower engine: read only at the next refit
+        assert model.speed is first
+    model.observe(0.5, 10, 0)
+    assert model.speed.step_s(10, 0) > first.step_s(10, 0)
+    with pytest.raises(ValueError, match="refit_steps"):
+        SpeedModel(refit_steps=0)
+
+
 def test_step_budget_keeps_a_step_within_the_objective():
     speed = StepSpeed(base_s=0.010, per_seq_s=0.0001, per_token_s=0.00002, prefill_base_s=0.005)
 
