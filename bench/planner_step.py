@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--speedup", type=float, default=1.0, help="sim engine time divisor")
+    p.add_argument("--planner-mode", default="load", help="the planner's --mode: load or sla")
     p.add_argument("--client-procs", type=int, default=2)
     p.add_argument("--plot", default="")
     p.add_argument("--json", default="")
@@ -84,6 +85,7 @@ def main() -> None:
         port=0,
         num_workers=1,
         planner=True,
+        planner_mode=args.planner_mode,
         max_workers=args.max_workers,
         speedup=args.speedup,
         namespace=f"step{uuid.uuid4().hex[:6]}",

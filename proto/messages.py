@@ -334,6 +334,10 @@ class LoadMetrics(Message, frozen=True, tag="load"):
     # requests that came for its role, and the prompt tokens of those it would prefill.
     num_arrived: int = 0
     num_arrived_prefill_tokens: int = 0
+    # Requests that finished here with output (not those shed before a token), and their
+    # output tokens: the planner reads the output length seen from their ratio.
+    num_finished: int = 0
+    num_finished_output_tokens: int = 0
 
 
 class FrontendLoad(Message, frozen=True, tag="fload"):

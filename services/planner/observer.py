@@ -29,13 +29,18 @@ SHED_WINDOW_S = 1.5
 MIN_RATE_SPAN_S = 0.5  # ... once they span at least this long (before: 0)
 
 
+MIN_FINISHED = 4  # finished requests in the window for their mean output length (else all)
+
+
 @dataclass(frozen=True, slots=True)
 class _Arrivals:
-    """A worker's arrival counters at one report."""
+    """A worker's arrival and finish counters at one report."""
 
     at_s: float
     num_requests: int
     num_prefill_tokens: int
+    num_finished: int = 0
+    num_finished_output_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,13 @@ class PoolObserver:
     def record(self, metrics: LoadMetrics, now_s: float) -> None:
         self._reports[metrics.worker_id] = _Report(metrics, now_s)
         history = self._arrivals.setdefault(metrics.worker_id, deque())
-        sample = _Arrivals(now_s, metrics.num_arrived, metrics.num_arrived_prefill_tokens)
+        sample = _Arrivals(
+            now_s,
+            metrics.num_arrived,
+            metrics.num_arrived_prefill_tokens,
+            metrics.num_finished,
+            metrics.num_finished_output_tokens,
+        )
         _append(history, sample, RATE_WINDOW_S)
 
     def record_frontend(self, load: FrontendLoad, now_s: float) -> None:
@@ -122,6 +133,20 @@ class PoolObserver:
             (last.num_prefill_tokens - first.num_prefill_tokens) / span_s,
         )
 
+    def mean_output_tokens(self, worker_id: InstanceId) -> float:
+        """Output tokens per request of those a worker finished lately: over the rate window
+        once ``MIN_FINISHED`` finished in it, else over all it has reported (0: none yet)."""
+        history = self._arrivals.get(worker_id)
+        if not history:
+            return 0.0
+        first, last = history[0], history[-1]
+        finished = last.num_finished - first.num_finished
+        if finished >= MIN_FINISHED:
+            return (last.num_finished_output_tokens - first.num_finished_output_tokens) / finished
+        if last.num_finished > 0:
+            return last.num_finished_output_tokens / last.num_finished
+        return 0.0
+
     def view(self, role: Role, now_s: float) -> PoolView:
         members = self._members(role)
         loads = [load for info in members if (load := self._fresh(info, now_s)) is not None]
@@ -154,10 +179,12 @@ class PoolObserver:
             _load(report.metrics, info),
             arrival_rate=requests_per_s,
             prefill_token_rate=tokens_per_s,
+            mean_output_tokens=self.mean_output_tokens(info.worker_id),
         )
 
 
 def _load(metrics: LoadMetrics, info: WorkerInfo) -> WorkerLoad:
+    capacity = metrics.max_num_running or info.max_num_seqs
     return WorkerLoad(
         # A request waiting for its prompt's KV is the prefill pool's work (in its queue),
         # not a decode batch slot: a prefill bottleneck must not look like decode load.
@@ -170,4 +197,7 @@ def _load(metrics: LoadMetrics, info: WorkerInfo) -> WorkerLoad:
         prefill_s_per_token=metrics.step_per_token_s,
         max_num_running=metrics.max_num_running,
         max_num_seqs=info.max_num_seqs,
+        # The measured step time with its batch full (the reported base holds a step's fixed
+        # prefill cost too: a full batch keeps taking new requests in).
+        full_step_s=metrics.step_base_s + metrics.step_per_seq_s * capacity,
     )

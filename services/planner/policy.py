@@ -207,7 +207,8 @@ class PoolPlanner:
         target = math.ceil(forecast / (need.per_worker * config.target_utilization))
         target = self.limits.clamp(target)
         detail = (
-            f"{need.amount:.0f} {need.unit} (trend {trend:+.2f}/s, forecast {forecast:.0f}), "
+            f"{need.amount:.0f} {need.unit} ({need.basis}; trend {trend:+.2f}/s, "
+            f"forecast {forecast:.0f}), "
             f"{need.per_worker:.0f} per worker at {config.target_utilization:.0%}: "
             f"{target} workers"
         )

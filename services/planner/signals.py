@@ -33,6 +33,14 @@ class WorkerLoad:
     max_num_seqs: int = 0  # its configured batch limit (WorkerInfo), the cap without one
     arrival_rate: float = 0.0  # requests per second arriving lately (its counters' rate)
     prefill_token_rate: float = 0.0  # prompt tokens per second arriving that it prefills
+    mean_output_tokens: float = 0.0  # output tokens of the requests it finished lately (0: none)
+    full_step_s: float = 0.0  # measured: a step with its batch at capacity (0: not measured)
+
+    @property
+    def sequence_lifetime_s(self) -> float:
+        """How long a request stays in its batch when the batch is full: its output tokens,
+        one a step, at the step time of a full batch (0: unknown)."""
+        return self.mean_output_tokens * self.full_step_s
 
     @property
     def batch_capacity(self) -> int:
@@ -261,30 +269,42 @@ def with_local_prefill(
 @dataclass(frozen=True, slots=True)
 class Demand:
     """SLA mode's reading: the work in the pool (``amount``, in ``unit``) and what one worker
-    holds within the objectives (``per_worker``; 0: not measured yet)."""
+    holds within the objectives (``per_worker``; 0: not measured yet); ``basis`` says what
+    the amount was read from."""
 
     amount: float
     per_worker: float
     unit: str
+    basis: str = ""
 
 
 def demand(view: PoolView, ttft_s: float | None, max_wait_fraction: float) -> Demand:
-    """Decode: sequences in the pool (running and waiting), against each worker's batch
-    capacity (the cap its TPOT objective and measured speed set). Prefill: the prompt tokens
-    to compute within a window of ``max_wait_fraction`` of the TTFT objective (one second
-    without one), those queued plus those arriving meanwhile at the pool's measured arrival
-    rate, against the tokens one worker clears in that window, from its measured wait per
-    token. The arrivals keep a pool that keeps up from looking empty between bursts."""
+    """Decode: the sequences the pool must hold, against each worker's batch capacity (the
+    cap its TPOT objective and measured speed set). That is the larger of those in it now
+    (running and waiting) and those the arrivals bring (Little's law: each worker's arrival
+    rate times how long a request stays in a full batch, from the output lengths it has seen
+    and its measured step time). The arrivals read a step in the load at once, where the
+    batch fills over a request's lifetime; what is in the pool keeps a drop from reading
+    as room before its requests have finished.
+
+    Prefill: the prompt tokens to compute within a window of ``max_wait_fraction`` of the
+    TTFT objective (one second without one), those queued plus those arriving meanwhile at
+    the pool's measured arrival rate, against the tokens one worker clears in that window,
+    from its measured wait per token. The arrivals keep a pool that keeps up from looking
+    empty between bursts."""
     loads = view.loads
     if view.role is Role.DECODE:
-        amount = float(sum(load.num_running + load.num_waiting for load in loads))
+        in_pool = float(sum(load.num_running + load.num_waiting for load in loads))
+        arriving = sum(load.arrival_rate * load.sequence_lifetime_s for load in loads)
         per_worker = _mean([float(load.batch_capacity) for load in loads if load.batch_capacity])
-        return Demand(amount, per_worker, "sequences")
+        basis = f"{in_pool:.0f} in the pool, {arriving:.0f} by arrivals"
+        return Demand(max(in_pool, arriving), per_worker, "sequences", basis)
     window_s = max_wait_fraction * ttft_s if ttft_s is not None else 1.0
     queued = sum(load.num_waiting_tokens for load in loads)
     arriving = window_s * sum(load.prefill_token_rate for load in loads)
     rates = [1.0 / load.wait_per_token_s for load in loads if load.wait_per_token_s > 0]
-    return Demand(float(queued) + arriving, window_s * _mean(rates), "prompt tokens")
+    basis = f"{queued} queued, {arriving:.0f} arriving in {window_s:g} s"
+    return Demand(float(queued) + arriving, window_s * _mean(rates), "prompt tokens", basis)
 
 
 def slope_per_s(samples: list[tuple[float, float]]) -> float:

@@ -88,6 +88,8 @@ class WorkerShell:
         self.num_delivery_failures = 0
         self.num_arrived = 0  # requests for its role, admitted or not
         self.num_arrived_prefill_tokens = 0  # their prompt tokens, of those it prefills
+        self.num_finished = 0  # requests that finished here with output tokens
+        self.num_finished_output_tokens = 0  # their output tokens (resumed ones included)
         self._kv_event_seq = 0
         self.switcher: RoleSwitcher | None = None  # set by serve(): RoleSwitch is refused without
         self.info: WorkerInfo | None = None  # as registered (set by ``serve``)
@@ -199,6 +201,10 @@ class WorkerShell:
         """The engine loop's callback, outside its lock: KV events first (a router learns of
         the prompt's blocks no later than the client of its first token), then the outputs."""
         self.canary.observe(result)
+        for out in result.outputs:
+            if out.finish_reason is not None and out.num_output_tokens:
+                self.num_finished += 1
+                self.num_finished_output_tokens += out.num_output_tokens
         budget = self.objectives.after_step(result, self.loop.stats())
         try:
             async with self.loop.exclusive() as engine:
@@ -269,6 +275,8 @@ class WorkerShell:
             num_awaiting_kv=stats.num_reserved + self.num_handoffs,
             num_arrived=self.num_arrived,
             num_arrived_prefill_tokens=self.num_arrived_prefill_tokens,
+            num_finished=self.num_finished,
+            num_finished_output_tokens=self.num_finished_output_tokens,
         )
 
     async def publish_load(self) -> None:

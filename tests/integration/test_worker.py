@@ -606,6 +606,9 @@ async def test_tpot_objective_caps_the_batch_from_measured_speed(bus, start_work
     # The arrival counters the planner takes rates of: every request, every prompt token.
     assert load.num_arrived == 1 + 3 + 6 + 12 + 24
     assert load.num_arrived_prefill_tokens == load.num_arrived * len(PROMPT)
+    # And the finish counters it reads the output length from.
+    assert load.num_finished == load.num_arrived
+    assert load.num_finished_output_tokens == load.num_finished * SAMPLING.max_tokens
 
 
 async def test_canary_proves_an_idle_engine_serves_and_fails_when_its_loop_is_stuck(

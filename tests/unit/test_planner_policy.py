@@ -1,5 +1,7 @@
 """The planner's decision core, driven by synthetic load sequences."""
 
+from dataclasses import replace
+
 import pytest
 
 from services.planner.config import PlannerConfig
@@ -210,6 +212,34 @@ def test_sla_mode_follows_the_trend_ahead_of_demand():
     decisions = clock.run(p, views)
     assert decisions[-1].desired == 5
     assert "trend +2.00/s" in decisions[-1].detail
+
+
+def test_sla_mode_sizes_decode_from_arrivals_before_the_batch_fills():
+    # A step in the load: each of 2 workers gets 20 requests/s of 30 tokens at 40 ms a step
+    # with a full batch, so a request stays 1.2 s and each worker will hold 24 sequences
+    # (Little's law), though only 4 run yet. 48 in all, 8 per worker at 70 %: 9, at max 8.
+    load = WorkerLoad(
+        num_running=4, max_num_seqs=8, arrival_rate=20.0, mean_output_tokens=30.0, full_step_s=0.04
+    )
+    assert load.sequence_lifetime_s == pytest.approx(1.2)
+    p = planner(max_replicas=8, mode=Mode.SLA, up_intervals=1)
+    decision = Clock().run(p, [pool(2, load)])[0]
+    assert (decision.desired, decision.reason) == (8, "sla")
+    assert "8 in the pool, 48 by arrivals" in decision.detail
+    # Without an output length seen (or a measured speed) the pool reads as it is: 8 -> 2.
+    for unknown in ({"mean_output_tokens": 0.0}, {"full_step_s": 0.0}):
+        p = planner(max_replicas=8, mode=Mode.SLA, up_intervals=1)
+        decision = Clock().run(p, [pool(2, replace(load, **unknown))])[0]
+        assert decision.desired == 2, unknown
+
+
+def test_sla_mode_keeps_the_sequences_in_the_pool_when_arrivals_stop():
+    # The load dropped: no arrivals, but 30 sequences still run; they are the demand.
+    load = WorkerLoad(num_running=8, num_waiting=7, max_num_seqs=8, mean_output_tokens=30.0)
+    p = planner(max_replicas=8, mode=Mode.SLA, up_intervals=1)
+    decision = Clock().run(p, [pool(2, replace(load, full_step_s=0.04))])[0]
+    assert decision.desired == 6
+    assert "30 in the pool, 0 by arrivals" in decision.detail
 
 
 def test_sla_mode_scales_down_one_worker_at_a_time():

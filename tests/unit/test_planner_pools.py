@@ -2,6 +2,7 @@
 
 import asyncio
 
+import msgspec
 import pytest
 
 from proto.messages import InstanceId, LoadMetrics, ScaleCommand, WorkerInfo, WorkerRole
@@ -177,3 +178,30 @@ def test_observer_measures_each_workers_arrival_rate_over_its_recent_reports():
     # A worker whose counters went back (a new run) starts over.
     observer.record(arrivals("a", 1, 10), now_s=11.0)
     assert observer.arrival_rates(InstanceId("a")) == (0.0, 0.0)
+
+
+def finishes(num: int, tokens: int, **speed: float) -> LoadMetrics:
+    return msgspec.structs.replace(
+        arrivals("a", 0, 0), num_finished=num, num_finished_output_tokens=tokens, **speed
+    )
+
+
+def test_observer_reads_the_output_length_seen_and_the_full_batch_step():
+    observer = PoolObserver(stale_s=10.0)
+    observer.sync_workers({InstanceId("a"): info("a")})
+    assert observer.mean_output_tokens(InstanceId("a")) == 0.0  # nothing reported
+    observer.record(finishes(0, 0), now_s=0.0)
+    assert observer.mean_output_tokens(InstanceId("a")) == 0.0  # nothing finished yet
+    observer.record(finishes(2, 200), now_s=1.0)
+    # Fewer than MIN_FINISHED in the window: the mean over all it finished.
+    assert observer.mean_output_tokens(InstanceId("a")) == pytest.approx(100.0)
+    # Later requests are shorter: the window says so once enough finished in it.
+    for second in range(2, 8):
+        observer.record(finishes(2 + 10 * (second - 1), 200 + 300 * (second - 1)), float(second))
+    assert observer.mean_output_tokens(InstanceId("a")) == pytest.approx(30.0)
+    speed = {"step_base_s": 0.01, "step_per_seq_s": 0.001}
+    observer.record(finishes(72, 2_300, **speed), now_s=8.0)
+    [load] = observer.view(Role.DECODE, now_s=8.0).loads
+    assert load.mean_output_tokens == pytest.approx(30.0)
+    capacity = info("a").max_num_seqs
+    assert load.full_step_s == pytest.approx(0.01 + 0.001 * capacity)
