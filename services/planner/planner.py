@@ -16,7 +16,7 @@ from services.planner.connectors import WORKER_ROLE, Connector
 from services.planner.metrics import PlannerMetrics
 from services.planner.observer import PoolObserver
 from services.planner.policy import Decision, PoolPlanner, Switch, choose_worker, plan_switch
-from services.planner.signals import PoolView, Role, shed_pool, with_local_prefill
+from services.planner.signals import PoolView, Role, shed_pools, with_local_prefill
 from shared.bus import Bus
 from shared.codec import frontend_load_decoder, load_metrics_decoder, role_switch_reply_decoder
 from shared.errors import ServingError, from_reply
@@ -36,6 +36,7 @@ class Planner:
         self.metrics = PlannerMetrics()
         policy = config.policy()
         self._thresholds = policy.thresholds
+        self._wait_budget_s = policy.wait_budget_s
         # A source pool gives a worker after reading under this long (an action resets a
         # streak, so never longer than the down streak it would act on).
         self.min_spare_streak = min(policy.up_intervals, policy.down_intervals)
@@ -65,8 +66,9 @@ class Planner:
             )
         shed = self.observer.shed_fraction(now_s)
         if shed > 0:
-            role = shed_pool(views)
-            views[role] = replace(views[role], shed_fraction=shed)
+            max_wait_fraction = self._thresholds.max_wait_fraction
+            for role in shed_pools(views, self._wait_budget_s, max_wait_fraction):
+                views[role] = replace(views[role], shed_fraction=shed)
         # The total as planned: each pool's target (a step not yet registered counts), and,
         # once a pool has decided this interval, its new one, so that two pools never both
         # step into the same room under the cap (or the same room over the floor).

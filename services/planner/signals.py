@@ -202,6 +202,21 @@ def shed_pool(views: dict[Role, PoolView]) -> Role:
     return Role.DECODE
 
 
+def shed_pools(
+    views: dict[Role, PoolView], wait_budget_s: float | None, max_wait_fraction: float
+) -> tuple[Role, ...]:
+    """The pools the frontends' sheds are for: each pool whose workers' mean predicted wait
+    reads over (``max_wait_fraction`` of ``wait_budget_s``, the ``wait`` reading), when more
+    than one does, since then either alone would use up most of a request's budget and both
+    are short; else the one ``shed_pool`` names."""
+    if wait_budget_s is not None:
+        limit = max_wait_fraction * wait_budget_s
+        over = tuple(role for role, v in views.items() if v.loads and v.mean_wait_s >= limit)
+        if len(over) > 1:
+            return over
+    return (shed_pool(views),)
+
+
 MAX_LOCAL_PREFILL_SHARE = 0.9  # the most of a decode worker's time read as its own prefill
 
 

@@ -15,6 +15,7 @@ from services.planner.signals import (
     WorkerLoad,
     pressure,
     shed_pool,
+    shed_pools,
     unshed_factor,
 )
 
@@ -104,3 +105,17 @@ def test_sheds_under_their_limit_do_not_hold_a_pool_up():
     view = PoolView(role=Role.DECODE, num_workers=2, loads=light, shed_fraction=0.01)
     reading = pressure(view, Thresholds(), wait_budget_s=None)
     assert (reading.is_under, reading.label) == (True, "idle")
+
+
+def test_sheds_go_to_both_pools_when_both_waits_read_over():
+    # A 2 s budget read over at half of it: 1 s.
+    def views(prefill_wait_s: float, decode_wait_s: float) -> dict[Role, PoolView]:
+        return {
+            role: PoolView(role=role, num_workers=1, loads=(WorkerLoad(predicted_wait_s=w),))
+            for role, w in ((Role.PREFILL, prefill_wait_s), (Role.DECODE, decode_wait_s))
+        }
+
+    assert shed_pools(views(1.2, 1.0), 2.0, 0.5) == (Role.PREFILL, Role.DECODE)
+    assert shed_pools(views(1.2, 0.9), 2.0, 0.5) == (Role.PREFILL,)  # only one is short
+    assert shed_pools(views(0.3, 0.4), 2.0, 0.5) == (Role.DECODE,)  # neither: the longer
+    assert shed_pools(views(1.2, 1.0), None, 0.5) == (Role.PREFILL,)  # no objective, no limit
