@@ -64,6 +64,8 @@ class Planner:
                 views[Role.PREFILL],
                 self._thresholds,
             )
+        elif Role.DECODE in views:  # no prefill pool at all: the decode workers prefill
+            views[Role.DECODE] = replace(views[Role.DECODE], prefills_locally=True)
         shed = self.observer.shed_fraction(now_s)
         if shed > 0:
             max_wait_fraction = self._thresholds.max_wait_fraction

@@ -195,22 +195,29 @@ class PoolPlanner:
         self, view: PoolView, previous: int, now_s: float, totals: tuple[int | None, int | None]
     ) -> Decision:
         config = self.config
-        need = demand(view, config.ttft_s, config.thresholds.max_wait_fraction)
+        max_wait_fraction = config.thresholds.max_wait_fraction
+        needs = [demand(view, config.ttft_s, max_wait_fraction)]
+        if view.prefills_locally:  # its workers' prompts are its work too
+            prompts = replace(view, role=Role.PREFILL)
+            needs.append(demand(prompts, config.ttft_s, max_wait_fraction))
         # What was shed never reached the pool's queues: it is demand all the same.
-        need = replace(need, amount=need.amount * unshed_factor(view.shed_fraction))
-        self._history.append((now_s, need.amount))
-        if need.per_worker <= 0:
+        unshed = unshed_factor(view.shed_fraction)
+        known = [replace(n, amount=n.amount * unshed) for n in needs if n.per_worker > 0]
+        if not known:
             self._num_up = self._num_down = 0
             return self._hold(previous, "no_capacity", "worker capacity not measured yet")
+        # In workers, so that sequences and prompt tokens compare (and the trend keeps its
+        # unit when the larger of the two changes).
+        need = max(known, key=lambda n: n.amount / n.per_worker)
+        workers = need.amount / need.per_worker
+        self._history.append((now_s, workers))
         trend = slope_per_s(list(self._history))
-        forecast = max(0.0, need.amount + trend * config.horizon_s)
-        target = math.ceil(forecast / (need.per_worker * config.target_utilization))
-        target = self.limits.clamp(target)
+        forecast = max(0.0, workers + trend * config.horizon_s)
+        target = self.limits.clamp(math.ceil(forecast / config.target_utilization))
         detail = (
-            f"{need.amount:.0f} {need.unit} ({need.basis}; trend {trend:+.2f}/s, "
-            f"forecast {forecast:.0f}), "
-            f"{need.per_worker:.0f} per worker at {config.target_utilization:.0%}: "
-            f"{target} workers"
+            f"{need.amount:.0f} {need.unit} ({need.basis}), {need.per_worker:.0f} per worker: "
+            f"{workers:.2f} workers (trend {trend:+.3f}/s, forecast {forecast:.2f}) at "
+            f"{config.target_utilization:.0%}: {target} workers"
         )
         direction = (target > previous) - (target < previous)
         # Up to the target at once; down one worker at a time (each drains first).

@@ -66,8 +66,11 @@ class PoolView:
     num_workers: int
     loads: tuple[WorkerLoad, ...] = ()
     # The share of requests the frontends shed lately for want of this pool (the planner
-    # gives the frontends' sheds to one pool: ``shed_pool``).
+    # gives the frontends' sheds to the pools that are short: ``shed_pools``).
     shed_fraction: float = 0.0
+    # A decode pool with no prefill pool planned beside it: its workers prefill every prompt
+    # themselves, so its demand is prompt tokens as well as sequences.
+    prefills_locally: bool = False
 
     @property
     def mean_wait_s(self) -> float:

@@ -211,7 +211,7 @@ def test_sla_mode_follows_the_trend_ahead_of_demand():
     views = [pool(1, WorkerLoad(num_running=n, max_num_seqs=8)) for n in (0, 2, 4)]
     decisions = clock.run(p, views)
     assert decisions[-1].desired == 5
-    assert "trend +2.00/s" in decisions[-1].detail
+    assert "trend +0.250/s" in decisions[-1].detail  # 2 sequences a second, 8 per worker
 
 
 def test_sla_mode_sizes_decode_from_arrivals_before_the_batch_fills():
@@ -270,6 +270,22 @@ def test_sla_mode_sizes_prefill_from_arriving_tokens_with_nothing_queued():
     p = planner(max_replicas=8, mode=Mode.SLA, up_intervals=1, ttft_s=1.0)
     decision = Clock().run(p, [pool(2, load, Role.PREFILL)])[0]
     assert (decision.desired, decision.reason) == (4, "sla")
+
+
+def test_sla_mode_sizes_a_pool_that_prefills_locally_by_its_prompts_too():
+    # Decode workers with no prefill pool: few sequences (1 worker's worth) but 1,200 prompt
+    # tokens/s arriving on each of 2, where each clears 500 in the 0.5 s window: 4 workers.
+    load = WorkerLoad(
+        num_running=2, max_num_seqs=8, wait_per_token_s=0.001, prefill_token_rate=1200.0
+    )
+    view = replace(pool(2, load), prefills_locally=True)
+    p = planner(max_replicas=8, mode=Mode.SLA, up_intervals=1, ttft_s=1.0)
+    decision = Clock().run(p, [view])[0]
+    assert (decision.desired, decision.reason) == (4, "sla")
+    assert "prompt tokens" in decision.detail
+    # Read as a decode pool alone, the same workers hold their sequences on one.
+    p = planner(max_replicas=8, mode=Mode.SLA, up_intervals=1, down_intervals=1, ttft_s=1.0)
+    assert Clock().run(p, [pool(2, load)])[0].desired == 1
 
 
 def test_sla_mode_holds_until_capacity_is_measured():

@@ -571,3 +571,11 @@ def test_no_role_switches_with_the_kubernetes_connector():
     assert not PlannerConfig(role_switching=False).switches_roles
     # A switched pod would stay in its Deployment: the replicas would say the wrong thing.
     assert not PlannerConfig(connector="kubernetes").switches_roles
+
+
+def test_the_decode_pool_prefills_locally_only_with_no_prefill_pool_planned():
+    for max_prefill_workers, expected in ((0, True), (2, False)):
+        config = PlannerConfig(max_prefill_workers=max_prefill_workers)
+        p = Planner(config, DryRunConnector())
+        p.decide(now_s=10.0)
+        assert p.last_views[Role.DECODE].prefills_locally is expected
