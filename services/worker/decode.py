@@ -74,6 +74,7 @@ class DecodeRole(Role):
         self.publish_interval_s = 0.0
         self._pending: list[TokenChunk] = []
         self._published_s = 0.0  # when chunks last went out (time.monotonic)
+        self._holds: bool | None = None  # holds_output's decision for the coming deliver
         # One publish at a time: a publish awaits the bus once per destination, and the bus
         # yields when its outbound buffer is over its limit; another publish interleaved then
         # (an abort's ``end`` sending what is held, say) could put a stream's later chunks on
@@ -142,6 +143,19 @@ class DecodeRole(Role):
                 f"of at most {_MAX_STREAM_SUBJECT_CHARS} characters, got {subject[:80]!r}"
             )
 
+    def holds_output(self) -> bool:
+        self._holds = self._should_hold()
+        return self._holds
+
+    def _should_hold(self) -> bool:
+        moving = self._moving is not None and not self._moving.done()
+        return (
+            self.publish_interval_s > 0
+            and not moving
+            and time.monotonic() - self._published_s < self.publish_interval_s
+            and self.context.loop.has_work()
+        )
+
     async def deliver(self, result: StepResult) -> None:
         """Publish a step's chunks, or hold them for the next step's: each message costs the
         worker, the bus and the frontend a fixed price whatever it carries, and an engine
@@ -149,7 +163,10 @@ class DecodeRole(Role):
         go out once the interval has passed since the last message, when the engine has
         nothing left to step (so a last chunk never waits for a step that will not come), or
         with anything else this role publishes (in order: ``publish`` and ``end`` send what
-        is held first)."""
+        is held first). The decision is the one ``holds_output`` took for this step, if it
+        was asked (the shell holds the step's KV events by it)."""
+        holds = self._holds if self._holds is not None else self._should_hold()
+        self._holds = None
         chunks = [
             TokenChunk(
                 out.request_id,
@@ -162,17 +179,11 @@ class DecodeRole(Role):
             )
             for out in result.outputs
         ]
-        moving = self._moving is not None and not self._moving.done()
-        if (
-            self.publish_interval_s > 0
-            and not moving
-            and time.monotonic() - self._published_s < self.publish_interval_s
-            and self.context.loop.has_work()
-        ):
+        if holds:
             self._pending += chunks
         else:
             await self.publish(chunks)
-        if moving:
+        if self._moving is not None and not self._moving.done():
             await self._move_out()  # a step boundary with every output published
 
     # --- live migration out (drain) ------------------------------------------------------------

@@ -56,6 +56,13 @@ class Role(abc.ABC):
         time to first token only then)."""
         return True
 
+    def holds_output(self) -> bool:
+        """Decide, for the step just taken, whether ``deliver`` will hold its outputs for a
+        later step's message rather than send them now (the decision is kept for that
+        ``deliver``). The shell asks first: while every role holds, it holds the step's KV
+        events too, so that they go out with the outputs, and before them."""
+        return False
+
     @abc.abstractmethod
     async def deliver(self, result: StepResult) -> None:
         """Hand on what one engine step produced. A failure to deliver to one destination

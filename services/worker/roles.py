@@ -30,6 +30,10 @@ class RoleSet:
         """The current role, then the retiring ones (a snapshot: safe across awaits)."""
         return iter([self.current, *self.retiring])
 
+    def holds_output(self) -> bool:
+        """Whether every role holds the step's outputs (``Role.holds_output``)."""
+        return all(role.holds_output() for role in self)
+
     @property
     def num_in_flight(self) -> int:
         return sum(len(role.in_flight) for role in self)

@@ -199,17 +199,21 @@ class WorkerShell:
 
     async def on_step(self, result: StepResult) -> None:
         """The engine loop's callback, outside its lock: KV events first (a router learns of
-        the prompt's blocks no later than the client of its first token), then the outputs."""
+        the prompt's blocks no later than the client of its first token), then the outputs.
+        A step whose outputs every role holds for a later message (``holds_output``) holds
+        its KV events too: they stay in the engine and go out with that message's step."""
         self.canary.observe(result)
         for out in result.outputs:
             if out.finish_reason is not None and out.num_output_tokens:
                 self.num_finished += 1
                 self.num_finished_output_tokens += out.num_output_tokens
         budget = self.objectives.after_step(result, self.loop.stats())
+        holds = self.roles.holds_output()
         try:
             async with self.loop.exclusive() as engine:
                 engine.set_budget(budget)
-                await self._publish_kv_events(engine)
+                if not holds:
+                    await self._publish_kv_events(engine)
         except ServingError as exc:  # routers notice the gap and resync
             self.log.log("kv events", "KV events not published error=%s", exc)
         for role in self.roles:  # each takes the outputs of its own requests

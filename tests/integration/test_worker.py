@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from proto import subjects
 from proto.messages import (
     AbortRequest,
+    BlockStored,
     ErrorCode,
     ErrorReply,
     FinishReason,
@@ -40,12 +41,19 @@ from services.worker.prefill import PrefillRole
 from services.worker.role import Role, WorkerContext
 from services.worker.shell import WorkerShell
 from shared.bus import Bus
-from shared.codec import encode, generate_reply_decoder, prefill_reply_decoder, token_batch_decoder
+from shared.codec import (
+    encode,
+    generate_reply_decoder,
+    kv_event_batch_decoder,
+    prefill_reply_decoder,
+    token_batch_decoder,
+)
 from shared.engine.config import WorkerConfig
 from shared.engine.kv_connector import RegionConnector
 from shared.engine.loop import EngineLoop
 from shared.engine.sim import SimEngine, SimEngineConfig
 from shared.engine.timing import TimingModel
+from shared.kv_hash import hash_prompt_blocks
 from shared.kv_transfer import TransferAgent, create_agent
 from shared.servers import ServerProcess
 from shared.slo import SLOConfig
@@ -714,6 +722,47 @@ async def test_steps_faster_than_the_publish_interval_go_out_together(bus, start
     # 160 tokens from about 40 steps; a message carries many steps' chunks.
     assert sum(sizes) == sum(len(stream.chunks[RequestId(f"r{i}")]) for i in range(4))
     assert len(sizes) <= 20
+    assert_no_blocks_in_use(fast)
+
+
+async def test_kv_events_are_held_with_the_chunks_and_go_out_before_them(
+    bus, start_worker, namespace, stream
+):
+    fast = await start_worker(WorkerRole.DECODE, speedup=1e6, publish_interval_s=0.05)
+    arrivals: list[tuple[str, object]] = []  # in the order this connection got them
+
+    async def on_kv(msg: Msg) -> None:
+        batch = kv_event_batch_decoder.decode(msg.data)
+        stored = {h for e in batch.events if isinstance(e, BlockStored) for h in e.block_hashes}
+        arrivals.append(("kv", stored))
+
+    async def on_tokens(msg: Msg) -> None:
+        batch = token_batch_decoder.decode(msg.data)
+        arrivals.append(("tokens", {c.request_id for c in batch.chunks}))
+
+    await bus.subscribe(subjects.kv_events(namespace, fast.worker_id), on_kv)
+    await bus.subscribe(stream.subject, on_tokens)
+    sampling = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0)
+    prompts = {RequestId(f"r{i}"): PROMPT[i : 20 + 3 * i] for i in range(8)}
+    for rid, prompt in prompts.items():  # each fills its blocks at other steps
+        reply = await generate(bus, fast, stream, rid, prompt=prompt, sampling=sampling)
+        assert isinstance(reply, GenerateAccepted)
+    for rid in prompts:
+        assert (await finish(stream, rid)).finish_reason is FinishReason.LENGTH
+    await fast.shell.publish_kv_events()
+    await bus.flush()
+    kv = [stored for kind, stored in arrivals if kind == "kv"]
+    tokens = [rids for kind, rids in arrivals if kind == "tokens"]
+    # Dozens of steps store a block; their events go out with the few token messages.
+    assert len(kv) <= len(tokens) + 1
+    # A router hears of a prompt's blocks before a client could see its first token.
+    announced: set[int] = set()
+    for kind, items in arrivals:
+        if kind == "kv":
+            announced |= items  # type: ignore[operator]
+            continue
+        for rid in items:  # type: ignore[attr-defined]
+            assert hash_prompt_blocks(prompts[rid], fast.engine.block_size)[0] in announced
     assert_no_blocks_in_use(fast)
 
 
