@@ -46,6 +46,24 @@ def test_encode_reads_special_tokens_written_in_text(tokenizer):
     assert ids == [2, 3380, 14, 108, 109, 3]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello world",
+        "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+        "  leading and trailing spaces  \n\n\ttabs",
+        "naïve café — 日本語 🙂 and 12345 numbers",
+        "the " * 500,
+    ],
+)
+def test_encode_gives_the_ids_of_the_plain_encode(tokenizer, text):
+    hf = tokenizer.hf_tokenizer
+    for special in (True, False):
+        expected = hf.encode(text, add_special_tokens=special).ids
+        assert tokenizer.encode(text, add_special_tokens=special) == expected
+
+
 def test_encode_spells_multibyte_characters_with_byte_tokens(tokenizer):
     assert tokenizer.encode("你好😀", add_special_tokens=False) == [4984, 5408, 156, 132]
     # Ids 4-259 are the bytes: any text encodes, and an unseen character falls back to them.
