@@ -176,7 +176,8 @@ class Tokenizer:
         less CPU on a 200-token prompt (a frontend tokenizes every prompt).
         """
         if self._encode_fast is not None:
-            return self._encode_fast([text], add_special_tokens=add_special_tokens)[0].ids
+            ids: list[int] = self._encode_fast([text], add_special_tokens=add_special_tokens)[0].ids
+            return ids
         return self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
