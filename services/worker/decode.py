@@ -64,6 +64,9 @@ class DecodeRole(Role):
         self.has_peer: Callable[[], bool] = lambda: False  # a live decode peer to move to?
         self.num_fallbacks = 0
         self.num_moved_out = 0  # streams handed off at drain, with their KV or without
+        # Requests that finished here with output, and their output tokens (resumed included).
+        self.num_finished = 0
+        self.num_finished_output_tokens = 0
         self.hold_timeout_s = 30.0  # how long moved streams' KV waits for their new workers
         self.drain_handoff = "kv"  # what a drain does with the streams (see the config)
         self._log = RateLimitedLog(logger)
@@ -234,6 +237,8 @@ class DecodeRole(Role):
             "baton_worker_moved_in_blocks": remote.num_moved_blocks if remote is not None else 0,
             "baton_worker_moved_in_bytes": remote.num_moved_bytes if remote is not None else 0,
             "baton_worker_moved_out": self.num_moved_out,
+            "baton_worker_finished_requests": self.num_finished,
+            "baton_worker_finished_output_tokens": self.num_finished_output_tokens,
             "baton_worker_lent_kv_blocks": lender.num_lent_blocks if lender is not None else 0,
         }
 
@@ -297,6 +302,9 @@ class DecodeRole(Role):
                 continue  # ended while the step ran
             if chunk.finish_reason is not None:
                 in_flight.pop(chunk.request_id)
+                if chunk.num_output_tokens:  # not shed before its first token
+                    self.num_finished += 1
+                    self.num_finished_output_tokens += chunk.num_output_tokens
             pairs.append((subject, chunk))
         bus = self.context.bus
         for subject, group in group_chunks(pairs).items():

@@ -40,6 +40,11 @@ _ROLE_COUNTERS = (
         "streams this worker gave up while draining or changing role (with their KV or without)",
     ),
     ("baton_worker_lent_kv_blocks", "KV blocks held for peers that streams moved to"),
+    (
+        "baton_worker_finished_requests",
+        "requests that finished here with output tokens (their length is the planner's)",
+    ),
+    ("baton_worker_finished_output_tokens", "the output tokens of those requests"),
     ("baton_worker_hold_timeouts", "held prompts no decode worker read in time"),
     ("baton_worker_prefills_served", "prompts computed here for a decode worker (PrefillDone)"),
 )

@@ -53,6 +53,7 @@ from shared.codec import encode, worker_inbound_decoder
 from shared.discovery import Discovery, Registration
 from shared.engine.config import WorkerConfig
 from shared.engine.interface import Engine, StepResult
+from shared.engine.speed import StepBudget
 from shared.errors import InvalidRequest, Overloaded, ServingError, Unavailable
 from shared.logs import BadMessages, RateLimitedLog
 
@@ -88,9 +89,8 @@ class WorkerShell:
         self.num_delivery_failures = 0
         self.num_arrived = 0  # requests for its role, admitted or not
         self.num_arrived_prefill_tokens = 0  # their prompt tokens, of those it prefills
-        self.num_finished = 0  # requests that finished here with output tokens
-        self.num_finished_output_tokens = 0  # their output tokens (resumed ones included)
         self._kv_event_seq = 0
+        self._budget_set: StepBudget | None = None  # the engine's, as last set
         self.switcher: RoleSwitcher | None = None  # set by serve(): RoleSwitch is refused without
         self.info: WorkerInfo | None = None  # as registered (set by ``serve``)
         self._registration: Registration | None = None
@@ -203,17 +203,15 @@ class WorkerShell:
         A step whose outputs every role holds for a later message (``holds_output``) holds
         its KV events too: they stay in the engine and go out with that message's step."""
         self.canary.observe(result)
-        for out in result.outputs:
-            if out.finish_reason is not None and out.num_output_tokens:
-                self.num_finished += 1
-                self.num_finished_output_tokens += out.num_output_tokens
         budget = self.objectives.after_step(result, self.loop.stats())
         holds = self.roles.holds_output()
         try:
-            async with self.loop.exclusive() as engine:
-                engine.set_budget(budget)
-                if not holds:
-                    await self._publish_kv_events(engine)
+            if budget != self._budget_set or not holds:  # else nothing to do: no lock
+                async with self.loop.exclusive() as engine:
+                    engine.set_budget(budget)
+                    self._budget_set = budget
+                    if not holds:
+                        await self._publish_kv_events(engine)
         except ServingError as exc:  # routers notice the gap and resync
             self.log.log("kv events", "KV events not published error=%s", exc)
         for role in self.roles:  # each takes the outputs of its own requests
@@ -279,8 +277,8 @@ class WorkerShell:
             num_awaiting_kv=stats.num_reserved + self.num_handoffs,
             num_arrived=self.num_arrived,
             num_arrived_prefill_tokens=self.num_arrived_prefill_tokens,
-            num_finished=self.num_finished,
-            num_finished_output_tokens=self.num_finished_output_tokens,
+            num_finished=int(self.roles.count("baton_worker_finished_requests")),
+            num_finished_output_tokens=int(self.roles.count("baton_worker_finished_output_tokens")),
         )
 
     async def publish_load(self) -> None:
