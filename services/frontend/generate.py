@@ -450,10 +450,6 @@ class Generator:
                     if isinstance(error, InvalidRequest):
                         raise error
                     last_error = error
-                    if isinstance(error, Shed) and budget_s is not None:
-                        # Its wait is past its share of this budget: the next requests
-                        # with such a budget are shed here, not sent to be refused.
-                        worker.note_refusal(self._admit_fraction * budget_s, len(prompt))
                     if isinstance(error, Shed) and shed is None:
                         shed = error
         if shed is not None:

@@ -40,7 +40,6 @@ class WorkerState:
         "is_silent",
         "last_heard_s",
         "load",
-        "refused_wait_s",
         "sent_since_report",
     )
 
@@ -49,10 +48,6 @@ class WorkerState:
         self.load: LoadMetrics | None = None
         self.in_flight = 0  # requests this frontend has open on it
         self.sent_since_report = 0
-        # Since its last report, it refused a request for its objective: the queue ahead of a
-        # new request is at least this long (0: no refusal since). Fresher than the report,
-        # so it counts until the next one.
-        self.refused_wait_s = 0.0
         # When it was last heard from (monotonic): a load report, a token batch, an answer.
         self.last_heard_s = now_s
         # The longest recent wait between two messages from it (decays by GAP_DECAY per
@@ -69,30 +64,12 @@ class WorkerState:
     def predicted_wait_s(self, num_tokens: int) -> float:
         """Time until a new request of ``num_tokens`` prompt tokens would get its first token
         here: the worker's own estimate at its last report, plus the prefill of what this
-        frontend sent since (counted at this request's size) and of the request itself; at
-        least the wait a refusal since that report showed (``refused_wait_s``)."""
+        frontend sent since (counted at this request's size) and of the request itself."""
         load = self.load
         if load is None:
-            return self.refused_wait_s
-        per_token_s = load.wait_per_token_s
-        predicted = load.predicted_wait_s + (self.sent_since_report + 1) * num_tokens * per_token_s
-        if self.refused_wait_s > 0:
-            predicted = max(predicted, self.refused_wait_s + num_tokens * per_token_s)
-        return predicted
-
-    def take_report(self, load: LoadMetrics) -> None:
-        """A load report: the worker's own view replaces what was counted since the last."""
-        self.load = load
-        self.sent_since_report = 0
-        self.refused_wait_s = 0.0
-
-    def note_refusal(self, wait_s: float, num_tokens: int) -> None:
-        """The worker refused a request of ``num_tokens`` prompt tokens because its time to
-        a first token would pass ``wait_s``: until the worker's next report, the frontend
-        predicts the queue ahead of a new request at least that long less the refused
-        prompt's own prefill (and sheds by it, without asking)."""
-        own_s = num_tokens * self.load.wait_per_token_s if self.load is not None else 0.0
-        self.refused_wait_s = max(self.refused_wait_s, wait_s - own_s)
+            return 0.0
+        unreported = (self.sent_since_report + 1) * num_tokens
+        return load.predicted_wait_s + unreported * load.wait_per_token_s
 
     @property
     def room(self) -> int:
@@ -150,7 +127,8 @@ class WorkerPool:
             return
         state = self._workers.get(load.worker_id)
         if state is not None:
-            state.take_report(load)
+            state.load = load
+            state.sent_since_report = 0
             self._heard(state, time.monotonic())
             if self.on_load is not None:
                 self.on_load(state)
