@@ -10,19 +10,9 @@ import time
 
 import pytest
 
-from proto import subjects
-from proto.messages import WorkerInfo
-from shared.codec import worker_info_decoder
-from shared.discovery import Discovery
-from tests.chaos.test_migration import body, metric, run_all
+from tests.chaos.test_migration import body, metric, run_all, worker_infos
 
 NUM_STREAMS = 60
-
-
-async def worker_infos(etcd_url: str, namespace: str) -> list[WorkerInfo]:
-    async with Discovery.connect(etcd_url) as discovery:
-        values = await discovery.get_prefix(subjects.etcd_workers(namespace))
-    return [worker_info_decoder.decode(v) for v in values.values()]
 
 
 @pytest.mark.timeout(180)

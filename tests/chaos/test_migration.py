@@ -11,6 +11,10 @@ import time
 import aiohttp
 import pytest
 
+from proto import subjects
+from proto.messages import WorkerInfo
+from shared.codec import worker_info_decoder
+from shared.discovery import Discovery
 from tests.metrics import metric
 
 MODEL = "baton-sim"
@@ -45,6 +49,12 @@ async def stream_text(session: aiohttp.ClientSession, url: str, payload: dict) -
     return "".join(parts)
 
 
+async def worker_infos(etcd_url: str, namespace: str) -> list[WorkerInfo]:
+    async with Discovery.connect(etcd_url) as discovery:
+        values = await discovery.get_prefix(subjects.etcd_workers(namespace))
+    return [worker_info_decoder.decode(v) for v in values.values()]
+
+
 async def run_all(url: str, payloads: list[dict]) -> list[str]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -53,17 +63,23 @@ async def run_all(url: str, payloads: list[dict]) -> list[str]:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 7}])
-async def test_streams_survive_a_decode_worker_killed_mid_stream(start_cluster, sampling):
+async def test_streams_survive_a_decode_worker_killed_mid_stream(
+    start_cluster, etcd_server, namespace, sampling
+):
     # speedup 0.2: each step is modelled 5x slower, so that the streams are mid-way when
     # the worker dies (150 tokens take several seconds, even on a busy machine).
     cluster = await start_cluster(num_workers=2, worker_args=("--speedup", "0.2"))
     payloads = [body(i, **sampling) for i in range(NUM_STREAMS)]
     expected = await run_all(cluster.url, payloads)
 
-    victim = cluster.workers[0]
+    infos = await worker_infos(etcd_server.url, namespace)
     run = asyncio.create_task(run_all(cluster.url, payloads))
     await asyncio.sleep(1.5)  # every stream is placed and streaming
     assert not run.done()
+    # The worker holding more streams dies (placement may well put most, or all, on one).
+    held = {i.pid: await metric(i.http_url, "baton_worker_in_flight") for i in infos}
+    [victim] = [w for w in cluster.workers if w.pid == max(held, key=held.__getitem__)]
+    assert held[victim.pid] > 0
     killed_at = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
     got = await run
