@@ -33,7 +33,7 @@ MIN_FINISHED = 4  # finished requests in the window for their mean output length
 
 
 @dataclass(frozen=True, slots=True)
-class _Arrivals:
+class _WorkerCounters:
     """A worker's arrival and finish counters at one report."""
 
     at_s: float
@@ -52,7 +52,7 @@ class _Answers:
     num_shed: int
 
 
-_Sample = TypeVar("_Sample", _Arrivals, _Answers)
+_Sample = TypeVar("_Sample", _WorkerCounters, _Answers)
 
 
 def _append(history: deque[_Sample], sample: _Sample, window_s: float) -> None:
@@ -67,16 +67,17 @@ def _append(history: deque[_Sample], sample: _Sample, window_s: float) -> None:
 
 
 class PoolObserver:
-    """Keeps the last ``LoadMetrics`` of every registered worker, and its arrival counters
-    over the last ``RATE_WINDOW_S``; :meth:`view` gives one pool with the workers that are
-    registered and not draining, and their reports not older than ``stale_s`` (with the
-    arrival rates the counters give). Pure: the caller passes the time."""
+    """Keeps the last ``LoadMetrics`` of every registered worker, and its arrival and finish
+    counters over the last ``RATE_WINDOW_S``; :meth:`view` gives one pool with the workers
+    that are registered and not draining, and their reports not older than ``stale_s`` (with
+    the arrival rates and output lengths the counters give). Pure: the caller passes the
+    time."""
 
     def __init__(self, stale_s: float) -> None:
         self.stale_s = stale_s
         self.workers: dict[InstanceId, WorkerInfo] = {}
         self._reports: dict[InstanceId, _Report] = {}
-        self._arrivals: dict[InstanceId, deque[_Arrivals]] = {}
+        self._counters: dict[InstanceId, deque[_WorkerCounters]] = {}
         self._frontends: dict[InstanceId, deque[_Answers]] = {}
 
     def sync_workers(self, workers: Mapping[InstanceId, WorkerInfo]) -> None:
@@ -84,12 +85,12 @@ class PoolObserver:
         self.workers = dict(workers)
         for worker_id in [w for w in self._reports if w not in self.workers]:
             del self._reports[worker_id]
-            self._arrivals.pop(worker_id, None)
+            self._counters.pop(worker_id, None)
 
     def record(self, metrics: LoadMetrics, now_s: float) -> None:
         self._reports[metrics.worker_id] = _Report(metrics, now_s)
-        history = self._arrivals.setdefault(metrics.worker_id, deque())
-        sample = _Arrivals(
+        history = self._counters.setdefault(metrics.worker_id, deque())
+        sample = _WorkerCounters(
             now_s,
             metrics.num_arrived,
             metrics.num_arrived_prefill_tokens,
@@ -121,7 +122,7 @@ class PoolObserver:
     def arrival_rates(self, worker_id: InstanceId) -> tuple[float, float]:
         """(requests, prompt tokens it prefills) per second arriving at a worker lately; 0
         until its reports span ``MIN_RATE_SPAN_S``."""
-        history = self._arrivals.get(worker_id)
+        history = self._counters.get(worker_id)
         if not history:
             return 0.0, 0.0
         first, last = history[0], history[-1]
@@ -136,7 +137,7 @@ class PoolObserver:
     def mean_output_tokens(self, worker_id: InstanceId) -> float:
         """Output tokens per request of those a worker finished lately: over the rate window
         once ``MIN_FINISHED`` finished in it, else over all it has reported (0: none yet)."""
-        history = self._arrivals.get(worker_id)
+        history = self._counters.get(worker_id)
         if not history:
             return 0.0
         first, last = history[0], history[-1]
