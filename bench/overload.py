@@ -221,11 +221,11 @@ WHERE = ("connection", "handler")  # where a frontend sheds before reading
 
 def shed_breakdown(metrics: dict[str, list[str]]) -> str:
     """Where the server shed, from its /metrics before and after the run: before reading the
-    body (its loop lagged), and by stage (frontend, worker, waiting) with the mean time from
-    arrival to the 429 as the frontend measured it (the client's figure adds the queues
-    before the frontend reads the request)."""
+    body (its loop lagged), and by stage (frontend, sending, worker, waiting) with the mean
+    time from arrival to the 429 as the frontend measured it and how many took over 50 ms
+    (the client's figure adds the queues before the frontend reads the request)."""
     names = ("baton_frontend_overload_sheds_total", "baton_frontend_shed_seconds_count")
-    names += ("baton_frontend_shed_seconds_sum",)
+    names += ("baton_frontend_shed_seconds_sum", "baton_frontend_shed_seconds_bucket")
     before = parse_samples(metrics["before"], names)
     after = parse_samples(metrics["after"], names)
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -234,10 +234,13 @@ def shed_breakdown(metrics: dict[str, list[str]]) -> str:
     }
     early = f"{unread['connection']:.0f} by their connection"
     parts = [f"before reading {sum(unread.values()):.0f} ({early})"]
-    for stage in ("frontend", "worker", "waiting"):
+    for stage in ("frontend", "sending", "worker", "waiting"):
         count = delta.get(f'baton_frontend_shed_seconds_count{{stage="{stage}"}}', 0.0)
         total = delta.get(f'baton_frontend_shed_seconds_sum{{stage="{stage}"}}', 0.0)
-        mean = f" (mean {total / count * 1000:.1f} ms)" if count else ""
+        within = sum(v for k, v in delta.items() if f'stage="{stage}"' in k and 'le="0.05"' in k)
+        mean = (
+            f" (mean {total / count * 1000:.1f} ms, {count - within:.0f} over 50)" if count else ""
+        )
         parts.append(f"{stage} {count:.0f}{mean}")
     return ", ".join(parts)
 

@@ -340,21 +340,27 @@ async def _new_call(
         headers=request.headers,
     )
     deadline_s = None
+    passed = None
     if objectives.ttft_s is not None:
         deadline_s = started + objectives.ttft_s
-        state.generator.check_capacity(
+        passed = state.generator.check_capacity(
             card.name, objectives, _approx_prompt_tokens(body), deadline_s - time.monotonic()
         )
-    tokenizer = await state.models.tokenizer(card)
-    check_tools(body, tokenizer.chat_template)
-    prompt_ids = await _prompt_ids(state, kind, body, tokenizer)
-    max_tokens = body.max_tokens
-    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
-        max_tokens = body.max_completion_tokens
-    sampling = sampling_params(
-        body, max_tokens, len(prompt_ids), card.context_length, tokenizer.vocab_size
-    )
-    stops = stop_strings(body.stop, request.app[LIMITS].max_stop_strings)
+    try:
+        tokenizer = await state.models.tokenizer(card)
+        check_tools(body, tokenizer.chat_template)
+        prompt_ids = await _prompt_ids(state, kind, body, tokenizer)
+        max_tokens = body.max_tokens
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+        sampling = sampling_params(
+            body, max_tokens, len(prompt_ids), card.context_length, tokenizer.vocab_size
+        )
+        stops = stop_strings(body.stop, request.app[LIMITS].max_stop_strings)
+    except BaseException:
+        if passed is not None:
+            passed.release()
+        raise
     state.metrics.prompt_tokens.inc(len(prompt_ids))
     return Call(
         request,
@@ -369,6 +375,7 @@ async def _new_call(
         started,
         objectives,
         deadline_s,
+        passed,
     )
 
 
@@ -430,6 +437,8 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     except Exception as exc:  # unexpected: a 500, and the log says why
         return _error_answer(request, exc)
     finally:
+        if call is not None and call.passed is not None:
+            call.passed.release()  # never sent (the client left first, say)
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
         model = UNKNOWN_MODEL if card is None else card.name

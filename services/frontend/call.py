@@ -39,6 +39,7 @@ from services.frontend.render import (
 )
 from services.frontend.render import Choice as ResponseChoice
 from services.frontend.tool_calls import ToolCall, ToolCallParser
+from services.frontend.worker_pool import Passed
 from shared.errors import Cancelled, ServingError
 from shared.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
@@ -180,6 +181,7 @@ class Choice:
             self.sampling,
             call.objectives,
             call.deadline_s,
+            call.passed,
         )
 
     def piece(self, chunks: list[TokenChunk]) -> Piece:
@@ -239,6 +241,7 @@ class Call:
         "kind",
         "num_output_tokens",
         "objectives",
+        "passed",
         "prompt_ids",
         "renderer",
         "request",
@@ -263,6 +266,7 @@ class Call:
         started: float,
         objectives: RequestObjectives,
         deadline_s: float | None,
+        passed: Passed | None = None,
     ) -> None:
         self.request = request
         self.state = state
@@ -276,6 +280,7 @@ class Call:
         self.started = started
         self.objectives = objectives
         self.deadline_s = deadline_s  # when the first token is due (None: no objective)
+        self.passed = passed  # the first check's count on a worker, until it is sent
         self.uses_tools = uses_tools(body)
         self.choices = tuple(
             Choice(self, i, new_request_id(), _choice_sampling(sampling, i), stops)

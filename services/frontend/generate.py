@@ -25,7 +25,7 @@ from proto.messages import (
 )
 from services.frontend.objectives import RequestObjectives
 from services.frontend.waiting_room import WaitingRoom
-from services.frontend.worker_pool import WorkerPool, WorkerState
+from services.frontend.worker_pool import Passed, WorkerPool, WorkerState
 from shared.bus import Bus
 from shared.codec import generate_reply_decoder, route_reply_decoder
 from shared.errors import (
@@ -81,6 +81,13 @@ class FrontendShed(Shed):
     stage = "frontend"
 
 
+class SendingShed(FrontendShed):
+    """Shed by this frontend as it was about to send the request: what went to the worker
+    since the first check (while the prompt was tokenized and routed) leaves too little."""
+
+    stage = "sending"
+
+
 class WorkersFull(Overloaded):
     """Every worker tried refused the request because its queue is full."""
 
@@ -96,6 +103,10 @@ class WaitingShed(Shed):
 # to reach this process and the client after the worker produced it.
 DEADLINE_MARGIN_S = 0.02
 EARLY_SHED_MARGIN = 0.75
+# As it is about to be sent, a request that passed that check is shed only past the
+# workers' own bound: one between the two would be taken there, and shedding it now, after
+# its tokenizing and routing, would only make a slower 429.
+SENDING_SHED_MARGIN = 1.0
 
 
 def new_request_id() -> RequestId:
@@ -151,27 +162,48 @@ class Generator:
 
     def check_capacity(
         self, model: str, objectives: RequestObjectives, num_tokens: int, budget_s: float
-    ) -> None:
+    ) -> Passed | None:
         """Shed now, before tokenizing or routing, if no worker's last load report (plus what
-        this frontend sent it since) leaves ``budget_s`` for the first token. Only for normal
-        and low priorities: a worker's reported wait counts the whole queue, and a high
-        priority request would jump it (its worker decides exactly)."""
+        was sent it since) leaves ``budget_s`` for the first token. Only for normal and low
+        priorities: a worker's reported wait counts the whole queue, and a high priority
+        request would jump it (its worker decides exactly). A request that passes counts
+        against the best worker until it is sent (give the ``Passed`` to ``generate``) or
+        given up (release it)."""
         if objectives.ttft_s is None or objectives.priority < 0:
-            return
+            return None
         candidates = self._pool.candidates(model)
         if not candidates:
-            return  # placing it says why
-        best_s = min(w.predicted_wait_s(num_tokens) for w in candidates)
-        # A little stricter than the workers: a request the reports already place near the
-        # workers' own limit is answered here, cheaply, instead of being tokenized, routed
-        # and refused there.
-        budget_s *= self._admit_fraction * EARLY_SHED_MARGIN
-        if best_s > budget_s:
-            raise FrontendShed(
-                f"every worker for {model!r} is at least {best_s * 1000:.0f} ms from a first "
-                f"token; the objective leaves {max(budget_s, 0.0) * 1000:.0f} ms",
-                retry_after_s=max(1.0, best_s - budget_s),
-            )
+            return None  # placing it says why
+        now_s = time.monotonic()
+        best = min(candidates, key=lambda w: w.predicted_wait_s(num_tokens, now_s))
+        shed = self._early_shed(best, num_tokens, budget_s, now_s)
+        if shed is not None:
+            raise shed
+        return Passed(best)
+
+    def _early_shed(
+        self,
+        worker: WorkerState,
+        num_tokens: int,
+        budget_s: float,
+        now_s: float,
+        kind: type[FrontendShed] = FrontendShed,
+        margin: float = EARLY_SHED_MARGIN,
+    ) -> FrontendShed | None:
+        """The shed to answer if ``worker``, by its last report and what was sent it since,
+        cannot start the request within ``margin`` of the workers' bound on ``budget_s``.
+        By default a little stricter than the workers: a request the reports already place
+        near a worker's own limit is answered here, cheaply, instead of being tokenized,
+        routed, sent and refused there."""
+        wait_s = worker.predicted_wait_s(num_tokens, now_s)
+        budget_s *= self._admit_fraction * margin
+        if wait_s <= budget_s:
+            return None
+        return kind(
+            f"every worker for {worker.info.model!r} is at least {wait_s * 1000:.0f} ms from a "
+            f"first token; the objective leaves {max(budget_s, 0.0) * 1000:.0f} ms",
+            retry_after_s=max(1.0, wait_s - budget_s),
+        )
 
     async def generate(
         self,
@@ -181,6 +213,7 @@ class Generator:
         sampling: SamplingParams,
         objectives: RequestObjectives = NO_OBJECTIVES,
         deadline_s: float | None = None,
+        passed: Passed | None = None,
     ) -> AsyncGenerator[list[TokenChunk], None]:
         """Yield the request's chunks as they arrive until one carries a finish reason.
 
@@ -194,6 +227,8 @@ class Generator:
         end the stream: the request migrates, up to ``migration_limit`` times, to another
         worker with the tokens streamed so far, and that worker continues after them, so the
         caller sees neither an error nor a repeated or missing token.
+
+        ``passed``: from ``check_capacity``, released once the request is sent or given up.
         """
         stream = self._demux.open(request_id)
         worker: WorkerState | None = None
@@ -220,6 +255,7 @@ class Generator:
                         left_behind,
                         kv_source=moved_kv,
                         admitted=bool(moved_because),
+                        passed=passed,
                     )
                     moved_kv = None  # the new worker reads it (or gives it up) at once
                 except ServingError as exc:
@@ -297,6 +333,8 @@ class Generator:
                         yield [TokenChunk(request_id, [], FinishReason.LENGTH)]
                         return
         finally:
+            if passed is not None:
+                passed.release()
             self._demux.close(stream.request_id)
             if worker is not None:
                 worker.in_flight -= 1
@@ -317,6 +355,7 @@ class Generator:
         *,
         kv_source: KVHandle | None = None,
         admitted: bool = False,
+        passed: Passed | None = None,
     ) -> WorkerState:
         """Place the request on a worker. With a deadline, a full fleet sheds it; without
         one, it waits its turn in the waiting room (behind those already there) until a
@@ -325,7 +364,7 @@ class Generator:
         request = (stream, request_id, model, token_ids, sampling, objectives)
         if deadline_s is not None or self._queue_timeout_s <= 0:
             return await self._try_place(
-                *request, deadline_s, resume_token_ids, left_behind, kv_source, admitted
+                *request, deadline_s, resume_token_ids, left_behind, kv_source, admitted, passed
             )
         queued_until = time.monotonic() + self._queue_timeout_s
         if self._room.is_queued(model):
@@ -362,6 +401,7 @@ class Generator:
         left_behind: AbstractSet[InstanceId],
         kv_source: KVHandle | None,
         admitted: bool = False,
+        passed: Passed | None = None,
     ) -> WorkerState:
         candidates = [
             c for c in self._pool.candidates(model) if c.info.worker_id not in left_behind
@@ -380,14 +420,31 @@ class Generator:
         last_error: ServingError = Overloaded("no worker accepted the request", retry_after_s=1.0)
         shed: Shed | None = None  # the first worker's refusal by its objectives, if any
         prompt = list(token_ids)  # the message's copy; the caller keeps a compact one
+        # As check_capacity: normal and low priorities, not a request a worker took before.
+        check_first = objectives.ttft_s is not None and objectives.priority >= 0 and not admitted
         for worker in candidates[: self._max_attempts]:
+            if passed is not None:  # sent or shed now: counted as sent from here on
+                passed.release()
             budget_s = None
             if deadline_s is not None:
-                budget_s = deadline_s - time.monotonic() - DEADLINE_MARGIN_S
+                now_s = time.monotonic()
+                budget_s = deadline_s - now_s - DEADLINE_MARGIN_S
                 if budget_s <= 0:
                     raise FrontendShed(
                         "no worker took the request within its objective", retry_after_s=1.0
                     )
+                if check_first:
+                    # The check before tokenizing, again with what was sent since, at the
+                    # worker's own bound: under load the tokenizing and routing take long
+                    # enough for many more to pass it, and a refusal by the worker costs a
+                    # bus round trip.
+                    early = self._early_shed(
+                        worker, len(prompt), budget_s, now_s, SendingShed, SENDING_SHED_MARGIN
+                    )
+                    if early is not None:
+                        if shed is None:
+                            shed = early
+                        continue
             # The router's prefill worker was chosen for its decode worker only; any other
             # worker (a fallback after a refusal) prefills locally.
             message = GenerateRequest(

@@ -94,8 +94,8 @@ class FrontendMetrics:
         self.shed_latency = Histogram(
             "baton_frontend_shed_seconds",
             "time from a request's arrival to its 429, by where it was shed: frontend (from "
-            "load reports, before any work), worker (its admission), waiting (its deadline "
-            "passed in a queue)",
+            "load reports, before any work), sending (from them again, about to send it), "
+            "worker (its admission), waiting (its deadline passed in a queue)",
             ["stage"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=self.registry,

@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 # Quiet for this many times its longest recent gap (and at least silence_s): presumed dead.
 SILENCE_GAPS = 3.0
 GAP_DECAY = 0.9  # per message heard
+# The other senders' rate to a worker is smoothed over its reports with this weight, and
+# carried forward from a report for at most this long (a worker that stopped reporting is
+# found silent, not predicted ever busier).
+OTHERS_WEIGHT = 0.5
+MAX_UNREPORTED_S = 1.0
 
 
 def _limit_s(state: "WorkerState", silence_s: float) -> float:
@@ -40,6 +45,9 @@ class WorkerState:
         "is_silent",
         "last_heard_s",
         "load",
+        "others_per_s",
+        "passed",
+        "reported_s",
         "sent_since_report",
     )
 
@@ -48,6 +56,13 @@ class WorkerState:
         self.load: LoadMetrics | None = None
         self.in_flight = 0  # requests this frontend has open on it
         self.sent_since_report = 0
+        # Requests a second that other senders (this frontend's sibling processes, other
+        # frontends) give it, read from its arrival counter less what this process sent.
+        self.others_per_s = 0.0
+        # Requests this process's check placed here that are not sent yet (being tokenized
+        # and routed): under load, more than it sends between two reports.
+        self.passed = 0
+        self.reported_s = now_s  # when its last load report came (monotonic)
         # When it was last heard from (monotonic): a load report, a token batch, an answer.
         self.last_heard_s = now_s
         # The longest recent wait between two messages from it (decays by GAP_DECAY per
@@ -61,15 +76,33 @@ class WorkerState:
             return float(self.in_flight)
         return float(self.load.num_running + self.load.num_waiting + self.sent_since_report)
 
-    def predicted_wait_s(self, num_tokens: int) -> float:
+    def predicted_wait_s(self, num_tokens: int, now_s: float) -> float:
         """Time until a new request of ``num_tokens`` prompt tokens would get its first token
-        here: the worker's own estimate at its last report, plus the prefill of what this
-        frontend sent since (counted at this request's size) and of the request itself."""
+        here: the worker's own estimate at its last report, plus the prefill of what was sent
+        it since or is on its way (counted at this request's size) and of the request itself.
+        That is this process's count, the requests its check passed that are not sent yet,
+        and the other senders' recent rate over the time since the report: with four
+        frontend processes, this one alone sends a quarter of it."""
         load = self.load
         if load is None:
             return 0.0
-        unreported = (self.sent_since_report + 1) * num_tokens
+        others = self.others_per_s * min(now_s - self.reported_s, MAX_UNREPORTED_S)
+        unreported = (self.sent_since_report + self.passed + others + 1) * num_tokens
         return load.predicted_wait_s + unreported * load.wait_per_token_s
+
+    def reported(self, load: LoadMetrics, now_s: float) -> None:
+        """Take a load report: the others' rate from the arrivals it counts that this process
+        did not send, then start counting afresh."""
+        previous = self.load
+        elapsed_s = now_s - self.reported_s
+        if previous is not None and elapsed_s > 0:
+            arrived = load.num_arrived - previous.num_arrived
+            if arrived >= 0:  # a counter that went back is a restart: keep the old rate
+                others = max(0, arrived - self.sent_since_report) / elapsed_s
+                self.others_per_s += OTHERS_WEIGHT * (others - self.others_per_s)
+        self.load = load
+        self.sent_since_report = 0
+        self.reported_s = now_s
 
     @property
     def room(self) -> int:
@@ -87,6 +120,23 @@ class WorkerState:
     @property
     def is_usable(self) -> bool:
         return not self.is_silent and not self.is_draining
+
+
+class Passed:
+    """A request that passed the frontend's check against ``worker`` and is not sent yet:
+    counted in that worker's predicted wait until it is sent (anywhere) or given up.
+    ``release`` may be called any number of times."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self, worker: WorkerState) -> None:
+        self._worker: WorkerState | None = worker
+        worker.passed += 1
+
+    def release(self) -> None:
+        if self._worker is not None:
+            self._worker.passed -= 1
+            self._worker = None
 
 
 class WorkerPool:
@@ -127,9 +177,9 @@ class WorkerPool:
             return
         state = self._workers.get(load.worker_id)
         if state is not None:
-            state.load = load
-            state.sent_since_report = 0
-            self._heard(state, time.monotonic())
+            now_s = time.monotonic()
+            state.reported(load, now_s)
+            self._heard(state, now_s)
             if self.on_load is not None:
                 self.on_load(state)
 
