@@ -437,8 +437,10 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     except Exception as exc:  # unexpected: a 500, and the log says why
         return _error_answer(request, exc)
     finally:
-        if call is not None and call.passed is not None:
-            call.passed.release()  # never sent (the client left first, say)
+        if call is not None:
+            if call.passed is not None:
+                call.passed.release()  # never sent (the client left first, say)
+            call.close()
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
         model = UNKNOWN_MODEL if card is None else card.name

@@ -293,6 +293,12 @@ class Call:
         self.error: ServingError | None = None  # a stream that ended with an error event
         self.is_cut = False  # a client that stopped reading, cut after write_timeout_s
 
+    def close(self) -> None:
+        """Drop the choices once the call is answered: each holds the call, and the pair
+        would otherwise wait, with the request and everything else the call holds, for the
+        garbage collector."""
+        self.choices = ()
+
     def token_bytes(self, token_id: int) -> bytes:
         """A token's own bytes: from the tokenizer's byte table when it has one (no decode
         per token, and a piece of a multi-byte character keeps its real bytes)."""

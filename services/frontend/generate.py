@@ -176,12 +176,10 @@ class Generator:
             return None  # placing it says why
         now_s = time.monotonic()
         best = min(candidates, key=lambda w: w.predicted_wait_s(num_tokens, now_s))
-        shed = self._early_shed(best, num_tokens, budget_s, now_s)
-        if shed is not None:
-            raise shed
+        self._check_wait(best, num_tokens, budget_s, now_s)
         return Passed(best)
 
-    def _early_shed(
+    def _check_wait(
         self,
         worker: WorkerState,
         num_tokens: int,
@@ -189,17 +187,20 @@ class Generator:
         now_s: float,
         kind: type[FrontendShed] = FrontendShed,
         margin: float = EARLY_SHED_MARGIN,
-    ) -> FrontendShed | None:
-        """The shed to answer if ``worker``, by its last report and what was sent it since,
+    ) -> None:
+        """Raise ``kind`` if ``worker``, by its last report and what was sent it since,
         cannot start the request within ``margin`` of the workers' bound on ``budget_s``.
         By default a little stricter than the workers: a request the reports already place
         near a worker's own limit is answered here, cheaply, instead of being tokenized,
-        routed, sent and refused there."""
+        routed, sent and refused there. (It raises rather than returns the shed: a frame
+        that holds the exception it raises makes a reference cycle through the traceback,
+        and at thousands of sheds a second those cycles are what the garbage collector
+        stops the process for.)"""
         wait_s = worker.predicted_wait_s(num_tokens, now_s)
         budget_s *= self._admit_fraction * margin
         if wait_s <= budget_s:
-            return None
-        return kind(
+            return
+        raise kind(
             f"every worker for {worker.info.model!r} is at least {wait_s * 1000:.0f} ms from a "
             f"first token; the objective leaves {max(budget_s, 0.0) * 1000:.0f} ms",
             retry_after_s=max(1.0, wait_s - budget_s),
@@ -438,10 +439,11 @@ class Generator:
                     # worker's own bound: under load the tokenizing and routing take long
                     # enough for many more to pass it, and a refusal by the worker costs a
                     # bus round trip.
-                    early = self._early_shed(
-                        worker, len(prompt), budget_s, now_s, SendingShed, SENDING_SHED_MARGIN
-                    )
-                    if early is not None:
+                    try:
+                        self._check_wait(
+                            worker, len(prompt), budget_s, now_s, SendingShed, SENDING_SHED_MARGIN
+                        )
+                    except SendingShed as early:
                         if shed is None:
                             shed = early
                         continue
@@ -509,19 +511,28 @@ class Generator:
                     last_error = error
                     if isinstance(error, Shed) and shed is None:
                         shed = error
-        if shed is not None:
-            # A worker that can serve it says it cannot in time: that is the answer (429),
-            # whatever the others said (one switching role or too busy to answer is no
-            # better news).
-            raise shed
-        if isinstance(last_error, DeadlineExceeded):
-            # Too busy to answer in admission_timeout_s: as full as a refusal says.
-            raise WorkersFull(f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0)
-        if isinstance(last_error, Unavailable):
-            raise Overloaded(f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0)
-        if type(last_error) is Overloaded:
-            raise WorkersFull(last_error.message, retry_after_s=last_error.retry_after_s)
-        raise last_error
+        try:
+            if shed is not None:
+                # A worker that can serve it says it cannot in time: that is the answer
+                # (429), whatever the others said (one switching role or too busy to answer
+                # is no better news).
+                raise shed
+            if isinstance(last_error, DeadlineExceeded):
+                # Too busy to answer in admission_timeout_s: as full as a refusal says.
+                raise WorkersFull(
+                    f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0
+                )
+            if isinstance(last_error, Unavailable):
+                raise Overloaded(
+                    f"no worker for {model!r} answered: {last_error}", retry_after_s=1.0
+                )
+            if type(last_error) is Overloaded:
+                raise WorkersFull(last_error.message, retry_after_s=last_error.retry_after_s)
+            raise last_error
+        finally:
+            # The exception goes out with this frame in its traceback: a frame still holding
+            # it would be a reference cycle, left for the garbage collector (_check_wait).
+            del shed, last_error
 
     async def _route(
         self, request_id: RequestId, model: str, token_ids: Sequence[int]
