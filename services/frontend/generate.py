@@ -200,9 +200,15 @@ class Generator:
         budget_s *= self._admit_fraction * margin
         if wait_s <= budget_s:
             return
+        # check_capacity checks the best worker; a request about to be sent, the one chosen.
+        who = (
+            f"every worker for {worker.info.model!r} is at least"
+            if kind is FrontendShed
+            else f"worker {worker.info.worker_id} is"
+        )
         raise kind(
-            f"every worker for {worker.info.model!r} is at least {wait_s * 1000:.0f} ms from a "
-            f"first token; the objective leaves {max(budget_s, 0.0) * 1000:.0f} ms",
+            f"{who} {wait_s * 1000:.0f} ms from a first token; the objective leaves "
+            f"{max(budget_s, 0.0) * 1000:.0f} ms",
             retry_after_s=max(1.0, wait_s - budget_s),
         )
 
