@@ -4,6 +4,7 @@ worker's arrival counter) over the time since the report."""
 
 import gc
 import time
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -12,12 +13,13 @@ from proto.messages import (
     LoadMetrics,
     RequestId,
     SamplingParams,
+    TokenChunk,
     WorkerInfo,
     WorkerRole,
 )
 from services.frontend.generate import FrontendShed, Generator, SendingShed
 from services.frontend.objectives import RequestObjectives
-from services.frontend.worker_pool import MAX_UNREPORTED_S, WorkerPool, WorkerState
+from services.frontend.worker_pool import MAX_UNREPORTED_S, Passed, WorkerPool, WorkerState
 from shared.streams import StreamDemux
 
 TOKENS = 200
@@ -48,6 +50,39 @@ def worker() -> WorkerState:
         num_kv_blocks=64,
     )
     return WorkerState(info, now_s=100.0)
+
+
+def generator_on_one_worker(predicted_wait_s: float) -> tuple[Generator, WorkerState]:
+    """A frontend's generator whose one worker last reported ``predicted_wait_s``. Neither
+    has a bus (never started): a request that got as far as being sent fails on it."""
+    pool = WorkerPool(None, "ns")
+    info = worker().info
+    pool.sync({"w": info})
+    state = pool.get(info.worker_id)
+    assert state is not None
+    state.reported(report(0, predicted_wait_s=predicted_wait_s), time.monotonic())
+    generator = Generator(
+        None, StreamDemux(None, "inbox"), pool, "ns", admission_timeout_s=1.0, admit_fraction=0.25
+    )
+    return generator, state
+
+
+def request(
+    generator: Generator,
+    request_id: str,
+    objectives: RequestObjectives,
+    passed: Passed | None = None,
+) -> AsyncGenerator[list[TokenChunk], None]:
+    """A TOKENS-token request due in 2 s, placed as it is first iterated."""
+    return generator.generate(
+        RequestId(request_id),
+        "m",
+        list(range(TOKENS)),
+        SamplingParams(max_tokens=4),
+        objectives,
+        deadline_s=time.monotonic() + 2.0,
+        passed=passed,
+    )
 
 
 def test_alone_it_counts_its_own_sends_as_before():
@@ -100,15 +135,7 @@ async def test_a_request_the_sends_since_its_check_would_make_late_is_shed_unsen
     """The check before tokenizing passes; by the time the request is tokenized and would
     be sent, more went to the worker: it is answered 429 there, without a bus message (the
     generator here has no bus; sending would fail on it)."""
-    pool = WorkerPool(None, "ns")  # never started
-    state_info = worker().info
-    pool.sync({"w": state_info})
-    state = pool.get(state_info.worker_id)
-    assert state is not None
-    state.reported(report(0, predicted_wait_s=0.3), time.monotonic())
-    generator = Generator(
-        None, StreamDemux(None, "inbox"), pool, "ns", admission_timeout_s=1.0, admit_fraction=0.25
-    )
+    generator, state = generator_on_one_worker(predicted_wait_s=0.3)
     objectives = RequestObjectives(ttft_s=2.0, tpot_s=0.1)
     # 2 s at a quarter, less the frontend's margin: 375 ms; 300 + 20 ms of its own prefill.
     passed = generator.check_capacity("m", objectives, TOKENS, budget_s=2.0)
@@ -122,15 +149,7 @@ async def test_a_request_the_sends_since_its_check_would_make_late_is_shed_unsen
     assert state.passed == 1
     # As it is sent it is checked at the worker's own bound (500 ms): 200 ms more is over.
     state.sent_since_report = 10
-    chunks = generator.generate(
-        RequestId("r"),
-        "m",
-        list(range(TOKENS)),
-        SamplingParams(max_tokens=4),
-        objectives,
-        deadline_s=time.monotonic() + 2.0,
-        passed=passed,
-    )
+    chunks = request(generator, "r", objectives, passed)
     with pytest.raises(SendingShed, match="ms from a first token"):
         await anext(chunks)
     assert state.sent_since_report == 10  # not sent
@@ -140,14 +159,7 @@ async def test_a_request_the_sends_since_its_check_would_make_late_is_shed_unsen
         generator.check_capacity("m", objectives, TOKENS, budget_s=2.0)
     # High priority is the worker's to decide: it is sent (and fails here, on no bus).
     urgent = RequestObjectives(ttft_s=2.0, tpot_s=0.1, priority=-1)
-    chunks = generator.generate(
-        RequestId("r2"),
-        "m",
-        list(range(TOKENS)),
-        SamplingParams(max_tokens=4),
-        urgent,
-        deadline_s=time.monotonic() + 2.0,
-    )
+    chunks = request(generator, "r2", urgent)
     with pytest.raises(AttributeError):
         await anext(chunks)
     assert state.sent_since_report == 11
@@ -157,15 +169,7 @@ async def test_sheds_leave_no_garbage_cycles():
     """A shed is answered thousands of times a second under overload: neither check may
     leave its exception in a reference cycle (a frame holding what it raised), which only
     the garbage collector frees, in pauses of tens of milliseconds at that rate."""
-    pool = WorkerPool(None, "ns")
-    info = worker().info
-    pool.sync({"w": info})
-    state = pool.get(info.worker_id)
-    assert state is not None
-    state.reported(report(0, predicted_wait_s=0.45), time.monotonic())
-    generator = Generator(
-        None, StreamDemux(None, "inbox"), pool, "ns", admission_timeout_s=1.0, admit_fraction=0.25
-    )
+    generator, state = generator_on_one_worker(predicted_wait_s=0.45)
     objectives = RequestObjectives(ttft_s=2.0, tpot_s=0.1)
     gc.collect()
     gc.disable()
@@ -175,14 +179,7 @@ async def test_sheds_leave_no_garbage_cycles():
                 generator.check_capacity("m", objectives, TOKENS, budget_s=2.0)
             # Passed the first check (a cheaper guess), over the worker's bound when sent.
             state.sent_since_report = 3
-            chunks = generator.generate(
-                RequestId(f"r{i}"),
-                "m",
-                list(range(TOKENS)),
-                SamplingParams(max_tokens=4),
-                objectives,
-                deadline_s=time.monotonic() + 2.0,
-            )
+            chunks = request(generator, f"r{i}", objectives)
             with pytest.raises(SendingShed):
                 await anext(chunks)
             await chunks.aclose()
