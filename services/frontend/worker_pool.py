@@ -31,6 +31,10 @@ GAP_DECAY = 0.9  # per message heard
 # found silent, not predicted ever busier).
 OTHERS_WEIGHT = 0.5
 MAX_UNREPORTED_S = 1.0
+# The others' sends are also read as this many times this process's own (their rates'
+# ratio), at most: a jump in load shows in this process's count at once, in the others'
+# rate only a report or two later.
+MAX_OTHERS_RATIO = 16.0
 
 
 def _limit_s(state: "WorkerState", silence_s: float) -> float:
@@ -46,6 +50,7 @@ class WorkerState:
         "last_heard_s",
         "load",
         "others_per_s",
+        "own_per_s",
         "passed",
         "reported_s",
         "sent_since_report",
@@ -59,6 +64,7 @@ class WorkerState:
         # Requests a second that other senders (this frontend's sibling processes, other
         # frontends) give it, read from its arrival counter less what this process sent.
         self.others_per_s = 0.0
+        self.own_per_s = 0.0  # this process's own sends a second, smoothed the same way
         # Requests this process's check placed here that are not sent yet (being tokenized
         # and routed): under load, more than it sends between two reports.
         self.passed = 0
@@ -81,13 +87,18 @@ class WorkerState:
         here: the worker's own estimate at its last report, plus the prefill of what was sent
         it since or is on its way (counted at this request's size) and of the request itself.
         That is this process's count, the requests its check passed that are not sent yet,
-        and the other senders' recent rate over the time since the report: with four
-        frontend processes, this one alone sends a quarter of it."""
+        and the other senders' share: their recent rate over the time since the report, or
+        this process's own count times the ratio of their rate to its own, whichever is
+        more (with four frontend processes, this one alone sends a quarter of it, and when
+        the load jumps its own count shows it first)."""
         load = self.load
         if load is None:
             return 0.0
+        own = self.sent_since_report + self.passed
         others = self.others_per_s * min(now_s - self.reported_s, MAX_UNREPORTED_S)
-        unreported = (self.sent_since_report + self.passed + others + 1) * num_tokens
+        if self.own_per_s > 0.0:  # as many times its own as usual, if that says more
+            others = max(others, own * min(self.others_per_s / self.own_per_s, MAX_OTHERS_RATIO))
+        unreported = (own + others + 1) * num_tokens
         return load.predicted_wait_s + unreported * load.wait_per_token_s
 
     def reported(self, load: LoadMetrics, now_s: float) -> None:
@@ -97,9 +108,11 @@ class WorkerState:
         elapsed_s = now_s - self.reported_s
         if previous is not None and elapsed_s > 0:
             arrived = load.num_arrived - previous.num_arrived
-            if arrived >= 0:  # a counter that went back is a restart: keep the old rate
+            if arrived >= 0:  # a counter that went back is a restart: keep the old rates
                 others = max(0, arrived - self.sent_since_report) / elapsed_s
                 self.others_per_s += OTHERS_WEIGHT * (others - self.others_per_s)
+                own = self.sent_since_report / elapsed_s
+                self.own_per_s += OTHERS_WEIGHT * (own - self.own_per_s)
         self.load = load
         self.sent_since_report = 0
         self.reported_s = now_s

@@ -115,6 +115,13 @@ def test_the_other_senders_rate_is_carried_forward_from_the_report():
     # A report that does not come does not make the worker ever busier.
     late = state.predicted_wait_s(TOKENS, report_s + 60.0)
     assert late == pytest.approx(0.1 + (2 + 300 * MAX_UNREPORTED_S + 1) * 0.02, rel=0.01)
+    # The load jumps: 20 ms after the report it has sent 8 and let 2 more through, where 2
+    # would be usual. The others' rate would say 6; three times its own 10 says 30.
+    state.sent_since_report = 8
+    state.passed = 2
+    assert state.predicted_wait_s(TOKENS, report_s + 0.02) == pytest.approx(
+        0.1 + (10 + 30 + 1) * 0.02, rel=0.01
+    )
 
 
 def test_the_rate_follows_the_others_down_and_ignores_a_counter_that_went_back():
