@@ -35,6 +35,10 @@ MAX_UNREPORTED_S = 1.0
 # ratio), at most: a jump in load shows in this process's count at once, in the others'
 # rate only a report or two later.
 MAX_OTHERS_RATIO = 16.0
+# ... and only where this process sends the worker at least this many requests a report
+# interval, on average: below that its count is mostly noise (one send where a third was
+# usual would read as a threefold jump), and it shed at a third of one worker's capacity.
+MIN_OWN_PER_REPORT = 2.0
 
 
 def _limit_s(state: "WorkerState", silence_s: float) -> float:
@@ -50,6 +54,7 @@ class WorkerState:
         "last_heard_s",
         "load",
         "others_per_s",
+        "own_per_report",
         "own_per_s",
         "passed",
         "reported_s",
@@ -65,6 +70,7 @@ class WorkerState:
         # frontends) give it, read from its arrival counter less what this process sent.
         self.others_per_s = 0.0
         self.own_per_s = 0.0  # this process's own sends a second, smoothed the same way
+        self.own_per_report = 0.0  # and between two reports
         # Requests this process's check placed here that are not sent yet (being tokenized
         # and routed): under load, more than it sends between two reports.
         self.passed = 0
@@ -96,7 +102,7 @@ class WorkerState:
             return 0.0
         own = self.sent_since_report + self.passed
         others = self.others_per_s * min(now_s - self.reported_s, MAX_UNREPORTED_S)
-        if self.own_per_s > 0.0:  # as many times its own as usual, if that says more
+        if self.own_per_report >= MIN_OWN_PER_REPORT:  # its own times the usual ratio
             others = max(others, own * min(self.others_per_s / self.own_per_s, MAX_OTHERS_RATIO))
         unreported = (own + others + 1) * num_tokens
         return load.predicted_wait_s + unreported * load.wait_per_token_s
@@ -113,6 +119,9 @@ class WorkerState:
                 self.others_per_s += OTHERS_WEIGHT * (others - self.others_per_s)
                 own = self.sent_since_report / elapsed_s
                 self.own_per_s += OTHERS_WEIGHT * (own - self.own_per_s)
+                self.own_per_report += OTHERS_WEIGHT * (
+                    self.sent_since_report - self.own_per_report
+                )
         self.load = load
         self.sent_since_report = 0
         self.reported_s = now_s

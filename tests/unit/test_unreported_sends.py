@@ -193,3 +193,21 @@ async def test_sheds_leave_no_garbage_cycles():
         assert gc.collect() < 50  # a cycle per shed would be hundreds of objects
     finally:
         gc.enable()
+
+
+def test_at_a_low_rate_its_own_count_is_not_read_as_a_jump():
+    """Sending one request every third report, one send is noise, not a threefold jump:
+    the others' share stays their rate."""
+    state = worker()
+    state.reported(report(0), 100.0)
+    arrived = 0
+    for i in range(1, 13):
+        state.sent_since_report = 1 if i % 3 == 0 else 0
+        arrived += state.sent_since_report + 1  # and one from the others each time
+        state.reported(report(arrived), 100.0 + 0.1 * i)
+    assert state.others_per_s == pytest.approx(10.0, rel=0.01)
+    state.sent_since_report = 1
+    # 10 ms after the report: 1 of its own, 0.1 of the others', and this one.
+    assert state.predicted_wait_s(TOKENS, 101.21) == pytest.approx(
+        0.1 + (1 + 0.1 + 1) * 0.02, rel=0.01
+    )
