@@ -48,7 +48,7 @@ from services.planner.signals import (
     WorkerLoad,
     demand,
     pressure,
-    slope_per_s,
+    steady_slope_per_s,
     unshed_factor,
 )
 
@@ -211,7 +211,7 @@ class PoolPlanner:
         need = max(known, key=lambda n: n.amount / n.per_worker)
         workers = need.amount / need.per_worker
         self._history.append((now_s, workers))
-        trend = slope_per_s(list(self._history))
+        trend = steady_slope_per_s(list(self._history))
         forecast = max(0.0, workers + trend * config.horizon_s)
         target = self.limits.clamp(math.ceil(forecast / config.target_utilization))
         detail = (

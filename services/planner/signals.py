@@ -335,3 +335,23 @@ def slope_per_s(samples: list[tuple[float, float]]) -> float:
     if var_t <= 0:
         return 0.0
     return sum((t - mean_t) * (v - mean_v) for t, v in samples) / var_t
+
+
+def steady_slope_per_s(samples: list[tuple[float, float]]) -> float:
+    """The slope of ``samples`` that the whole window agrees on, and that still holds at its
+    end: the least-squares slopes of the older half, the newer half (the middle sample in
+    both when their number is odd) and the newest three samples; the smallest of the three
+    when they all have the same sign, else 0. A ramp reads the same everywhere and keeps its
+    slope. A step does not: the load jumps, the readings climb for a few intervals while the
+    rates and the batch behind them settle, then stay flat, so the older half reads flat
+    while the climb is in the newer, and the newest samples read flat once it is over.
+    Fewer than three samples have nothing to compare: 0."""
+    if len(samples) < 3:
+        return 0.0
+    size = (len(samples) + 1) // 2
+    slopes = [slope_per_s(part) for part in (samples[:size], samples[-size:], samples[-3:])]
+    if all(slope > 0 for slope in slopes):
+        return min(slopes)
+    if all(slope < 0 for slope in slopes):
+        return max(slopes)
+    return 0.0

@@ -6,7 +6,14 @@ import pytest
 
 from services.planner.config import PlannerConfig
 from services.planner.policy import Decision, Limits, Mode, PolicyConfig, PoolPlanner
-from services.planner.signals import PoolView, Role, Thresholds, WorkerLoad, slope_per_s
+from services.planner.signals import (
+    PoolView,
+    Role,
+    Thresholds,
+    WorkerLoad,
+    slope_per_s,
+    steady_slope_per_s,
+)
 from shared.slo import SLOConfig
 
 INTERVAL_S = 1.0
@@ -207,11 +214,41 @@ def test_sla_mode_sizes_decode_from_demand_over_capacity():
 def test_sla_mode_follows_the_trend_ahead_of_demand():
     p = planner(max_replicas=10, mode=Mode.SLA, up_intervals=2, horizon_s=10.0)
     clock = Clock()
-    # Demand rising 2 sequences/s: 4 now is 1 worker, but 24 in 10 s needs 5.
-    views = [pool(1, WorkerLoad(num_running=n, max_num_seqs=8)) for n in (0, 2, 4)]
+    # Demand rising 2 sequences/s: 6 now is 1 worker, but 26 in 10 s needs 5.
+    views = [pool(1, WorkerLoad(num_running=n, max_num_seqs=8)) for n in (0, 2, 4, 6)]
     decisions = clock.run(p, views)
     assert decisions[-1].desired == 5
     assert "trend +0.250/s" in decisions[-1].detail  # 2 sequences a second, 8 per worker
+
+
+def test_sla_mode_reads_a_step_from_nothing_as_no_trend():
+    # A load starts: the pool holds 0 sequences, then climbs to 4 over three intervals as
+    # its first requests arrive, and stays there. 4 is one worker's worth (8 at 70 %); the
+    # plain slope over the window would carry the climb 10 s ahead to 2-4 workers.
+    p = planner(max_replicas=10, mode=Mode.SLA, up_intervals=2, horizon_s=10.0)
+    counts = (0, 0, 0, 0, 0, 1, 3, 4, 4, 4, 4, 4, 4, 4)
+    views = [pool(1, WorkerLoad(num_running=n, max_num_seqs=8)) for n in counts]
+    decisions = Clock().run(p, views)
+    assert [d.desired for d in decisions] == [1] * len(counts)
+    assert all(d.reason == "steady" for d in decisions)
+
+
+def test_steady_slope_is_what_both_halves_agree_on():
+    ramp = [(float(t), 2.0 * t) for t in range(6)]
+    assert steady_slope_per_s(ramp) == pytest.approx(2.0)
+    # Rising ever faster: the older half's slope, the smallest.
+    curve = [(float(t), float(t * t)) for t in range(5)]
+    assert steady_slope_per_s(curve) == pytest.approx(slope_per_s(curve[:3]))
+    # Rising, then flat at the end: the rise is over.
+    assert steady_slope_per_s([(float(t), min(t, 6.0)) for t in range(10)]) == 0.0
+    falling = [(float(t), 10.0 - t) for t in range(4)]
+    assert steady_slope_per_s(falling) == pytest.approx(-1.0)
+    step = [(float(t), v) for t, v in enumerate((0.0, 0.0, 0.0, 2.0, 2.0, 2.0))]
+    assert slope_per_s(step) > 0
+    assert steady_slope_per_s(step) == 0.0
+    # Up then down: no trend; two samples have nothing to compare.
+    assert steady_slope_per_s([(0.0, 0.0), (1.0, 3.0), (2.0, 0.0)]) == 0.0
+    assert steady_slope_per_s([(0.0, 0.0), (1.0, 3.0)]) == 0.0
 
 
 def test_sla_mode_sizes_decode_from_arrivals_before_the_batch_fills():
