@@ -217,6 +217,8 @@ def main() -> None:
 
 
 WHERE = ("connection", "handler")  # where a frontend sheds before reading
+# The early check's sheds made from the request's bytes, before aiohttp parsed them.
+CONNECTION_CHECKS = "baton_frontend_connection_capacity_sheds_total"
 
 
 def shed_breakdown(metrics: dict[str, list[str]]) -> str:
@@ -226,6 +228,7 @@ def shed_breakdown(metrics: dict[str, list[str]]) -> str:
     (the client's figure adds the queues before the frontend reads the request)."""
     names = ("baton_frontend_overload_sheds_total", "baton_frontend_shed_seconds_count")
     names += ("baton_frontend_shed_seconds_sum", "baton_frontend_shed_seconds_bucket")
+    names += (CONNECTION_CHECKS,)
     before = parse_samples(metrics["before"], names)
     after = parse_samples(metrics["after"], names)
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -241,6 +244,8 @@ def shed_breakdown(metrics: dict[str, list[str]]) -> str:
         mean = (
             f" (mean {total / count * 1000:.1f} ms, {count - within:.0f} over 50)" if count else ""
         )
+        if stage == "frontend":
+            mean += f" ({delta.get(CONNECTION_CHECKS, 0.0):.0f} by their connection)"
         parts.append(f"{stage} {count:.0f}{mean}")
     return ", ".join(parts)
 

@@ -10,13 +10,14 @@ import asyncio
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.messages import ModelCard
@@ -24,14 +25,24 @@ from services.frontend.auth import KeyChecker, KeyGate, load_api_keys
 from services.frontend.call import Call
 from services.frontend.config import FrontendConfig
 from services.frontend.conn_memory import release_body_buffer
-from services.frontend.early_shed import EarlyShed
-from services.frontend.generate import Generator
+from services.frontend.early_shed import CheckedShed, EarlyShed, PlainRequest
+from services.frontend.generate import FrontendShed, Generator
 from services.frontend.goodput import Outcome
-from services.frontend.http_errors import error_for, headers_too_large, json_error, no_route
+from services.frontend.http_errors import (
+    error_for,
+    headers_too_large,
+    json_error,
+    no_route,
+    retry_after_seconds,
+)
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.metrics_merge import merged_metrics
 from services.frontend.models import ModelRegistry
-from services.frontend.objectives import is_high_priority_header, request_objectives
+from services.frontend.objectives import (
+    RequestObjectives,
+    is_high_priority_header,
+    request_objectives,
+)
 from services.frontend.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,7 +63,7 @@ from services.frontend.openai_types import (
 from services.frontend.openapi import openapi_document
 from services.frontend.pressure import LoopPressure
 from services.frontend.render import Kind, error_body
-from services.frontend.worker_pool import WorkerPool
+from services.frontend.worker_pool import Passed, WorkerPool
 from shared.errors import InvalidRequest, NotFound, Overloaded, ServingError, Shed
 from shared.tokenizer import Tokenizer
 
@@ -215,12 +226,49 @@ def early_shed(state: FrontendState, config: FrontendConfig, keys: list[str]) ->
         state.num_requests += 1  # a request complete() never sees
         return msgspec.json.encode(error_body(_overload_shed(state, "connection"), None))
 
+    limits = request_limits(config)
+
+    def check(request: PlainRequest) -> CheckedShed | None:
+        started = time.monotonic()
+        body: SamplingFields
+        try:  # whatever fails here fails in the handler too, which answers it
+            if request.is_chat:
+                body = chat_decoder.decode(request.body)
+            else:
+                body = completion_decoder.decode(request.body)
+            card = _card_for(state, limits, body)
+            objectives = _objectives(state, body, CIMultiDict(request.headers))
+        except Exception:
+            return None
+        try:
+            passed = _early_check(state, body, card, objectives, started)[1]
+        except FrontendShed as shed:
+            state.num_requests += 1  # a request complete() never sees
+            endpoint = "chat" if request.is_chat else "completions"
+            state.metrics.requests.labels(card.name, endpoint, "429").inc()
+            state.metrics.connection_checks.inc()
+            _count_shed(state, card.name, shed, started)
+            retry_after_s = retry_after_seconds(shed.retry_after_s or 1.0)
+            return msgspec.json.encode(error_body(shed)), retry_after_s
+        if passed is not None:
+            passed.release()  # the handler checks it again
+        return None
+
     return EarlyShed(
         lambda: _is_overloaded(state),
         on_shed,
         max_header_bytes=config.max_header_bytes,
         keys=KeyChecker(keys) if keys else None,
+        is_checking=lambda: state.generator.is_shedding_early,
+        check=check,
     )
+
+
+def _count_shed(state: FrontendState, model: str, shed: Shed, started: float) -> None:
+    """Count a request shed for ``model`` (its outcome and how long it took to answer)."""
+    state.num_shed += 1
+    state.metrics.record_outcome(model, Outcome.SHED)
+    state.metrics.shed_latency.labels(shed.stage).observe(time.monotonic() - started)
 
 
 def _under_pressure(request: web.Request) -> web.Response | None:
@@ -306,11 +354,10 @@ async def _read_body(request: web.Request) -> bytearray:
     return body
 
 
-def _card_for(request: web.Request, body: SamplingFields) -> ModelCard:
+def _card_for(state: FrontendState, limits: RequestLimits, body: SamplingFields) -> ModelCard:
     """The card of the model ``body`` asks for, once the request passes the checks that need
     no tokenizer: its limits, the model's features, this frontend's own room."""
-    state = request.app[STATE]
-    check_limits(body, request.app[LIMITS])
+    check_limits(body, limits)
     card = state.models.card(body.model)
     if card is None:
         raise NotFound(f"model {body.model!r} does not exist")
@@ -324,6 +371,39 @@ def _card_for(request: web.Request, body: SamplingFields) -> ModelCard:
     return card
 
 
+def _objectives(
+    state: FrontendState, body: SamplingFields, headers: Mapping[str, str]
+) -> RequestObjectives:
+    return request_objectives(
+        server_ttft_s=state.ttft_s,
+        server_tpot_s=state.tpot_s,
+        body_ttft_ms=body.slo_ttft_ms,
+        body_tpot_ms=body.slo_tpot_ms,
+        body_priority=body.priority,
+        headers=headers,
+    )
+
+
+def _early_check(
+    state: FrontendState,
+    body: SamplingFields,
+    card: ModelCard,
+    objectives: RequestObjectives,
+    started: float,
+) -> tuple[float | None, Passed | None]:
+    """The first token's deadline (None: no TTFT objective), and the pass of the check
+    against the workers' load reports (``Generator.check_capacity``; raises
+    ``FrontendShed``), before any tokenizing. The handler runs it, and so does a connection
+    while the check has been shedding (``early_shed``)."""
+    if objectives.ttft_s is None:
+        return None, None
+    deadline_s = started + objectives.ttft_s
+    passed = state.generator.check_capacity(
+        card.name, objectives, _approx_prompt_tokens(body), deadline_s - time.monotonic()
+    )
+    return deadline_s, passed
+
+
 async def _new_call(
     request: web.Request, kind: Kind, body: SamplingFields, card: ModelCard, started: float
 ) -> Call:
@@ -331,21 +411,8 @@ async def _new_call(
     its prompt tokenized and its sampling checked. Separate from ``complete`` so that none of
     its locals stay in the frame that lives as long as the stream."""
     state = request.app[STATE]
-    objectives = request_objectives(
-        server_ttft_s=state.ttft_s,
-        server_tpot_s=state.tpot_s,
-        body_ttft_ms=body.slo_ttft_ms,
-        body_tpot_ms=body.slo_tpot_ms,
-        body_priority=body.priority,
-        headers=request.headers,
-    )
-    deadline_s = None
-    passed = None
-    if objectives.ttft_s is not None:
-        deadline_s = started + objectives.ttft_s
-        passed = state.generator.check_capacity(
-            card.name, objectives, _approx_prompt_tokens(body), deadline_s - time.monotonic()
-        )
+    objectives = _objectives(state, body, request.headers)
+    deadline_s, passed = _early_check(state, body, card, objectives, started)
     try:
         tokenizer = await state.models.tokenizer(card)
         check_tools(body, tokenizer.chat_template)
@@ -409,7 +476,7 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     card: ModelCard | None = None
     call: Call | None = None
     try:
-        card = _card_for(request, body)
+        card = _card_for(state, request.app[LIMITS], body)
         call = await _new_call(request, kind, body, card, started)
         streams = body.stream
         del body  # the call keeps what it needs of the request, not the request itself
@@ -423,13 +490,12 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
     except ServingError as exc:
         status = str(exc.http_status)
         if isinstance(exc, Shed):
-            state.num_shed += 1
-        if card is not None:
-            if isinstance(exc, Shed):
-                state.metrics.record_outcome(card.name, Outcome.SHED)
-                state.metrics.shed_latency.labels(exc.stage).observe(time.monotonic() - started)
-            elif not isinstance(exc, InvalidRequest | NotFound):
-                state.metrics.record_outcome(card.name, Outcome.ERROR)
+            if card is not None:
+                _count_shed(state, card.name, exc, started)
+            else:
+                state.num_shed += 1
+        elif card is not None and not isinstance(exc, InvalidRequest | NotFound):
+            state.metrics.record_outcome(card.name, Outcome.ERROR)
         return error_response(exc)
     except asyncio.CancelledError:
         status = "cut" if call is not None and call.is_cut else "cancelled"
@@ -447,6 +513,14 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
         state.metrics.requests.labels(model, endpoint, status).inc()
 
 
+def request_limits(config: FrontendConfig) -> RequestLimits:
+    return RequestLimits(
+        max_messages=config.max_messages,
+        max_prompt_chars=config.max_prompt_chars,
+        max_stop_strings=config.max_stop_strings,
+    )
+
+
 def build_app(
     state: FrontendState, config: FrontendConfig | None = None, keys: list[str] | None = None
 ) -> web.Application:
@@ -461,11 +535,7 @@ def build_app(
         config.max_header_bytes,
         KeyGate(keys, is_metrics_open=not config.metrics_require_key) if keys else None,
     )
-    app[LIMITS] = RequestLimits(
-        max_messages=config.max_messages,
-        max_prompt_chars=config.max_prompt_chars,
-        max_stop_strings=config.max_stop_strings,
-    )
+    app[LIMITS] = request_limits(config)
     is_metrics_open = not (keys and config.metrics_require_key)
     app[OPENAPI] = msgspec.json.encode(
         openapi_document(has_api_keys=bool(keys), is_metrics_open=is_metrics_open)

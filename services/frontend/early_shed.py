@@ -1,20 +1,26 @@
 """The cheapest 429 there is: answered from the connection's ``data_received``.
 
-While this frontend's own loop lags (``LoopPressure``), completion requests are shed before
-their body is read (``app._under_pressure``). Through aiohttp, that answer still costs a
-request object, a task, the route, the handler and a response object: about 370 µs of
-CPU each on this project's 2-core machine, against about 70 µs for a bare protocol that
-writes a canned reply. At ten times a worker's capacity the sheds are most of what a
-frontend does, so their price decides how much CPU is left for the streams it serves.
+A frontend sheds a completion request for two reasons: its own loop lags (``LoopPressure``;
+then before the body is read, ``app._under_pressure``), or the workers' load reports say
+no worker can give it its first token in time (the early check, ``app._early_check``).
+Through aiohttp either answer still costs a request object, a task, the route, the handler
+and a response object: about 370 µs of CPU each on this project's 2-core machine, against
+about 70 µs for a bare protocol that writes a canned reply. At ten times a worker's
+capacity the sheds are most of what a frontend does, so their price decides how much CPU
+is left for the streams it serves.
 
 Here a connection's handler answers the plain case itself, from the raw bytes, before
 aiohttp parses them: one whole ``POST`` to a completion path in one read, with a
 ``Content-Length`` body, on a keep-alive connection with no request in progress, and not
-marked high priority. Everything else (a body still on its way, chunked bodies, pipelined
-requests, ``Expect``, HTTP/1.0, a missing or wrong API key) goes through aiohttp and the
-handler's own check, which gives the same 429 or the error that comes first. The handler
-reads a few of aiohttp's private fields to know the connection is idle; ``is_supported``
-says whether the installed aiohttp still has them, and without them nothing changes.
+marked high priority. While the loop lags it sheds that request unread. While the early
+check has been shedding (its last answer was a shed), it decodes the body and runs the same
+check (``EarlyShed.check``); a request the check passes, or one with anything to say first
+(a bad body, an unknown model), goes on to aiohttp and is decoded again there. Everything
+else (a body still on its way, chunked bodies, pipelined requests, ``Expect``, HTTP/1.0, a
+missing or wrong API key) goes through aiohttp and the handler's own checks, which give
+the same 429 or the error that comes first. The handler reads a few of aiohttp's private
+fields to know the connection is idle; ``is_supported`` says whether the installed aiohttp
+still has them, and without them nothing changes.
 """
 
 import asyncio
@@ -42,11 +48,15 @@ _FIELDS += ("_request_count", "_keepalive_handle")
 
 @dataclass(frozen=True, slots=True)
 class PlainRequest:
-    """What the early answer needs of a request: whether the client asked to close, and the
-    key it presented (None: no ``Authorization: Bearer``)."""
+    """What the early answer needs of a request: whether the client asked to close, the key
+    it presented (None: no ``Authorization: Bearer``), whether it is a chat completion, its
+    headers (names as sent, values decoded as Latin-1) and its body."""
 
     close: bool
     bearer: str | None
+    is_chat: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
 
 
 def plain_completion(data: bytes, max_header_bytes: int) -> PlainRequest | None:
@@ -62,12 +72,14 @@ def plain_completion(data: bytes, max_header_bytes: int) -> PlainRequest | None:
     length = -1
     close = False
     bearer: str | None = None
+    headers: list[tuple[str, str]] = []
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
+        raw_name, sep, value = line.partition(b":")
         if not sep:
             return None
-        name = name.strip().lower()
         value = value.strip()
+        headers.append((raw_name.decode("latin-1"), value.decode("latin-1")))
+        name = raw_name.strip().lower()
         if name == b"content-length":
             if length >= 0 or not value.isdigit():
                 return None
@@ -83,18 +95,20 @@ def plain_completion(data: bytes, max_header_bytes: int) -> PlainRequest | None:
             scheme, _, token = value.partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 bearer = token.strip().decode("latin-1")
-    if length < 0 or len(data) != end + len(_HEADERS_END) + length:
+    start = end + len(_HEADERS_END)
+    if length < 0 or len(data) != start + length:
         return None  # a body still on its way, or a second request behind this one
-    return PlainRequest(close, bearer)
+    is_chat = lines[0] == COMPLETION_LINES[1]
+    return PlainRequest(close, bearer, is_chat, tuple(headers), data[start:])
 
 
-def reply_429(body: bytes, *, close: bool) -> bytes:
-    """The whole HTTP response: ``body`` (OpenAI's error shape) with ``Retry-After: 1``."""
+def reply_429(body: bytes, *, close: bool, retry_after_s: int = 1) -> bytes:
+    """The whole HTTP response: ``body`` (OpenAI's error shape) with ``Retry-After``."""
     head = (
         b"HTTP/1.1 429 Too Many Requests\r\n"
         b"Content-Type: application/json; charset=utf-8\r\n"
-        b"Retry-After: 1\r\n"
-        b"Content-Length: %d\r\n" % len(body)
+        b"Retry-After: %d\r\n"
+        b"Content-Length: %d\r\n" % (retry_after_s, len(body))
     )
     if close:
         head += b"Connection: close\r\n"
@@ -113,12 +127,19 @@ def is_supported() -> bool:
     )
 
 
-class EarlyShed:
-    """The decision and the answer, shared by every connection of one server.
+# What ``EarlyShed.check`` answers for a request the early check sheds: the error body and
+# its Retry-After in seconds.
+CheckedShed = tuple[bytes, int]
 
-    ``is_shedding`` says whether to shed now; ``on_shed`` counts one shed and returns the
-    error body. ``keys``: with API keys, only a request that presents a valid one is shed
-    here (the others get their 401 from the handler, as they would without the lag)."""
+
+class EarlyShed:
+    """The decisions and the answers, shared by every connection of one server.
+
+    ``is_shedding`` says whether to shed unread now (the loop lags); ``on_shed`` counts one
+    such shed and returns the error body. ``is_checking`` says whether to run the early
+    check on the connection now, and ``check`` runs it: the answer for a request it sheds
+    (counted), or None. ``keys``: with API keys, only a request that presents a valid one is
+    answered here (the others get their 401 from the handler, as they would otherwise)."""
 
     def __init__(
         self,
@@ -127,11 +148,19 @@ class EarlyShed:
         *,
         max_header_bytes: int,
         keys: KeyChecker | None = None,
+        is_checking: Callable[[], bool] = lambda: False,
+        check: Callable[[PlainRequest], CheckedShed | None] = lambda _: None,
     ) -> None:
         self.is_shedding = is_shedding
         self.on_shed = on_shed
         self.max_header_bytes = max_header_bytes
         self.keys = keys
+        self.is_checking = is_checking
+        self.check = check
+
+    def is_active(self) -> bool:
+        """Whether a connection should look at its bytes before aiohttp does."""
+        return self.is_shedding() or self.is_checking()
 
     def answer(self, data: bytes) -> tuple[bytes, bool] | None:
         """The response to write for ``data`` and whether to close after it, or None."""
@@ -142,7 +171,13 @@ class EarlyShed:
             request.bearer is None or not self.keys.is_valid(request.bearer)
         ):
             return None
-        return reply_429(self.on_shed(), close=request.close), request.close
+        if self.is_shedding():
+            return reply_429(self.on_shed(), close=request.close), request.close
+        shed = self.check(request) if self.is_checking() else None
+        if shed is None:
+            return None
+        body, retry_after_s = shed
+        return reply_429(body, close=request.close, retry_after_s=retry_after_s), request.close
 
 
 class _Handler(RequestHandler):
@@ -168,7 +203,7 @@ class _Handler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         server = self._manager
-        if isinstance(server, _Server) and server.early.is_shedding() and self._is_idle():
+        if isinstance(server, _Server) and server.early.is_active() and self._is_idle():
             answer = server.early.answer(data)
             if answer is not None:
                 response, close = answer

@@ -148,6 +148,9 @@ class Generator:
         self._route_timeout_s = route_timeout_s
         self._router_subject = subjects.router_requests(namespace)
         self._on_route_fallback = on_route_fallback
+        # Whether check_capacity's last answer was a shed: while it is, the connections run
+        # the check on a request's bytes before aiohttp parses them (``early_shed``).
+        self.is_shedding_early = False
 
     @property
     def num_queued(self) -> int:
@@ -176,7 +179,9 @@ class Generator:
             return None  # placing it says why
         now_s = time.monotonic()
         best = min(candidates, key=lambda w: w.predicted_wait_s(num_tokens, now_s))
+        self.is_shedding_early = True
         self._check_wait(best, num_tokens, budget_s, now_s)
+        self.is_shedding_early = False
         return Passed(best)
 
     def _check_wait(

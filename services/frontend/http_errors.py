@@ -44,6 +44,11 @@ class HTTPStatusError(ServingError):
         self.status = status
 
 
+def retry_after_seconds(retry_after_s: float) -> int:
+    """A ``Retry-After`` header's whole seconds for ``retry_after_s``: at least 1."""
+    return max(1, round(retry_after_s))
+
+
 def json_error(
     error: ServingError,
     *,
@@ -58,7 +63,7 @@ def json_error(
         body["error"]["type"] = _OPENAI_TYPES.get(status, "invalid_request_error")
     out = dict(headers or {})
     if error.retry_after_s is not None:
-        out["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        out["Retry-After"] = str(retry_after_seconds(error.retry_after_s))
     return web.Response(
         body=msgspec.json.encode(body),
         status=status,

@@ -139,6 +139,12 @@ class FrontendMetrics:
         )
         for where in ("connection", "handler"):  # both series from the start, at zero
             self.overload_sheds.labels(where)
+        self.connection_checks = Counter(
+            "baton_frontend_connection_capacity_sheds",
+            "requests the early check (stage frontend of baton_frontend_shed_seconds) shed "
+            "from their connection's bytes, before aiohttp parsed them",
+            registry=self.registry,
+        )
         self.migrations = Counter(
             "baton_frontend_migrations",
             "streams moved to another worker after theirs died or dropped them",

@@ -1,5 +1,6 @@
 """While a frontend's loop lags, a plain completion request is answered 429 by its
-connection, before aiohttp reads it; the rest take the usual path, with the same answers."""
+connection, before aiohttp reads it; while the early check sheds, the connection runs it on
+the request's bytes. The rest take the usual path, with the same answers."""
 
 import asyncio
 import json
@@ -18,8 +19,8 @@ BODY = json.dumps(
 ).encode()
 
 
-def raw_request(*headers: str, body: bytes = BODY) -> bytes:
-    lines = ["POST /v1/completions HTTP/1.1", "Host: baton", "Content-Type: application/json"]
+def raw_request(*headers: str, body: bytes = BODY, path: str = "/v1/completions") -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: baton", "Content-Type: application/json"]
     if not any(h.lower().startswith("transfer-encoding") for h in headers):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join([*lines, *headers]) + "\r\n\r\n").encode() + body
@@ -118,3 +119,61 @@ async def test_with_api_keys_only_a_valid_key_is_shed_early(start_cluster):
         writer.close()
     early = await metric(cluster.url, "baton_frontend_overload_sheds_total", where="connection")
     assert early == 1
+
+
+# 1 ns: gone before any check runs, so the early check sheds whatever the workers report.
+TIGHT = "X-Baton-SLO-TTFT-Ms: 0.000001"
+CHAT_BODY = json.dumps(
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+).encode()
+
+
+def assert_checked_shed(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status == 429
+    assert int(headers["retry-after"]) >= 1
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", 429)
+    assert "from a first token" in error["message"]
+
+
+@pytest.mark.timeout(120)
+async def test_while_the_early_check_sheds_a_connection_runs_it_first(start_cluster):
+    cluster = await start_cluster(num_workers=1, worker_args=SLO, frontend_args=SLO)
+    host, port = cluster.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        # The first through aiohttp; its shed turns the check on for the connections.
+        for _ in range(3):
+            writer.write(raw_request(TIGHT))
+            assert_checked_shed(*await read_response(reader))
+        # What the check cannot read goes on to aiohttp, which says what is wrong.
+        writer.write(raw_request(TIGHT, body=b"not json"))
+        status, _, body = await read_response(reader)
+        assert status == 400
+        assert "not valid JSON" in json.loads(body)["error"]["message"]
+        writer.write(raw_request(TIGHT, body=CHAT_BODY, path="/v1/chat/completions"))
+        assert_checked_shed(*await read_response(reader))
+        # One the check passes goes on to aiohttp and is served; the check is off again,
+        # so the next shed is the handler's.
+        writer.write(raw_request())
+        status, _, body = await read_response(reader)
+        assert status == 200
+        assert json.loads(body)["usage"]["completion_tokens"] == 3
+        writer.write(raw_request(TIGHT))
+        assert_checked_shed(*await read_response(reader))
+    finally:
+        writer.close()
+
+    async with aiohttp.ClientSession() as session:
+        on_connection = await metric(
+            cluster.url, "baton_frontend_connection_capacity_sheds_total", session
+        )
+        shed = await metric(
+            cluster.url, "baton_frontend_shed_seconds_count", session, stage="frontend"
+        )
+        by_model = await metric(
+            cluster.url, "baton_frontend_goodput_requests_total", session, outcome="shed"
+        )
+        answered = await metric(cluster.url, "baton_frontend_requests_total", session, status="429")
+    assert on_connection == 3  # the second, the third and the chat request
+    assert shed == by_model == answered == 5

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from services.frontend.early_shed import is_supported, plain_completion, reply_429
+from services.frontend.early_shed import EarlyShed, is_supported, plain_completion, reply_429
 
 LIMIT = 16 * 1024
 
@@ -32,6 +32,51 @@ def test_close_and_the_bearer_key_are_read():
     assert found is not None
     assert found.close
     assert found.bearer == "k1"
+
+
+def test_the_path_headers_and_body_are_kept_for_the_check():
+    data = request("Content-Length: 2", "X-Baton-SLO-TTFT-Ms: 5")
+    found = plain_completion(data, LIMIT)
+    assert found is not None
+    assert (found.is_chat, found.body) == (False, b"{}")
+    assert ("X-Baton-SLO-TTFT-Ms", "5") in found.headers
+    chat = plain_completion(
+        request("Content-Length: 2", line="POST /v1/chat/completions HTTP/1.1"), LIMIT
+    )
+    assert chat is not None
+    assert chat.is_chat
+
+
+def test_the_check_answers_only_while_it_is_on_and_sheds():
+    checked: list[bytes] = []
+    state = {"lagging": False, "checking": False, "shed": True}
+
+    def check(request):
+        checked.append(request.body)
+        return (b'{"error": {}}', 3) if state["shed"] else None
+
+    early = EarlyShed(
+        lambda: state["lagging"],
+        lambda: b"lag",
+        max_header_bytes=LIMIT,
+        is_checking=lambda: state["checking"],
+        check=check,
+    )
+    data = request("Content-Length: 2")
+    assert not early.is_active()
+    assert early.answer(data) is None
+    state["checking"] = True
+    assert early.is_active()
+    reply, close = early.answer(data)
+    assert not close
+    assert b"Retry-After: 3" in reply
+    assert reply.endswith(b'{"error": {}}')
+    state["shed"] = False
+    assert early.answer(data) is None  # passed: aiohttp serves it
+    state["lagging"] = True  # the lag sheds unread, before any check
+    reply, _ = early.answer(data)
+    assert reply.endswith(b"lag")
+    assert checked == [b"{}", b"{}"]
 
 
 @pytest.mark.parametrize(
