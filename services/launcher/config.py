@@ -31,12 +31,11 @@ class UpConfig:
         ),
     )
     frontend_nice: int = field(
-        default=5,
+        default=0,
         metadata=doc(
             "niceness added to the frontend processes (0-19): every process shares this"
-            " host's CPUs, and under overload a frontend that yields to the engines sheds"
-            " what they cannot serve instead of taking the CPU they serve with"
-            " (docs/admission.md)"
+            " host's CPUs; above 0 the engines get the CPU first under overload, and the"
+            " frontends' own sheds wait for what is left (docs/admission.md)"
         ),
     )
     num_prefill_workers: int = field(
