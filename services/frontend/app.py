@@ -230,6 +230,8 @@ def early_shed(state: FrontendState, config: FrontendConfig, keys: list[str]) ->
 
     def check(request: PlainRequest) -> CheckedShed | None:
         started = time.monotonic()
+        if len(request.body) > config.max_body_bytes:
+            return None  # the handler's 413
         body: SamplingFields
         try:  # whatever fails here fails in the handler too, which answers it
             if request.is_chat:

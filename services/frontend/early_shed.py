@@ -4,10 +4,10 @@ A frontend sheds a completion request for two reasons: its own loop lags (``Loop
 then before the body is read, ``app._under_pressure``), or the workers' load reports say
 no worker can give it its first token in time (the early check, ``app._early_check``).
 Through aiohttp either answer still costs a request object, a task, the route, the handler
-and a response object: about 370 µs of CPU each on this project's 2-core machine, against
-about 70 µs for a bare protocol that writes a canned reply. At ten times a worker's
-capacity the sheds are most of what a frontend does, so their price decides how much CPU
-is left for the streams it serves.
+and a response object: about 400 µs of CPU each on this project's 2-core machine, against
+about 70 µs for a bare protocol that writes a canned reply (``bench/shed_cost.py``). At ten
+times a worker's capacity the sheds are most of what a frontend does, so their price
+decides how much CPU is left for the streams it serves.
 
 Here a connection's handler answers the plain case itself, from the raw bytes, before
 aiohttp parses them: one whole ``POST`` to a completion path in one read, with a
@@ -78,7 +78,7 @@ def plain_completion(data: bytes, max_header_bytes: int) -> PlainRequest | None:
         if not sep:
             return None
         value = value.strip()
-        headers.append((raw_name.decode("latin-1"), value.decode("latin-1")))
+        headers.append((raw_name.strip().decode("latin-1"), value.decode("latin-1")))
         name = raw_name.strip().lower()
         if name == b"content-length":
             if length >= 0 or not value.isdigit():

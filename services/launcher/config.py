@@ -9,6 +9,8 @@ from shared.lifecycle import default_num_procs
 from shared.security import ClusterSecurity
 from shared.slo import SLOConfig
 
+AUTO_NICE = -1  # UpConfig.frontend_nice: chosen by the objectives (frontend_niceness)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpConfig:
@@ -31,11 +33,13 @@ class UpConfig:
         ),
     )
     frontend_nice: int = field(
-        default=0,
+        default=AUTO_NICE,
         metadata=doc(
-            "niceness added to the frontend processes (0-19): every process shares this"
-            " host's CPUs; above 0 the engines get the CPU first under overload, and the"
-            " frontends' own sheds wait for what is left (docs/admission.md)"
+            "niceness added to the frontend processes (0-19; -1: 0 with a TTFT objective,"
+            " 5 without): every process shares this host's CPUs. Without objectives the"
+            " frontends yield to the engines, whose steps set the pace; with one, admission"
+            " keeps the engines' load in bounds and the frontends' sheds must not wait for a"
+            " core (docs/admission.md)"
         ),
     )
     num_prefill_workers: int = field(
@@ -141,8 +145,10 @@ class UpConfig:
             raise ValueError(f"num_routers must be >= 0, got {self.num_routers}")
         if self.num_frontends < 0:
             raise ValueError(f"num_frontends must be >= 0, got {self.num_frontends}")
-        if not 0 <= self.frontend_nice <= 19:
-            raise ValueError(f"frontend_nice must be in [0, 19], got {self.frontend_nice}")
+        if not AUTO_NICE <= self.frontend_nice <= 19:
+            raise ValueError(
+                f"frontend_nice must be in [0, 19] or {AUTO_NICE}, got {self.frontend_nice}"
+            )
         if self.num_prefill_workers < 0:
             raise ValueError(f"num_prefill_workers must be >= 0, got {self.num_prefill_workers}")
         if min(self.min_prefill_workers, self.max_total_workers, self.min_total_workers) < 0:
@@ -165,6 +171,16 @@ class UpConfig:
                 f"max_workers must be >= num_workers ({self.num_workers}), got {self.max_workers}"
             )
 
+    @property
+    def frontend_niceness(self) -> int:
+        """``frontend_nice``, with ``AUTO_NICE`` read as 0 where a TTFT objective is set
+        (the frontends shed what the engines cannot serve, and a shed that waits for a core
+        is late) and 5 where none is (every request is served, and the engines set the
+        pace)."""
+        if self.frontend_nice != AUTO_NICE:
+            return self.frontend_nice
+        return 0 if self.slo.slo_ttft_ms > 0 else 5
+
     def cluster_spec(self) -> ClusterSpec:
         """The cluster these flags describe."""
         engine = ("--model", self.model, "--engine", self.engine, "--speedup", str(self.speedup))
@@ -178,7 +194,7 @@ class UpConfig:
             num_prefill_workers=self.num_prefill_workers,
             num_workers=self.num_workers,
             num_frontends=self.num_frontends or default_num_procs(),
-            frontend_args=("--nice", str(self.frontend_nice)),
+            frontend_args=("--nice", str(self.frontend_niceness)),
             router_args=("--mode", self.router_mode),
             prefill_args=engine,
             decode_args=engine,

@@ -9,6 +9,7 @@ from services.launcher.config import UpConfig
 from services.worker.config import WorkerServiceConfig
 from shared.config import load_config
 from shared.engine.config import EngineConfig, WorkerConfig
+from shared.slo import SLOConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,9 +101,22 @@ def test_niceness_settings_stay_within_what_the_kernel_takes():
     with pytest.raises(ValueError, match="nice"):
         FrontendConfig(nice=20)
     with pytest.raises(ValueError, match="frontend_nice"):
-        UpConfig(frontend_nice=-1)
+        UpConfig(frontend_nice=-2)
+    with pytest.raises(ValueError, match="frontend_nice"):
+        UpConfig(frontend_nice=20)
     # baton up hands its setting to the frontends; they apply it once, at start.
     assert UpConfig(frontend_nice=3).cluster_spec().frontend_args == ("--nice", "3")
+
+
+def test_the_frontends_yield_to_the_engines_only_without_a_ttft_objective():
+    # By default (-1): 5 without objectives, 0 with a TTFT objective; a setting wins.
+    assert UpConfig().cluster_spec().frontend_args == ("--nice", "5")
+    tpot_only = SLOConfig(slo_tpot_ms=100)
+    assert UpConfig(slo=tpot_only).cluster_spec().frontend_args == ("--nice", "5")
+    ttft = SLOConfig(slo_ttft_ms=2000, slo_tpot_ms=100)
+    assert UpConfig(slo=ttft).cluster_spec().frontend_args == ("--nice", "0")
+    assert UpConfig(slo=ttft, frontend_nice=5).cluster_spec().frontend_args == ("--nice", "5")
+    assert UpConfig(frontend_nice=0).cluster_spec().frontend_args == ("--nice", "0")
 
 
 def test_baton_up_refuses_a_floor_on_the_total_above_its_cap():
