@@ -247,7 +247,7 @@ def early_shed(state: FrontendState, config: FrontendConfig, keys: list[str]) ->
         except FrontendShed as shed:
             state.num_requests += 1  # a request complete() never sees
             endpoint = "chat" if request.is_chat else "completions"
-            state.metrics.requests.labels(card.name, endpoint, "429").inc()
+            state.metrics.child(state.metrics.requests, card.name, endpoint, "429").inc()
             state.metrics.connection_checks.inc()
             _count_shed(state, card.name, shed, started)
             retry_after_s = retry_after_seconds(shed.retry_after_s or 1.0)
@@ -269,8 +269,9 @@ def early_shed(state: FrontendState, config: FrontendConfig, keys: list[str]) ->
 def _count_shed(state: FrontendState, model: str, shed: Shed, started: float) -> None:
     """Count a request shed for ``model`` (its outcome and how long it took to answer)."""
     state.num_shed += 1
-    state.metrics.record_outcome(model, Outcome.SHED)
-    state.metrics.shed_latency.labels(shed.stage).observe(time.monotonic() - started)
+    metrics = state.metrics
+    metrics.record_outcome(model, Outcome.SHED)
+    metrics.child(metrics.shed_latency, shed.stage).observe(time.monotonic() - started)
 
 
 def _under_pressure(request: web.Request) -> web.Response | None:
@@ -330,7 +331,12 @@ def _approx_prompt_tokens(body: SamplingFields) -> int:
         prompt = body.prompt
         if isinstance(prompt, str):
             return len(prompt) // 4 + 1
-        return sum(1 if isinstance(p, int) else len(p) for p in prompt)
+        if isinstance(prompt[0], int):
+            return len(prompt)  # token ids (``_prompt_chars`` says why only the first is read)
+        return sum(
+            1 if isinstance(p, int) else len(p) // 4 + 1 if isinstance(p, str) else len(p)
+            for p in prompt
+        )
     assert isinstance(body, ChatCompletionRequest)
     size = 0
     for message in body.messages:
@@ -512,7 +518,7 @@ async def complete(request: web.Request, kind: Kind) -> web.StreamResponse:
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
         model = UNKNOWN_MODEL if card is None else card.name
-        state.metrics.requests.labels(model, endpoint, status).inc()
+        state.metrics.child(state.metrics.requests, model, endpoint, status).inc()
 
 
 def request_limits(config: FrontendConfig) -> RequestLimits:

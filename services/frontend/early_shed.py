@@ -50,7 +50,8 @@ _FIELDS += ("_request_count", "_keepalive_handle")
 class PlainRequest:
     """What the early answer needs of a request: whether the client asked to close, the key
     it presented (None: no ``Authorization: Bearer``), whether it is a chat completion, its
-    headers (names as sent, values decoded as Latin-1) and its body."""
+    ``X-Baton-*`` headers, the only ones the check reads (names as sent, values decoded as
+    Latin-1), and its body."""
 
     close: bool
     bearer: str | None
@@ -59,10 +60,15 @@ class PlainRequest:
     body: bytes = b""
 
 
+_BATON_HEADER = b"x-baton-"
+_NOT_PLAIN = (b"transfer-encoding", b"expect", b"upgrade")
+
+
 def plain_completion(data: bytes, max_header_bytes: int) -> PlainRequest | None:
     """``data`` read as exactly one whole completion request that may be shed here, or None
     (then aiohttp reads it). High priority (``X-Baton-Priority: high`` or a negative value)
-    is never shed before reading, so it is None too."""
+    is never shed before reading, so it is None too. At ten times a worker's capacity this
+    runs thousands of times a second: only the headers it acts on are decoded."""
     end = data.find(_HEADERS_END)
     if end < 0 or end > max_header_bytes:
         return None
@@ -77,22 +83,23 @@ def plain_completion(data: bytes, max_header_bytes: int) -> PlainRequest | None:
         raw_name, sep, value = line.partition(b":")
         if not sep:
             return None
-        value = value.strip()
-        headers.append((raw_name.strip().decode("latin-1"), value.decode("latin-1")))
         name = raw_name.strip().lower()
         if name == b"content-length":
+            value = value.strip()
             if length >= 0 or not value.isdigit():
                 return None
             length = int(value)
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+        elif name.startswith(_BATON_HEADER):
+            text = value.strip().decode("latin-1")
+            if name == b"x-baton-priority" and is_high_priority_header(text):
+                return None
+            headers.append((raw_name.strip().decode("latin-1"), text))
+        elif name in _NOT_PLAIN:
             return None
         elif name == b"connection":
             close = b"close" in value.lower()
-        elif name == b"x-baton-priority":
-            if is_high_priority_header(value.decode("latin-1")):
-                return None
         elif name == b"authorization":
-            scheme, _, token = value.partition(b" ")
+            scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 bearer = token.strip().decode("latin-1")
     start = end + len(_HEADERS_END)

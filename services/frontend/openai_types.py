@@ -283,6 +283,11 @@ def _prompt_chars(request: SamplingFields) -> int:
         prompt = request.prompt
         if isinstance(prompt, str):
             return len(prompt)
+        if isinstance(prompt[0], int):
+            # Token ids (the schema's lists are never empty). Only a list of ids is a valid
+            # list starting with one: ``completion_prompt`` refuses any other before it is
+            # tokenized, so it is not read element by element here, on every request.
+            return 0
         return sum(len(p) for p in prompt if isinstance(p, str))
     assert isinstance(request, ChatCompletionRequest)
     size = 0

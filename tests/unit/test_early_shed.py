@@ -140,3 +140,40 @@ def test_both_shed_series_are_exported_from_the_start():
     text = generate_latest(FrontendMetrics(60.0).registry).decode()
     for where in ("connection", "handler"):
         assert f'baton_frontend_overload_sheds_total{{where="{where}"}} 0.0' in text
+
+
+def test_a_kept_child_counts_in_the_exported_series():
+    from prometheus_client import generate_latest
+
+    from services.frontend.metrics import FrontendMetrics
+
+    metrics = FrontendMetrics(60.0)
+    first = metrics.child(metrics.requests, "m", "completions", "429")
+    assert metrics.child(metrics.requests, "m", "completions", "429") is first
+    first.inc()
+    metrics.child(metrics.requests, "m", "completions", "429").inc()
+    metrics.child(metrics.shed_latency, "frontend").observe(0.001)
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        'baton_frontend_requests_total{endpoint="completions",model="m",status="429"} 2.0' in text
+    )
+    assert 'baton_frontend_shed_seconds_count{stage="frontend"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("prompt", "tokens"),
+    [
+        ("x" * 400, 101),  # about four characters a token
+        (list(range(200)), 200),  # token ids: exact, without walking them
+        ([list(range(30))], 30),
+        (["x" * 40], 11),
+    ],
+)
+def test_the_early_check_guesses_a_prompt_s_length_without_tokenizing(prompt, tokens):
+    import msgspec
+
+    from services.frontend.app import _approx_prompt_tokens
+    from services.frontend.openai_types import completion_decoder
+
+    body = completion_decoder.decode(msgspec.json.encode({"model": "m", "prompt": prompt}))
+    assert _approx_prompt_tokens(body) == tokens

@@ -252,6 +252,16 @@ def test_check_limits_passes_requests_at_the_limits():
     check_limits(completion(prompt=list(range(1000))), LIMITS)  # token ids: the context bounds them
 
 
+def test_a_list_of_ids_with_text_in_it_is_refused_before_it_is_tokenized():
+    """check_limits reads a list that starts with an id as ids (it does not walk it, on
+    every request); such a list with text in it is refused as it is turned into a prompt,
+    which comes before any tokenizing, so the text's length never matters."""
+    body = completion(prompt=[1, "g" * 11])
+    check_limits(body, LIMITS)
+    with pytest.raises(InvalidRequest, match="only token ids"):
+        completion_prompt(body)
+
+
 def test_echo_and_suffix_are_refused_rather_than_ignored():
     with pytest.raises(FieldError, match="echo"):
         completion_prompt(completion(echo=True))
