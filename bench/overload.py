@@ -6,8 +6,8 @@ Ladder: levels of ``--levels`` times the ``--base-rate`` (the 1x load, in req/s)
 recovery after each level is measured. The checks of the admission issue are printed with the
 table: good req/s at every level >= 90 % of 1x; no failure but sheds; sheds answered in
 <= 50 ms p99 (client side); >= 95 % good in each "after" window. Server CPU (every process,
-by kind) and the client's CPU are measured over the run, so where the machine is the limit
-shows.
+by kind) and the client's CPU are measured over the run, and sampled once a second for a
+table of the cores each kind used in each stage, so where the machine is the limit shows.
 
 Trace: ``--trace PATH --time-scale F`` replays a trace window instead (see ``baton bench``).
 
@@ -27,9 +27,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,52 @@ def cpu_seconds(pids: list[int]) -> dict[str, float]:
                     t = proc.cpu_times()
                     out[label] = out.get(label, 0.0) + t.user + t.system
     return out
+
+
+CpuSample = tuple[float, dict[str, float]]  # wall clock, CPU seconds so far by kind
+
+
+def sample_cpu(
+    pids: list[int], client: subprocess.Popen[bytes], stop: threading.Event, into: list[CpuSample]
+) -> None:
+    """Append the CPU seconds so far, by kind (the client's processes as ``client``), once a
+    second until ``stop`` is set."""
+    while not stop.is_set():
+        now = time.time()
+        used = cpu_seconds(pids)
+        used["client"] = sum(cpu_seconds([client.pid]).values())
+        into.append((now, used))
+        stop.wait(1.0 - (time.time() - now) % 1.0)
+
+
+def cores_by_stage(
+    samples: list[CpuSample], result: dict[str, Any]
+) -> list[tuple[str, dict[str, float]]]:
+    """Cores used by each kind of process in each stage (between the samples nearest the
+    stage's start and end), from ``sample_cpu``'s samples and the bench's stage times."""
+    started = datetime.fromisoformat(result["started_at"]).timestamp()
+    rows = []
+    for stage in result["stages"]:
+        start = started + stage["start_s"]
+        end = start + stage["duration_s"]
+        first = min(samples, key=lambda s: abs(s[0] - start))
+        last = min(samples, key=lambda s: abs(s[0] - end))
+        span = last[0] - first[0]
+        if span <= 0:
+            continue
+        kinds = last[1].keys() | first[1].keys()
+        used = {k: (last[1].get(k, 0.0) - first[1].get(k, 0.0)) / span for k in kinds}
+        rows.append((stage["label"], used))
+    return rows
+
+
+def print_cores(rows: list[tuple[str, dict[str, float]]]) -> None:
+    kinds = sorted({k for _, used in rows for k, v in used.items() if v >= 0.005})
+    print(f"\ncores used, by stage ({os.cpu_count()} on this machine)")
+    print(f"{'stage':<12} " + " ".join(f"{k[:11]:>11}" for k in kinds) + f" {'total':>7}")
+    for label, used in rows:
+        cells = " ".join(f"{used.get(k, 0.0):>11.2f}" for k in kinds)
+        print(f"{label:<12} {cells} {sum(used.values()):>7.2f}")
 
 
 def stages(args: argparse.Namespace) -> str:
@@ -181,10 +229,22 @@ def main() -> None:
         out = os.path.join(tmp, "bench.json")
         before = cpu_seconds(cluster.pids)
         started = time.monotonic()
-        subprocess.run(bench_command(args, cluster.url, out), cwd=ROOT, check=True)
+        samples: list[CpuSample] = []
+        stop = threading.Event()
+        with subprocess.Popen(bench_command(args, cluster.url, out), cwd=ROOT) as client:
+            sampler = threading.Thread(
+                target=sample_cpu, args=(cluster.pids, client, stop, samples), daemon=True
+            )
+            sampler.start()
+            returncode = client.wait()
+            stop.set()
+            sampler.join()
+        if returncode:
+            raise subprocess.CalledProcessError(returncode, client.args)
         wall_s = time.monotonic() - started
         after = cpu_seconds(cluster.pids)
         result = json.loads(Path(out).read_text())
+    cores = cores_by_stage(samples, result)
     server_cpu = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     admission = "without objectives (admission off)" if args.no_admission else "with objectives"
     print(f"\n{args.workers} decode + {args.prefill} prefill worker(s), {admission}")
@@ -202,6 +262,8 @@ def main() -> None:
     print(f"server CPU s over {wall_s:.0f} s: {cpu} (total {sum(server_cpu.values()):.1f})")
     print(f"client CPU s: {result['client_cpu_s']:.1f} over {result['client_procs']} process(es)")
     print(f"sheds as the frontends counted them: {shed_breakdown(result['server_metrics'])}")
+    if not args.trace:
+        print_cores(cores)
     verdicts = [] if args.trace else checks(result, args)
     for name, ok, detail in verdicts:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
@@ -211,6 +273,7 @@ def main() -> None:
             "bench": result,
             "server_cpu_s": server_cpu,
             "wall_s": wall_s,
+            "cores_by_stage": [{"stage": label, **used} for label, used in cores],
             "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in verdicts],
         }
         Path(args.json).write_text(json.dumps(doc, indent=1))
