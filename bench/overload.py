@@ -63,6 +63,19 @@ def cpu_seconds(pids: list[int]) -> dict[str, float]:
 
 
 CpuSample = tuple[float, dict[str, float]]  # wall clock, CPU seconds so far by kind
+STOLEN = "stolen"  # not a process: CPU time the hypervisor gave to other guests
+
+
+def stolen_seconds() -> float | None:
+    """The machine's CPU time stolen by its hypervisor so far (Linux ``/proc/stat``: the
+    eighth field of the ``cpu`` line), or None where it cannot be read. On a shared virtual
+    machine it is what other guests took from this one's cores while it had work."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def sample_cpu(
@@ -74,6 +87,9 @@ def sample_cpu(
         now = time.time()
         used = cpu_seconds(pids)
         used["client"] = sum(cpu_seconds([client.pid]).values())
+        stolen = stolen_seconds()
+        if stolen is not None:
+            used[STOLEN] = stolen
         into.append((now, used))
         stop.wait(1.0 - (time.time() - now) % 1.0)
 
@@ -100,12 +116,18 @@ def cores_by_stage(
 
 
 def print_cores(rows: list[tuple[str, dict[str, float]]]) -> None:
-    kinds = sorted({k for _, used in rows for k, v in used.items() if v >= 0.005})
+    """The table of ``cores_by_stage``: each kind's cores, their total, and the cores the
+    hypervisor took for other guests meanwhile (a share of a saturated machine this run did
+    not have)."""
+    kinds = sorted({k for _, used in rows for k, v in used.items() if v >= 0.005} - {STOLEN})
     print(f"\ncores used, by stage ({os.cpu_count()} on this machine)")
-    print(f"{'stage':<12} " + " ".join(f"{k[:11]:>11}" for k in kinds) + f" {'total':>7}")
+    head = " ".join(f"{k[:11]:>11}" for k in kinds)
+    print(f"{'stage':<12} {head} {'total':>7} {'stolen':>7}")
     for label, used in rows:
         cells = " ".join(f"{used.get(k, 0.0):>11.2f}" for k in kinds)
-        print(f"{label:<12} {cells} {sum(used.values()):>7.2f}")
+        total = sum(v for k, v in used.items() if k != STOLEN)
+        stolen = f"{used[STOLEN]:.2f}" if STOLEN in used else "-"
+        print(f"{label:<12} {cells} {total:>7.2f} {stolen:>7}")
 
 
 def stages(args: argparse.Namespace) -> str:
