@@ -7,7 +7,8 @@ recovery after each level is measured. The checks of the admission issue are pri
 table: good req/s at every level >= 90 % of 1x; no failure but sheds; sheds answered in
 <= 50 ms p99 (client side); >= 95 % good in each "after" window. Server CPU (every process,
 by kind) and the client's CPU are measured over the run, and sampled once a second for a
-table of the cores each kind used in each stage, so where the machine is the limit shows.
+table of the cores each kind used in each stage and those the hypervisor took for other
+guests meanwhile, so where the machine is the limit shows, and when it had less of itself.
 
 Trace: ``--trace PATH --time-scale F`` replays a trace window instead (see ``baton bench``).
 
