@@ -79,15 +79,13 @@ def stolen_seconds() -> float | None:
         return None
 
 
-def sample_cpu(
-    pids: list[int], client: subprocess.Popen[bytes], stop: threading.Event, into: list[CpuSample]
-) -> None:
-    """Append the CPU seconds so far, by kind (the client's processes as ``client``), once a
-    second until ``stop`` is set."""
+def sample_cpu(pids: list[int], stop: threading.Event, into: list[CpuSample]) -> None:
+    """Append the cluster's CPU seconds so far, by kind, and the machine's stolen seconds,
+    once a second until ``stop`` is set. (The client's CPU a second is in the bench's own
+    time series.)"""
     while not stop.is_set():
         now = time.time()
         used = cpu_seconds(pids)
-        used["client"] = sum(cpu_seconds([client.pid]).values())
         stolen = stolen_seconds()
         if stolen is not None:
             used[STOLEN] = stolen
@@ -98,9 +96,12 @@ def sample_cpu(
 def cores_by_stage(
     samples: list[CpuSample], result: dict[str, Any]
 ) -> list[tuple[str, dict[str, float]]]:
-    """Cores used by each kind of process in each stage (between the samples nearest the
-    stage's start and end), from ``sample_cpu``'s samples and the bench's stage times."""
+    """Cores used by each kind of process in each stage: the cluster's between the samples
+    nearest the stage's start and end (``sample_cpu``), the client's from the bench's own
+    CPU seconds a second over the stage."""
     started = datetime.fromisoformat(result["started_at"]).timestamp()
+    series = result["time_series"]
+    client_by_second = list(zip(series["t_s"], series.get("client_cpu_s") or [], strict=False))
     rows = []
     for stage in result["stages"]:
         start = started + stage["start_s"]
@@ -112,6 +113,13 @@ def cores_by_stage(
             continue
         kinds = last[1].keys() | first[1].keys()
         used = {k: (last[1].get(k, 0.0) - first[1].get(k, 0.0)) / span for k in kinds}
+        in_stage = [
+            cpu_s
+            for t_s, cpu_s in client_by_second
+            if stage["start_s"] <= t_s < stage["start_s"] + stage["duration_s"]
+        ]
+        if in_stage:
+            used["client"] = sum(in_stage) / len(in_stage)
         rows.append((stage["label"], used))
     return rows
 
@@ -254,16 +262,15 @@ def main() -> None:
         started = time.monotonic()
         samples: list[CpuSample] = []
         stop = threading.Event()
-        with subprocess.Popen(bench_command(args, cluster.url, out), cwd=ROOT) as client:
-            sampler = threading.Thread(
-                target=sample_cpu, args=(cluster.pids, client, stop, samples), daemon=True
-            )
-            sampler.start()
-            returncode = client.wait()
+        sampler = threading.Thread(
+            target=sample_cpu, args=(cluster.pids, stop, samples), daemon=True
+        )
+        sampler.start()
+        try:
+            subprocess.run(bench_command(args, cluster.url, out), cwd=ROOT, check=True)
+        finally:
             stop.set()
             sampler.join()
-        if returncode:
-            raise subprocess.CalledProcessError(returncode, client.args)
         wall_s = time.monotonic() - started
         after = cpu_seconds(cluster.pids)
         result = json.loads(Path(out).read_text())
