@@ -210,7 +210,7 @@ def _overload_shed(state: FrontendState, where: str) -> Shed:
     """Count one request shed before being read (``where``: "connection" or "handler")."""
     assert state.pressure is not None
     state.num_shed += 1
-    state.metrics.overload_sheds.labels(where).inc()
+    state.metrics.child(state.metrics.overload_sheds, where).inc()
     return Shed(
         f"the frontend is overloaded (its loop runs {state.pressure.lag_s * 1000:.0f} ms "
         "late); retry shortly",

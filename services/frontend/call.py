@@ -331,11 +331,11 @@ class Call:
             metrics.ttft.observe(total)
             if ttft is not None:
                 phases = metrics.ttft_phase
-                phases.labels("queue").observe(ttft.queue_s)
-                phases.labels("prefill").observe(ttft.prefill_s)
-                phases.labels("transfer").observe(ttft.transfer_s)
+                metrics.child(phases, "queue").observe(ttft.queue_s)
+                metrics.child(phases, "prefill").observe(ttft.prefill_s)
+                metrics.child(phases, "transfer").observe(ttft.transfer_s)
                 rest = total - ttft.queue_s - ttft.prefill_s - ttft.transfer_s
-                phases.labels("other").observe(max(0.0, rest))
+                metrics.child(phases, "other").observe(max(0.0, rest))
         choice.last_token_at = now
         choice.num_output_tokens += num_new
         self.num_output_tokens += num_new

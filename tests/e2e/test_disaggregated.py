@@ -76,7 +76,9 @@ async def test_disaggregated_output_equals_aggregated(start_cluster, torch_avail
 
 
 async def remote_prefills(url: str) -> float:
-    """The frontend's count of prompts prefilled on a prefill worker (it must be exported)."""
+    """The frontend's count of prompts prefilled on a prefill worker (it must be exported).
+    Each such prompt's first token also came with the workers' breakdown of its time to first
+    token, one observation in every phase: those counts must match it."""
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
         metrics = await resp.text()
     remote = [
@@ -85,7 +87,11 @@ async def remote_prefills(url: str) -> float:
         if line.startswith("baton_frontend_remote_prefills_total")
     ]
     assert remote, "baton_frontend_remote_prefills_total is not exported"
-    return float(remote[0].split()[-1])
+    num_remote = float(remote[0].split()[-1])
+    for phase in ("queue", "prefill", "transfer", "other"):
+        line = f'baton_frontend_ttft_phase_seconds_count{{phase="{phase}"}} {num_remote}'
+        assert line in metrics, line
+    return num_remote
 
 
 async def test_no_kv_block_leaks_after_many_requests_with_aborts(start_cluster):
