@@ -117,9 +117,13 @@ class KVHandle(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class GenerateRequest(Message, frozen=True, tag="generate"):
-    """Ask a worker to run a request. Sent by request-reply; the worker answers with
-    ``GenerateAccepted`` or ``ErrorReply`` at once and then streams ``TokenChunk``s to
-    ``stream_subject`` (the requesting process's token inbox). ``prefill_worker_id`` is the
+    """Ask a worker to run a request. Sent with a reply subject; the worker answers a refusal
+    there at once with ``ErrorReply`` and streams the ``TokenChunk``s of a request it takes to
+    ``stream_subject`` (the requesting process's token inbox). It says it took it by a
+    ``GenerateAccepted`` reply at once, or, with ``answer_on_stream``, on the stream: the
+    request's first chunk says so, and if none has gone out within ``ACCEPT_HOLD_S`` its id
+    goes in a ``TokenBatch``'s ``accepted`` (with the other requests' from that frontend),
+    which saves a message a request on every process it crosses. ``prefill_worker_id`` is the
     router's decision in a disaggregated cluster: set, prefill there and pull the KV; None,
     prefill here. ``frontend_id`` and ``cached_tokens`` are retired (never read; no longer
     sent, still decoded)."""
@@ -148,6 +152,13 @@ class GenerateRequest(Message, frozen=True, tag="generate"):
     # checks its predicted first token against the whole ``ttft_budget_s``, not the share
     # (``--slo-admit-fraction``) a new request gets, since shedding it now drops admitted work.
     admitted: bool = False
+    answer_on_stream: bool = False
+
+
+# How long a worker holds the acceptance of an ``answer_on_stream`` request for its first
+# chunk to carry it; past this it goes out on its own (batched per frontend). Well inside any
+# admission timeout, and longer than a first token takes on an unloaded engine.
+ACCEPT_HOLD_S = 0.05
 
 
 class AbortRequest(Message, frozen=True, tag="abort"):
@@ -268,10 +279,12 @@ class TokenChunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 
 class TokenBatch(Message, frozen=True, tag="tokens"):
-    """Every chunk one engine step produced for one destination process."""
+    """Every chunk one engine step produced for one destination process, and the requests
+    (``answer_on_stream``) the worker has taken that no chunk has told of yet."""
 
     worker_id: InstanceId
     chunks: list[TokenChunk]
+    accepted: list[RequestId] = []
 
 
 # --- discovery (etcd values) and load ------------------------------------------------------------

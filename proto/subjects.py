@@ -36,6 +36,18 @@ def stream_inbox(namespace: str, frontend_id: str) -> str:
     return f"baton.{check_token(namespace, 'namespace')}.stream.{check_token(frontend_id, 'id')}"
 
 
+def answer_inbox(stream_subject: str, request_id: str) -> str:
+    """Where a worker refuses one placement of a request (an ``ErrorReply``), and where NATS
+    says nobody listens on the worker's inbox: under its frontend's stream inbox. The id is
+    the frontend's own (a uuid's hex, ``-<n>`` after it), not checked again here."""
+    return f"{stream_subject}.{request_id}"
+
+
+def answer_inboxes(stream_subject: str) -> str:
+    """The wildcard a frontend subscribes to for ``answer_inbox``."""
+    return f"{stream_subject}.*"
+
+
 def load_metrics(namespace: str, worker_id: str) -> str:
     """LoadMetrics published by one worker."""
     return f"baton.{check_token(namespace, 'namespace')}.load.{check_token(worker_id, 'id')}"

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 _PENDING_MSGS_LIMIT = 1_000_000
 _PENDING_BYTES_LIMIT = 1024 * 1024 * 1024
 _MAX_SUBJECT_CHARS = 120  # a subject quoted in an error or a log line is cut to this
+# The header of a message the server itself sends to a reply subject; "503": nobody was
+# subscribed to the subject the request went to.
+NATS_STATUS = "Status"
 
 Handler = Callable[[Msg], Awaitable[None]]
 

@@ -15,10 +15,24 @@ from collections.abc import Callable, Iterable
 
 from nats.aio.msg import Msg
 
-from proto.messages import InstanceId, RequestId, TokenBatch, TokenChunk
-from shared.bus import Bus
-from shared.codec import encode, token_batch_decoder
-from shared.errors import DeadlineExceeded, PayloadTooLarge, ServingError, Unavailable
+from proto import subjects
+from proto.messages import (
+    ErrorReply,
+    GenerateAccepted,
+    InstanceId,
+    RequestId,
+    TokenBatch,
+    TokenChunk,
+)
+from shared.bus import NATS_STATUS, Bus
+from shared.codec import encode, generate_reply_decoder, token_batch_decoder
+from shared.errors import (
+    DeadlineExceeded,
+    PayloadTooLarge,
+    ServingError,
+    Unavailable,
+    from_reply,
+)
 from shared.logs import BadMessages, RateLimitedLog
 
 logger = logging.getLogger(__name__)
@@ -97,6 +111,7 @@ class TokenStream:
     """The chunks of one request, in order, waiting for the handler that streams them out."""
 
     __slots__ = (
+        "_answer",
         "_chunks",
         "_error",
         "_waiter",
@@ -120,6 +135,8 @@ class TokenStream:
         self._chunks: list[TokenChunk] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._error: ServingError | None = None
+        # While a placement waits for the worker's answer (``expect_answer``).
+        self._answer: asyncio.Future[ServingError | None] | None = None
 
     def put(self, chunk: TokenChunk, now_s: float) -> None:
         if self._chunks is None:
@@ -127,12 +144,30 @@ class TokenStream:
         else:
             self._chunks.append(chunk)
         self.last_active_s = now_s
+        if self._answer is not None:
+            self.answer(None)  # a chunk says the worker took it
         self._wake()
 
     def fail(self, error: ServingError) -> None:
         """End the stream with an error (its worker vanished, say); ``get`` raises it."""
         self._error = error
+        self.answer(error)
         self._wake()
+
+    def expect_answer(self) -> "asyncio.Future[ServingError | None]":
+        """A future for the answer to the placement being sent: None once the worker took it
+        (its first chunk, or its id in a batch's ``accepted``), or the error it was refused
+        with (or failed by, as ``fail``)."""
+        answer = self._answer = asyncio.get_running_loop().create_future()
+        return answer
+
+    def answer(self, error: ServingError | None) -> None:
+        """The worker's answer to the placement awaited (none awaited: ignored)."""
+        answer = self._answer
+        if answer is not None:
+            self._answer = None
+            if not answer.done():
+                answer.set_result(error)
 
     def rebind(self, worker_id: InstanceId, now_s: float) -> None:
         """Follow ``worker_id`` from now on (the request was placed, or migrated there): a
@@ -207,6 +242,11 @@ class StreamDemux:
 
     async def start(self) -> None:
         await self._bus.subscribe(self.subject, self._on_message)
+        await self._bus.subscribe(subjects.answer_inboxes(self.subject), self._on_answer)
+
+    def answer_subject(self, stream: TokenStream) -> str:
+        """The reply subject of the stream's placement now sent (``answer_inbox``)."""
+        return subjects.answer_inbox(self.subject, stream.request_id)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -318,3 +358,25 @@ class StreamDemux:
                 self.num_stale_chunks += 1  # from a worker the request migrated away from
             else:
                 stream.put(chunk, now_s)
+        for request_id in batch.accepted:
+            stream = streams.get(request_id)
+            if stream is not None and stream.worker_id == worker_id:
+                stream.answer(None)
+
+    async def _on_answer(self, msg: Msg) -> None:
+        """A reply to a placement: the worker's refusal, or NATS's word that nobody listens
+        on its inbox (status 503, no payload). Keyed by the placement's own id, so a late
+        answer to an earlier placement finds no stream."""
+        stream = self._streams.get(RequestId(msg.subject.rpartition(".")[2]))
+        if stream is None:
+            return
+        if not msg.data:
+            if msg.headers and msg.headers.get(NATS_STATUS) == "503":
+                stream.answer(Unavailable(f"no responder on worker {stream.worker_id}"))
+            return
+        reply = self.bad_messages.decode(generate_reply_decoder, msg.data, msg.subject)
+        match reply:
+            case ErrorReply():
+                stream.answer(from_reply(reply))
+            case GenerateAccepted():  # a worker that answers at once anyway
+                stream.answer(None)

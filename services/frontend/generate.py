@@ -13,7 +13,6 @@ from proto.messages import (
     AbortRequest,
     ErrorReply,
     FinishReason,
-    GenerateAccepted,
     GenerateRequest,
     InstanceId,
     KVHandle,
@@ -27,7 +26,7 @@ from services.frontend.objectives import RequestObjectives
 from services.frontend.waiting_room import WaitingRoom
 from services.frontend.worker_pool import Passed, WorkerPool, WorkerState
 from shared.bus import Bus
-from shared.codec import generate_reply_decoder, route_reply_decoder
+from shared.codec import route_reply_decoder
 from shared.errors import (
     DeadlineExceeded,
     EngineError,
@@ -36,7 +35,6 @@ from shared.errors import (
     ServingError,
     Shed,
     Unavailable,
-    from_reply,
 )
 from shared.logs import RateLimitedLog
 from shared.streams import StreamDemux, StreamGap, TokenStream
@@ -475,16 +473,16 @@ class Generator:
                 resume_token_ids=list(resume_token_ids),
                 kv_source=kv_source,
                 admitted=admitted,
+                answer_on_stream=True,
             )
-            # Bound before it is sent: its first chunks may overtake its acceptance.
+            # Bound before it is sent: its chunks answer for it, and only this worker's count.
             stream.rebind(worker.info.worker_id, asyncio.get_running_loop().time())
             worker.in_flight += 1
             worker.sent_since_report += 1
             try:
-                data = await self._bus.request(
-                    worker.info.subject, message, timeout_s=self._admission_timeout_s
-                )
-                reply = generate_reply_decoder.decode(data)
+                error = await self._send(worker, stream, message)
+                if isinstance(error, (Unavailable, DeadlineExceeded)):
+                    raise error
             except (Unavailable, DeadlineExceeded) as exc:
                 if isinstance(exc, DeadlineExceeded) and stream.has_chunks:
                     # Its tokens came before its acceptance (a busy frontend reads its
@@ -511,17 +509,14 @@ class Generator:
                 worker.in_flight -= 1
                 raise
             worker.last_heard_s = time.monotonic()
-            match reply:
-                case GenerateAccepted():
-                    return worker
-                case ErrorReply():
-                    worker.in_flight -= 1
-                    error = from_reply(reply)
-                    if isinstance(error, InvalidRequest):
-                        raise error
-                    last_error = error
-                    if isinstance(error, Shed) and shed is None:
-                        shed = error
+            if error is None:
+                return worker
+            worker.in_flight -= 1
+            if isinstance(error, InvalidRequest):
+                raise error
+            last_error = error
+            if isinstance(error, Shed) and shed is None:
+                shed = error
         try:
             if shed is not None:
                 # A worker that can serve it says it cannot in time: that is the answer
@@ -544,6 +539,29 @@ class Generator:
             # The exception goes out with this frame in its traceback: a frame still holding
             # it would be a reference cycle, left for the garbage collector (_check_wait).
             del shed, last_error
+
+    async def _send(
+        self, worker: WorkerState, stream: TokenStream, message: GenerateRequest
+    ) -> ServingError | None:
+        """Send a placement and wait for the worker's answer: None when it took the request,
+        else why not. It answers on the stream (``answer_on_stream``): a refusal to the
+        placement's reply subject at once, its taking by the first chunk or, if that is
+        slow, an acceptance batched with others (a message a request fewer than a reply
+        each). ``DeadlineExceeded`` after ``admission_timeout_s`` without an answer."""
+        answer = stream.expect_answer()
+        try:
+            await self._bus.publish(
+                worker.info.subject, message, reply=self._demux.answer_subject(stream)
+            )
+            async with asyncio.timeout(self._admission_timeout_s):
+                return await answer
+        except TimeoutError:
+            return DeadlineExceeded(
+                f"no answer from worker {worker.info.worker_id} within "
+                f"{self._admission_timeout_s} s"
+            )
+        finally:
+            stream.answer(None)  # stops waiting (nothing if answered)
 
     async def _route(
         self, request_id: RequestId, model: str, token_ids: Sequence[int]

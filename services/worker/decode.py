@@ -10,6 +10,7 @@ its own running streams up the same way (``lender.KVLender``).
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,10 +20,12 @@ import msgspec
 
 from proto import subjects
 from proto.messages import (
+    ACCEPT_HOLD_S,
     FinishReason,
     GenerateAccepted,
     GenerateRequest,
     RequestId,
+    TokenBatch,
     TokenChunk,
     WorkerRole,
 )
@@ -48,6 +51,8 @@ _MAX_STREAM_SUBJECT_CHARS = 256
 MOVED = "the worker is draining or changing role; the stream moves to another worker"
 # How long a drain waits for the step boundary at which its streams move.
 _BOUNDARY_TIMEOUT_S = 5.0
+# Acceptances sent on their own go in messages of at most this many ids.
+_MAX_ACCEPTED_PER_BATCH = 4096
 
 
 class DecodeRole(Role):
@@ -83,6 +88,10 @@ class DecodeRole(Role):
         # (an abort's ``end`` sending what is held, say) could put a stream's later chunks on
         # the bus before its earlier ones.
         self._publish_lock = asyncio.Lock()
+        # Requests taken with ``answer_on_stream`` that no chunk has told of yet -> their
+        # stream subject; ``_accept_held`` tells of those left every ACCEPT_HOLD_S.
+        self._unanswered: dict[RequestId, str] = {}
+        self._acceptor: asyncio.Task[None] | None = None
 
     @property
     def num_handoffs(self) -> int:
@@ -122,13 +131,42 @@ class DecodeRole(Role):
             else:
                 assert request.prefill_worker_id is not None
                 remote.start(engine_request, request.prefill_worker_id, admitted=request.admitted)
-        if reply_subject:
+        if request.answer_on_stream:
+            self._unanswered[rid] = request.stream_subject
+            if self._acceptor is None or self._acceptor.done():
+                self._acceptor = asyncio.create_task(self._accept_held(), name="accept-held")
+        elif reply_subject:
             accepted = GenerateAccepted(
                 request_id=rid,
                 worker_id=self.context.worker_id,
                 num_prompt_tokens=len(request.token_ids),
             )
             await self.context.bus.publish_bytes(reply_subject, encode(accepted))
+
+    async def _accept_held(self) -> None:
+        """Every ACCEPT_HOLD_S while any is left, tell each frontend of the requests it sent
+        that no chunk has told of: one ``TokenBatch`` with no chunks a frontend, however many
+        requests (a request that ended meanwhile is left out)."""
+        while self._unanswered:
+            await asyncio.sleep(ACCEPT_HOLD_S)
+            held, self._unanswered = self._unanswered, {}
+            by_subject: dict[str, list[RequestId]] = {}
+            for rid, subject in held.items():
+                if rid in self.in_flight:
+                    by_subject.setdefault(subject, []).append(rid)
+            for subject, ids in by_subject.items():
+                for start in range(0, len(ids), _MAX_ACCEPTED_PER_BATCH):
+                    batch = TokenBatch(
+                        worker_id=self.context.worker_id,
+                        chunks=[],
+                        accepted=ids[start : start + _MAX_ACCEPTED_PER_BATCH],
+                    )
+                    try:
+                        await self.context.bus.publish_bytes(subject, encode(batch))
+                    except ServingError as exc:  # the frontend times them out and moves on
+                        self._log.log(
+                            "accept", "acceptances not sent subject=%s error=%s", subject, exc
+                        )
 
     def _check_stream_subject(self, subject: str) -> None:
         """Tokens go only to a stream inbox of this namespace: any other string could be a
@@ -296,10 +334,13 @@ class DecodeRole(Role):
     async def _publish(self, chunks: list[TokenChunk]) -> None:
         pairs = []
         in_flight = self.in_flight
+        unanswered = self._unanswered
         for chunk in chunks:
             subject = in_flight.get(chunk.request_id)
             if subject is None:
                 continue  # ended while the step ran
+            if unanswered:
+                unanswered.pop(chunk.request_id, None)  # its chunk tells it was taken
             if chunk.finish_reason is not None:
                 in_flight.pop(chunk.request_id)
                 if chunk.num_output_tokens:  # not shed before its first token
@@ -326,6 +367,7 @@ class DecodeRole(Role):
         subject = self.in_flight.pop(request_id)
         if subject is None:
             return
+        self._unanswered.pop(request_id, None)  # its error chunk, or nobody, is told
         await self._abort(request_id)
         if error is None:
             return
@@ -387,5 +429,9 @@ class DecodeRole(Role):
     async def close(self) -> None:
         if self._pending:
             await self.publish([])
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acceptor
         if self.remote is not None:
             await self.remote.close()

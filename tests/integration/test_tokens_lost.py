@@ -4,11 +4,13 @@ gets in the way:
 - tokens the bus dropped (a frontend cut off as a slow consumer loses what was published to
   it meanwhile) are noticed from the chunks' counts, and the stream resumes after its last
   token;
-- a worker's acceptance read after the admission timeout, its tokens first (replies and tokens
-  travel on different subscriptions), keeps the request where it is."""
+- a worker that streams a request's tokens and never says it took it otherwise (an
+  ``answer_on_stream`` acceptance is its first chunk) keeps it where it is, even when its
+  tokens take longer than the admission timeout to end."""
 
 import asyncio
 
+import pytest
 from nats.aio.msg import Msg
 
 from proto import subjects
@@ -28,6 +30,7 @@ from services.frontend.generate import Generator
 from services.frontend.worker_pool import WorkerPool
 from shared.bus import Bus
 from shared.codec import encode, worker_inbound_decoder
+from shared.errors import ServingError
 from shared.streams import StreamDemux, group_chunks, publish_chunks
 
 WORKER = InstanceId("w1")
@@ -133,23 +136,23 @@ async def test_a_gap_in_a_stream_resumes_it_after_its_last_token(nats_server, na
     assert "r" in worker.aborted  # the first attempt was stopped
 
 
-class LateReplyWorker(ScriptedWorker):
-    """Streams each request's tokens at once and answers its acceptance only after the
-    frontend's admission timeout has passed."""
+class TokensFirstWorker(ScriptedWorker):
+    """Answers on the stream as the frontend asks: streams each request's tokens at once,
+    with no acceptance of its own, and pauses past the admission timeout after the second."""
 
     async def serve(self, request: GenerateRequest, reply: str) -> None:
+        assert request.answer_on_stream
         for n in range(1, MAX_TOKENS + 1):
             await self.send(request, n)
             if n == 2:
                 await asyncio.sleep(3 * ADMISSION_TIMEOUT_S)
-                await self.accept(request, reply)
 
 
-async def test_tokens_before_a_late_acceptance_keep_the_request_on_its_worker(
+async def test_a_first_chunk_is_the_acceptance_and_keeps_the_request_on_its_worker(
     nats_server, namespace
 ):
     async with Bus.connect(nats_server.url) as frontend, Bus.connect(nats_server.url) as bus:
-        worker = LateReplyWorker(bus)
+        worker = TokensFirstWorker(bus)
         subject = subjects.worker_inbox(namespace, WORKER)
         await bus.subscribe(subject, worker.on_message)
         demux = StreamDemux(frontend, subjects.stream_inbox(namespace, "f1"))
@@ -171,6 +174,22 @@ async def test_tokens_before_a_late_acceptance_keep_the_request_on_its_worker(
     assert last.finish_reason is FinishReason.LENGTH
     assert [r.request_id for r in worker.requests] == ["r"]  # placed once
     assert worker.aborted == []  # and never stopped
-    assert late == [1]
+    assert late == []  # taken by its first chunk, well inside the timeout
     assert pool.get(WORKER) is not None
+    assert pool.get(WORKER).in_flight == 0  # type: ignore[union-attr]
+
+
+async def test_a_worker_nobody_listens_for_is_known_at_once_not_after_the_timeout(
+    nats_server, namespace
+):
+    """A placement is published with a reply subject under the frontend's stream inbox, so
+    NATS's "no responders" still comes back at once when the worker's inbox has no
+    subscriber (a worker dead before its lease ran out)."""
+    async with Bus.connect(nats_server.url) as frontend:
+        demux = StreamDemux(frontend, subjects.stream_inbox(namespace, "f1"))
+        await demux.start()
+        pool = pool_of_one(frontend, namespace, subjects.worker_inbox(namespace, WORKER))
+        generator = Generator(frontend, demux, pool, namespace, admission_timeout_s=60.0)
+        with pytest.raises(ServingError, match="no responder"):
+            await generate(generator)  # bounded by 10 s there
     assert pool.get(WORKER).in_flight == 0  # type: ignore[union-attr]

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from proto import subjects
 from proto.messages import (
+    ACCEPT_HOLD_S,
     AbortRequest,
     BlockStored,
     ErrorCode,
@@ -522,6 +523,71 @@ async def test_client_abort_during_the_prefill_ends_both_sides(bus, start_worker
     await eventually(lambda: len(role.remote) == 0)
     assert RequestId("c") not in stream.chunks  # an abort sends nothing back
     assert role.num_fallbacks == 0
+    assert_no_blocks_in_use(decode)
+
+
+# --- answers on the stream ---------------------------------------------------------------------
+
+
+async def test_a_request_answered_on_the_stream_is_told_by_its_chunk_or_a_batched_acceptance(
+    bus, start_worker, stream, peers
+):
+    """``answer_on_stream``: no reply for a request taken (its first chunk says it, or, held
+    past ACCEPT_HOLD_S without one, its id in a chunkless batch); a refusal to the reply
+    subject at once."""
+    decode = await start_worker(WorkerRole.DECODE)
+    real = await start_worker(WorkerRole.PREFILL)
+    silent = impostor(peers, real, "silent")
+    replies: list[bytes] = []
+    accepted: list[tuple[InstanceId, list[RequestId], int]] = []
+
+    async def on_reply(msg: Msg) -> None:
+        replies.append(msg.data)
+
+    async def on_batch(msg: Msg) -> None:
+        batch = token_batch_decoder.decode(msg.data)
+        if batch.accepted:
+            accepted.append((batch.worker_id, batch.accepted, len(batch.chunks)))
+
+    await bus.subscribe(subjects.answer_inboxes(stream.subject), on_reply)
+    await bus.subscribe(stream.subject, on_batch)
+
+    async def send(request_id: str, **fields: object) -> None:
+        request = GenerateRequest(
+            request_id=RequestId(request_id),
+            model="baton-sim",
+            token_ids=PROMPT,
+            sampling=SAMPLING,
+            stream_subject=stream.subject,
+            answer_on_stream=True,
+            **fields,  # type: ignore[arg-type]
+        )
+        reply = subjects.answer_inbox(stream.subject, request_id)
+        await bus.publish(decode.inbox, request, reply=reply)
+
+    # Prefilled here: its chunks come and say it all; no reply, no acceptance of its own.
+    await send("local")
+    assert (await finish(stream, "local")).finish_reason == FinishReason.LENGTH
+    # Prefilled by a peer that never answers: nothing for it to stream, so its acceptance
+    # goes out alone, once the hold has passed.
+    async with fake_prefill(bus, peers.infos[silent].subject, lambda req: None):
+        sent_s = time.monotonic()
+        await send("held", prefill_worker_id=silent)
+        await eventually(lambda: bool(accepted))
+        waited_s = time.monotonic() - sent_s
+        # A duplicate is refused, at once, to its reply subject.
+        await send("held", prefill_worker_id=silent)
+        await eventually(lambda: bool(replies))
+        await bus.publish(decode.inbox, AbortRequest(request_id=RequestId("held")))
+    assert accepted == [(decode.worker_id, ["held"], 0)]
+    assert waited_s >= ACCEPT_HOLD_S
+    refusal = generate_reply_decoder.decode(replies[0])
+    assert isinstance(refusal, ErrorReply)
+    assert refusal.code == ErrorCode.INVALID_REQUEST
+    assert len(replies) == 1  # nothing for "local"
+    role = decode.shell.role
+    assert isinstance(role, DecodeRole)
+    await eventually(lambda: not role.in_flight)
     assert_no_blocks_in_use(decode)
 
 
