@@ -127,4 +127,15 @@ def test_fuzzed_requests_get_no_5xx_and_openai_errors(cluster):
     assert not fuzzer.problems, "\n".join(fuzzer.problems[:20])
     assert total >= 600
     assert not any(status >= 500 for status in num_requests)
-    assert num_requests[200] >= 20  # valid requests did reach the workers
+    # Valid requests did reach the workers. How many of the drawn requests are valid varies
+    # with the draws, which are not the same from one run to the next even derandomized (18
+    # to 30 in runs of the same code here, with the same schema), so the bound is loose...
+    assert num_requests[200] >= 10
+    # ... and the cluster still serves a plain request after all of them.
+    served = fuzzer.session.post(
+        f"{cluster.url}/v1/completions",
+        json={"model": MODEL, "prompt": "after the fuzz", "max_tokens": 3, "ignore_eos": True},
+        timeout=30,
+    )
+    assert served.status_code == 200, served.text
+    assert served.json()["usage"]["completion_tokens"] == 3
