@@ -485,9 +485,9 @@ class Generator:
                     raise error
             except (Unavailable, DeadlineExceeded) as exc:
                 if isinstance(exc, DeadlineExceeded) and stream.has_chunks:
-                    # Its tokens came before its acceptance (a busy frontend reads its
-                    # replies late): the worker took it and is serving it. Keep it there;
-                    # aborting would throw that work away.
+                    # Its tokens came, though the timeout fired first (a busy frontend read
+                    # them late, after the timer): the worker took it and is serving it. Keep
+                    # it there; aborting would throw that work away.
                     worker.last_heard_s = time.monotonic()
                     self._on_late_acceptance()
                     self._log.log(

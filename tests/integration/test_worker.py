@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import pytest
@@ -231,17 +232,26 @@ async def generate(
     priority: int = 0,
     sampling: SamplingParams = SAMPLING,
 ) -> GenerateAccepted | ErrorReply:
-    request = GenerateRequest(
-        request_id=RequestId(request_id),
-        model="baton-sim",
+    request = generate_request(
+        stream,
+        request_id,
         token_ids=prompt,
         sampling=sampling,
-        stream_subject=stream.subject,
         prefill_worker_id=prefill_worker_id,
         ttft_budget_s=ttft_budget_s,
         priority=priority,
     )
     return generate_reply_decoder.decode(await bus.request(worker.inbox, request, timeout_s=FAST))
+
+
+def generate_request(stream: Stream, request_id: str, **fields: Any) -> GenerateRequest:
+    """A request of PROMPT and SAMPLING (unless ``fields`` say otherwise) for ``stream``."""
+    defaults: dict[str, Any] = {"model": "baton-sim", "token_ids": PROMPT, "sampling": SAMPLING}
+    return GenerateRequest(
+        request_id=RequestId(request_id),
+        stream_subject=stream.subject,
+        **(defaults | fields),
+    )
 
 
 async def eventually(predicate: Callable[[], bool]) -> None:
@@ -552,16 +562,8 @@ async def test_a_request_answered_on_the_stream_is_told_by_its_chunk_or_a_batche
     await bus.subscribe(subjects.answer_inboxes(stream.subject), on_reply)
     await bus.subscribe(stream.subject, on_batch)
 
-    async def send(request_id: str, **fields: object) -> None:
-        request = GenerateRequest(
-            request_id=RequestId(request_id),
-            model="baton-sim",
-            token_ids=PROMPT,
-            sampling=SAMPLING,
-            stream_subject=stream.subject,
-            answer_on_stream=True,
-            **fields,  # type: ignore[arg-type]
-        )
+    async def send(request_id: str, **fields: Any) -> None:
+        request = generate_request(stream, request_id, answer_on_stream=True, **fields)
         reply = subjects.answer_inbox(stream.subject, request_id)
         await bus.publish(decode.inbox, request, reply=reply)
 
