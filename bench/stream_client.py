@@ -1,6 +1,8 @@
 """The client side of bench/streams.py: one process's share of streaming chat completions.
 
-Each process runs one asyncio loop (uvloop where installed) with one aiohttp session, starts its
+Each process runs one asyncio loop (uvloop where installed) with one lean HTTP/1.1 client
+(``services/bench/http1.py``, as ``baton bench`` uses: each response is parsed in its
+connection's callback, with no task wake, stream reader or response object per line), starts its
 streams on the shared ramp schedule, keeps its open-stream counters in shared memory for the
 orchestrator's sampler, and sends back one compact row per stream when all are done.
 """
@@ -12,8 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import msgspec
+
+from services.bench import http1
 
 # A stream's row: (sent_s, ttft_s, end_s, tpot_s, num_tokens, error); times from the start
 # signal, NaN where not measured, error "" for a completed stream.
@@ -80,10 +83,44 @@ def request_body(spec: LoadSpec, index: int) -> bytes:
     )
 
 
+class _Reader:
+    """One stream's SSE lines, counted as they arrive (``http1.Response``'s ``on_line``,
+    called from the connection's ``data_received``: no task wakes per line)."""
+
+    __slots__ = ("error", "first", "is_done", "last", "num_deltas", "num_tokens", "on_first")
+
+    def __init__(self, on_first: Any) -> None:
+        self.first = self.last = math.nan
+        self.num_deltas, self.num_tokens = 0, -1
+        self.error, self.is_done = "", False
+        self.on_first = on_first  # called once, at the first line of a 200's body
+
+    def line(self, line: bytes) -> None:
+        if self.on_first is not None:
+            self.on_first()
+            self.on_first = None
+        if self.is_done or not line.startswith(b"data: "):
+            return
+        data = line[6:]
+        if data == b"[DONE]":
+            self.is_done = True
+            return
+        event = _event_decoder.decode(data)
+        if event.error is not None and not self.error:
+            self.error = f"sse error {event.error.code} {event.error.type}"
+        if any(c.delta and c.delta.content for c in event.choices):
+            self.last = time.monotonic()
+            if self.num_deltas == 0:
+                self.first = self.last
+            self.num_deltas += 1
+        if event.usage is not None:
+            self.num_tokens = event.usage.completion_tokens
+
+
 async def _stream(
-    session: aiohttp.ClientSession,
+    client: http1.Client,
+    request: bytes,
     spec: LoadSpec,
-    index: int,
     start_at: float,
     counters: Any,
     slot: int,
@@ -91,57 +128,38 @@ async def _stream(
 ) -> Row:
     """Run one streaming completion; never raises (except cancellation), returns its row."""
     loop = asyncio.get_running_loop()
-    body = request_body(spec, index)
     sent = time.monotonic()
-    first = last = math.nan
-    num_deltas, num_tokens, error, is_done = 0, -1, "", False
     counters[slot] += 1
-    is_streaming = False
+    streaming = False
+
+    def on_first() -> None:
+        nonlocal streaming
+        streaming = True
+        counters[slot + 1] += 1
+
+    reader = _Reader(on_first)
+    response = http1.Response(loop, reader.line)
+    error = ""
     try:
         limit = min(spec.stream_timeout_s, deadline - sent)
-        async with (
-            asyncio.timeout_at(loop.time() + limit),
-            session.post(
-                f"{spec.url}/v1/chat/completions",
-                data=body,
-                headers={"Content-Type": "application/json"},
-            ) as resp,
-        ):
-            if resp.status != 200:
-                error = f"http {resp.status}"
-                await resp.read()
-            else:
-                counters[slot + 1] += 1
-                is_streaming = True
-                async for line in resp.content:
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:].rstrip()
-                    if data == b"[DONE]":
-                        is_done = True
-                        break
-                    event = _event_decoder.decode(data)
-                    if event.error is not None and not error:
-                        error = f"sse error {event.error.code} {event.error.type}"
-                    if any(c.delta and c.delta.content for c in event.choices):
-                        last = time.monotonic()
-                        if num_deltas == 0:
-                            first = last
-                        num_deltas += 1
-                    if event.usage is not None:
-                        num_tokens = event.usage.completion_tokens
+        async with asyncio.timeout_at(loop.time() + limit) as within:
+            await client.send(request, response)
+        if response.status != 200:
+            error = f"http {response.status}"
     except TimeoutError:
-        error = "timeout"
-    except (aiohttp.ClientError, OSError, ValueError, msgspec.DecodeError) as exc:
+        error = "timeout" if within.expired() else "connect timeout"
+    except (OSError, http1.ProtocolError, msgspec.DecodeError) as exc:
         errno = getattr(exc, "errno", None)
         error = type(exc).__name__ + (f" errno {errno}" if errno else "")
     finally:
         counters[slot] -= 1
-        if is_streaming:
+        if streaming:
             counters[slot + 1] -= 1
-    if not error and not is_done:
+    error = error or reader.error
+    if not error and not reader.is_done:
         error = "stream ended without [DONE]"
-    tokens = num_tokens if num_tokens >= 0 else num_deltas
+    first, last, num_deltas = reader.first, reader.last, reader.num_deltas
+    tokens = reader.num_tokens if reader.num_tokens >= 0 else num_deltas
     tpot = (last - first) / (tokens - 1) if tokens > 1 and num_deltas > 1 else math.nan
     end = time.monotonic()
     return (sent - start_at, first - sent, end - start_at, tpot, tokens, error)
@@ -152,9 +170,8 @@ async def _client(
 ) -> list[Row]:
     slot = 2 * proc_index
     local_addr = (f"127.0.0.{proc_index % 254 + 1}", 0) if spec.spread_sources else None
-    connector = aiohttp.TCPConnector(limit=0, local_addr=local_addr)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    client = http1.Client(spec.url, local_addr=local_addr, connect_timeout_s=30.0)
+    try:
         events.put(("ready", proc_index))
         if not await asyncio.to_thread(go.wait, 300):
             raise TimeoutError("no start signal from the orchestrator in 300 s")
@@ -164,13 +181,15 @@ async def _client(
         tasks = []
         async with asyncio.TaskGroup() as tg:
             for index in range(proc_index, spec.num_streams, spec.num_procs):
+                request = client.post_bytes("/v1/chat/completions", request_body(spec, index))
                 delay = t0 + index * step_s - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(
-                    tg.create_task(_stream(session, spec, index, t0, counters, slot, deadline))
-                )
+                stream = _stream(client, request, spec, t0, counters, slot, deadline)
+                tasks.append(tg.create_task(stream))
         return [task.result() for task in tasks]
+    finally:
+        client.close()
 
 
 def client_main(

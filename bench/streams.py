@@ -7,7 +7,8 @@ RSS before the load vs. its peak while the streams are open, divided by the peak
 streams observed open at once).
 
 Streams are split over ``--client-procs`` processes (spawned), each one asyncio loop (uvloop
-where installed) with one aiohttp session. They start over ``--ramp-s`` seconds so the
+where installed) with one lean HTTP/1.1 client (``services/bench/http1.py``; plain
+``http://`` only). They start over ``--ramp-s`` seconds so the
 frontend's accept queue (backlog 4096) is not flooded. Tokens are counted from the final usage
 chunk; TTFT and TPOT use the arrival times of content deltas.
 

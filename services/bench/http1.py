@@ -236,7 +236,16 @@ class Client:
     """Keep-alive connections to one ``http://host:port``; a connection is reused once its
     response is read whole, and dropped on any trouble."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        local_addr: tuple[str, int] | None = None,
+        connect_timeout_s: float | None = None,
+    ) -> None:
+        """``local_addr``: connect from this address (a load client spreads its processes
+        over 127.0.0.x, each with its own ephemeral ports); ``connect_timeout_s`` bounds a
+        new connection's handshake (``TimeoutError``), inside whatever bounds the request."""
         parts = urlsplit(url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"http1.Client speaks plain http://, not {url!r}")
@@ -245,6 +254,8 @@ class Client:
         self.path_prefix = parts.path.rstrip("/")
         authority = self.host if parts.port is None else f"{self.host}:{parts.port}"
         self._host_header = authority.encode("idna")
+        self.local_addr = local_addr
+        self.connect_timeout_s = connect_timeout_s
         self._idle: collections.deque[_Connection] = collections.deque()
 
     def post_bytes(self, path: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -263,7 +274,10 @@ class Client:
         loop = asyncio.get_running_loop()
         connection = self._take_idle()
         if connection is None:
-            _, connection = await loop.create_connection(_Connection, self.host, self.port)
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, connection = await loop.create_connection(
+                    _Connection, self.host, self.port, local_addr=self.local_addr
+                )
         assert connection.transport is not None
         connection.response = response
         try:

@@ -177,3 +177,35 @@ async def test_a_real_server_streams_refuses_and_keeps_the_connection():
     finally:
         client.close()
         await runner.cleanup()
+
+
+async def test_connects_from_the_source_address_it_is_given():
+    peers: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername")[0])
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/ok", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    loop = asyncio.get_running_loop()
+    try:
+        for source in ("127.0.0.2", "127.0.0.3"):
+            client = http1.Client(
+                f"http://127.0.0.1:{port}", local_addr=(source, 0), connect_timeout_s=10.0
+            )
+            lines: list[bytes] = []
+            response = http1.Response(loop, lines.append)
+            try:
+                await asyncio.wait_for(client.send(client.post_bytes("/ok", b"{}"), response), 10)
+            finally:
+                client.close()
+            assert (response.status, lines) == (200, [b"ok"])
+        assert peers == ["127.0.0.2", "127.0.0.3"]
+    finally:
+        await runner.cleanup()
