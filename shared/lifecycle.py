@@ -90,9 +90,16 @@ def num_procs_for(
     return max(by_cores, by_files)
 
 
-def default_num_procs() -> int:
-    """``num_procs_for`` this machine: its cores and its per-process open-file limit."""
-    return num_procs_for(os.cpu_count() or 1, fd_hard_limit())
+def default_num_procs(*, sheds: bool = False) -> int:
+    """``num_procs_for`` this machine: its cores and its per-process open-file limit.
+
+    ``sheds``: the service answers what it cannot serve in time (a TTFT objective is set),
+    so it does not hold a burst of tens of thousands of queued streams, and cores alone
+    decide. There a process beyond the cores costs what the sheds need: on 2 cores at ten
+    times two engines' capacity, four frontend processes fell behind by seconds and goodput
+    collapsed, where two held it (docs/admission.md, "Fewer frontend processes")."""
+    fd_limit = 0 if sheds else fd_hard_limit()
+    return num_procs_for(os.cpu_count() or 1, fd_limit)
 
 
 def setup_logging(level: str) -> None:

@@ -21,7 +21,7 @@ class FrontendConfig:
         metadata=doc(
             "processes serving this port together (SO_REUSEPORT, each with its own NATS "
             "connection); 0: one per core (2 to 8), or more if 50,000 connections need them "
-            "for their open files (docs/performance.md)"
+            "for their open files, unless a TTFT objective is set (docs/performance.md)"
         ),
     )
     nice: int = field(

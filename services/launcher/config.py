@@ -29,7 +29,7 @@ class UpConfig:
         metadata=doc(
             "frontend processes sharing the HTTP port (0: one per core, at least 2, or more"
             " where the per-process open-file limit needs them for 50,000 connections; at"
-            " most 8; docs/performance.md)"
+            " most 8; with a TTFT objective one per core; docs/performance.md)"
         ),
     )
     frontend_nice: int = field(
@@ -193,7 +193,7 @@ class UpConfig:
             num_routers=self.num_routers,
             num_prefill_workers=self.num_prefill_workers,
             num_workers=self.num_workers,
-            num_frontends=self.num_frontends or default_num_procs(),
+            num_frontends=self.num_frontends or default_num_procs(sheds=self.slo.slo_ttft_ms > 0),
             frontend_args=("--nice", str(self.frontend_niceness)),
             router_args=("--mode", self.router_mode),
             prefill_args=engine,

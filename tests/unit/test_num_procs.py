@@ -1,8 +1,12 @@
 """How many frontend processes run by default: enough for the cores, and enough for the
-connections each process's open-file limit can hold."""
+connections each process's open-file limit can hold; with a TTFT objective, the cores
+alone."""
+
+import os
 
 import pytest
 
+from services.launcher.config import UpConfig
 from shared.lifecycle import (
     DEFAULT_NUM_CONNECTIONS,
     MAX_DEFAULT_PROCS,
@@ -10,6 +14,7 @@ from shared.lifecycle import (
     fd_hard_limit,
     num_procs_for,
 )
+from shared.slo import SLOConfig
 
 
 @pytest.mark.parametrize(
@@ -54,3 +59,19 @@ def test_this_machine_gets_a_count_from_its_own_limits():
     num_procs = default_num_procs()
     assert 2 <= num_procs <= MAX_DEFAULT_PROCS
     assert fd_hard_limit() >= 0
+
+
+def test_with_objectives_the_cores_alone_decide():
+    by_cores = num_procs_for(os.cpu_count() or 1, 0)
+    assert default_num_procs(sheds=True) == by_cores
+    assert default_num_procs(sheds=False) == num_procs_for(os.cpu_count() or 1, fd_hard_limit())
+
+
+def test_baton_up_starts_fewer_frontends_only_when_it_sheds():
+    shedding = UpConfig(slo=SLOConfig(slo_ttft_ms=2000)).cluster_spec()
+    queueing = UpConfig().cluster_spec()
+    assert shedding.num_frontends == default_num_procs(sheds=True)
+    assert queueing.num_frontends == default_num_procs()
+    assert (
+        UpConfig(num_frontends=3, slo=SLOConfig(slo_ttft_ms=2000)).cluster_spec().num_frontends == 3
+    )
