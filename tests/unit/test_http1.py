@@ -2,12 +2,14 @@
 keep-alive connections to a real aiohttp server."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
 
 from services.bench import http1
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE = b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
 
 
@@ -122,6 +124,17 @@ def test_only_plain_http():
     )
 
 
+async def serve(routes: dict[str, Handler]) -> tuple[web.AppRunner, int]:
+    """A real aiohttp server on a free loopback port, answering POSTs to ``routes``."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
 async def test_a_real_server_streams_refuses_and_keeps_the_connection():
     peers: list[object] = []
 
@@ -140,14 +153,7 @@ async def test_a_real_server_streams_refuses_and_keeps_the_connection():
     async def close(request: web.Request) -> web.Response:
         return web.Response(text="bye", status=503, headers={"Connection": "close"})
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", stream)
-    app.router.add_post("/close", close)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve({"/v1/completions": stream, "/close": close})
     client = http1.Client(f"http://127.0.0.1:{port}")
     loop = asyncio.get_running_loop()
     try:
@@ -186,13 +192,7 @@ async def test_connects_from_the_source_address_it_is_given():
         peers.append(request.transport.get_extra_info("peername")[0])
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_post("/ok", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve({"/ok": ok})
     loop = asyncio.get_running_loop()
     try:
         for source in ("127.0.0.2", "127.0.0.3"):
