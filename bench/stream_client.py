@@ -11,6 +11,7 @@ import asyncio
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,11 +90,11 @@ class _Reader:
 
     __slots__ = ("error", "first", "is_done", "last", "num_deltas", "num_tokens", "on_first")
 
-    def __init__(self, on_first: Any) -> None:
+    def __init__(self, on_first: Callable[[], None]) -> None:
         self.first = self.last = math.nan
         self.num_deltas, self.num_tokens = 0, -1
         self.error, self.is_done = "", False
-        self.on_first = on_first  # called once, at the first line of a 200's body
+        self.on_first: Callable[[], None] | None = on_first  # once, at a body's first line
 
     def line(self, line: bytes) -> None:
         if self.on_first is not None:
