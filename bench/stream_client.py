@@ -11,7 +11,6 @@ import asyncio
 import math
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,22 +83,41 @@ def request_body(spec: LoadSpec, index: int) -> bytes:
     )
 
 
+_NEW, _STREAMING, _CLOSED = 0, 1, 2  # a _Reader's state
+
+
 class _Reader:
     """One stream's SSE lines, counted as they arrive (``http1.Response``'s ``on_line``,
-    called from the connection's ``data_received``: no task wakes per line)."""
+    called from the connection's ``data_received``: no task wakes per line). From its
+    first line to ``close`` the stream counts as streaming in ``counters[slot]``."""
 
-    __slots__ = ("error", "first", "is_done", "last", "num_deltas", "num_tokens", "on_first")
+    __slots__ = (
+        "counters",
+        "error",
+        "first",
+        "is_done",
+        "last",
+        "num_deltas",
+        "num_tokens",
+        "slot",
+        "state",
+    )
 
-    def __init__(self, on_first: Callable[[], None]) -> None:
+    def __init__(self, counters: Any, slot: int) -> None:
         self.first = self.last = math.nan
         self.num_deltas, self.num_tokens = 0, -1
         self.error, self.is_done = "", False
-        self.on_first: Callable[[], None] | None = on_first  # once, at a body's first line
+        self.counters, self.slot, self.state = counters, slot, _NEW
+
+    def close(self) -> None:
+        if self.state == _STREAMING:
+            self.counters[self.slot] -= 1
+        self.state = _CLOSED
 
     def line(self, line: bytes) -> None:
-        if self.on_first is not None:
-            self.on_first()
-            self.on_first = None
+        if self.state == _NEW:
+            self.state = _STREAMING
+            self.counters[self.slot] += 1
         if self.is_done or not line.startswith(b"data: "):
             return
         data = line[6:]
@@ -131,14 +149,7 @@ async def _stream(
     loop = asyncio.get_running_loop()
     sent = time.monotonic()
     counters[slot] += 1
-    streaming = False
-
-    def on_first() -> None:
-        nonlocal streaming
-        streaming = True
-        counters[slot + 1] += 1
-
-    reader = _Reader(on_first)
+    reader = _Reader(counters, slot + 1)
     response = http1.Response(loop, reader.line)
     error = ""
     try:
@@ -154,8 +165,7 @@ async def _stream(
         error = type(exc).__name__ + (f" errno {errno}" if errno else "")
     finally:
         counters[slot] -= 1
-        if streaming:
-            counters[slot + 1] -= 1
+        reader.close()
     error = error or reader.error
     if not error and not reader.is_done:
         error = "stream ended without [DONE]"

@@ -91,13 +91,47 @@ def local_cluster(args: argparse.Namespace) -> Iterator[Servers]:
         yield Servers(cluster.url, cluster.pids, cluster.frontend.pid)
 
 
-def listen_overflows() -> int:
-    """The kernel's count of connections dropped because an accept queue was full (all
-    sockets on this machine; nstat's TcpExtListenOverflows)."""
-    with open("/proc/net/netstat") as f:
-        lines = [line.split() for line in f if line.startswith("TcpExt:")]
-    names, values = lines[0], lines[1]
-    return int(values[names.index("ListenOverflows")])
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TCP counters for the whole machine (``/proc/net/netstat``'s TcpExt and
+    ``/proc/net/snmp``'s Tcp lines, as ``nstat`` names them: ``TcpExtListenOverflows``)."""
+    counters: dict[str, int] = {}
+    for path, prefixes in (("/proc/net/netstat", ("TcpExt:",)), ("/proc/net/snmp", ("Tcp:",))):
+        with open(path) as f:
+            lines = [line.split() for line in f if line.startswith(prefixes)]
+        for names, values in zip(lines[::2], lines[1::2], strict=True):
+            prefix = names[0].rstrip(":")
+            for name, value in zip(names[1:], values[1:], strict=True):
+                counters[prefix + name] = int(value)
+    return counters
+
+
+# The counters that say a connection or segment was dropped, refused or retried: where a
+# connect timeout or a reset comes from.
+TROUBLE_COUNTERS = (
+    "TcpExtListenOverflows",
+    "TcpExtListenDrops",
+    "TcpExtTCPReqQFullDrop",
+    "TcpExtTCPReqQFullDoCookies",
+    "TcpExtSyncookiesSent",
+    "TcpExtTCPBacklogDrop",
+    "TcpExtTCPSynRetrans",
+    "TcpExtTCPTimeouts",
+    "TcpExtTCPAbortOnMemory",
+    "TcpExtTCPAbortOnTimeout",
+    "TcpExtTCPMemoryPressures",
+    "TcpAttemptFails",
+    "TcpRetransSegs",
+)
+
+
+def counters_moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Each counter that changed between two readings, by how much (Tcp's ``CurrEstab`` is a
+    level, not a count, and is left out)."""
+    return {
+        name: after[name] - before.get(name, 0)
+        for name in after
+        if name != "TcpCurrEstab" and after[name] != before.get(name, 0)
+    }
 
 
 # What a server process is, by its command line (Baton's, and Dynamo's for
@@ -229,7 +263,7 @@ def run_load(spec: LoadSpec, servers: Servers) -> dict[str, Any]:
         time.sleep(0.5)
         rss_before = tree_rss(psutil.Process(servers.frontend_pid)) if servers.frontend_pid else 0
         cpu_before = cpu_by_process(servers.pids)
-        overflows_before = listen_overflows()
+        tcp_before = tcp_counters()
         sampler.start()
         start_at.value = time.monotonic() + 0.2
         go.set()
@@ -238,7 +272,7 @@ def run_load(spec: LoadSpec, servers: Servers) -> dict[str, Any]:
             rows.extend(proc_rows)
             client_cpu_s += proc_cpu_s
         cpu_after = cpu_by_process(servers.pids)
-        num_listen_overflows = listen_overflows() - overflows_before
+        tcp_moved = counters_moved(tcp_before, tcp_counters())
     finally:
         sampler.stopping.set()
         if sampler.is_alive():
@@ -262,8 +296,10 @@ def run_load(spec: LoadSpec, servers: Servers) -> dict[str, Any]:
         "num_completed": len(ok),
         "num_errors": len(rows) - len(ok),
         "errors": dict(Counter(r[5] for r in rows if r[5]).most_common()),
+        "error_started_s": _error_starts(rows),
         "num_short_streams": sum(1 for r in ok if r[4] != spec.max_tokens),
-        "num_listen_overflows": num_listen_overflows,
+        "num_listen_overflows": tcp_moved.get("TcpExtListenOverflows", 0),
+        "tcp_counters_moved": tcp_moved,
         "peak_open_streams": sampler.peak_open,
         "peak_streaming_streams": sampler.peak_streaming,
         "ttft_ms": {"p50": _pct(ttft_ms, 50), "p99": _pct(ttft_ms, 99)},
@@ -286,10 +322,32 @@ def run_load(spec: LoadSpec, servers: Servers) -> dict[str, Any]:
     }
 
 
+def _error_starts(rows: list[Row]) -> dict[str, list[float]]:
+    """For each kind of error, when the first and the last stream that met it started
+    (seconds after the first stream started): in the ramp, or after it."""
+    if not rows:
+        return {}
+    first = min(r[0] for r in rows)
+    starts: defaultdict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r[5]:
+            starts[r[5]].append(r[0] - first)
+    return {kind: [min(s), max(s)] for kind, s in starts.items()}
+
+
 def format_report(spec: LoadSpec, result: dict[str, Any]) -> str:
     r = result
-    errors = ", ".join(f"{kind}: {n}" for kind, n in r["errors"].items()) or "none"
+    errors = (
+        ", ".join(
+            f"{kind}: {n}, started {r['error_started_s'][kind][0]:.0f}-"
+            f"{r['error_started_s'][kind][1]:.0f} s in"
+            for kind, n in r["errors"].items()
+        )
+        or "none"
+    )
     by_process = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["server_cpu_s_by_process"].items()))
+    moved = r["tcp_counters_moved"]
+    trouble = ", ".join(f"{k} {moved[k]}" for k in TROUBLE_COUNTERS if moved.get(k)) or "none"
     lines = [
         f"Baton streams: {spec.num_streams} streams over {spec.num_procs} client procs, "
         f"max_tokens {spec.max_tokens}, ~{spec.prompt_words + 12} prompt tokens, "
@@ -301,6 +359,7 @@ def format_report(spec: LoadSpec, result: dict[str, Any]) -> str:
         ),
         ("errors", f"{r['num_errors']} ({errors})"),
         ("listen overflows", f"{r['num_listen_overflows']} (kernel, whole machine)"),
+        ("TCP trouble", trouble),
         (
             "peak open streams",
             f"{r['peak_open_streams']} in flight, {r['peak_streaming_streams']} streaming",
