@@ -170,6 +170,8 @@ def bench_command(args: argparse.Namespace, url: str, out: str) -> list[str]:
     ]
     if args.plot:
         command += ["--plot", args.plot]
+    if args.watch_sheds:
+        command += ["--watch-url", f"{url}/metrics", "--watch", ",".join(SHED_SERIES)]
     if args.trace:
         command += ["--trace", args.trace, "--time-scale", str(args.time_scale)]
         command += ["--length-scale", str(args.length_scale)]
@@ -236,6 +238,11 @@ def main() -> None:
     p.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for every service")
     p.add_argument("--plot", default="", help="PNG of the run (baton bench --plot)")
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument(
+        "--watch-sheds",
+        action="store_true",
+        help="sample the frontends' shed counters once a second: sheds by kind in each stage",
+    )
     args = p.parse_args()
 
     objectives = 0.0 if args.no_admission else 1.0
@@ -294,6 +301,7 @@ def main() -> None:
     print(f"sheds as the frontends counted them: {shed_breakdown(result['server_metrics'])}")
     if not args.trace:
         print_cores(cores)
+    print_sheds(sheds_by_stage(result))
     verdicts = [] if args.trace else checks(result, args)
     for name, ok, detail in verdicts:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
@@ -310,6 +318,52 @@ def main() -> None:
 
 
 WHERE = ("connection", "handler")  # where a frontend sheds before reading
+# The frontends' shed counters --watch-sheds samples: unread (loop lag), and by stage.
+SHED_SERIES = ("baton_frontend_overload_sheds_total", "baton_frontend_shed_seconds_count")
+
+
+def sheds_by_stage(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """How many requests the frontends shed in each stage, by kind ("unread": before the
+    body was read, the loop lagging; else the ``stage`` label: frontend, sending, worker,
+    waiting), from the counters sampled once a second (``--watch-sheds``); [] without them.
+    Counts near a stage's edges may fall on either side: a sample is taken up to half a
+    second from each edge, the scrape itself runs late when the frontend's loop lags, and
+    the frontend process that answers it reports the others' counters from snapshots up to
+    a second old (``SNAPSHOT_INTERVAL_S``). Right after a 10x level that can move hundreds of
+    its sheds into the window after it; within a stage the counts hold."""
+    watched = result.get("watched")
+    if not watched or not watched["t_s"]:
+        return []
+    t_s: list[float] = watched["t_s"]
+    totals: dict[str, list[float]] = {}
+    for key, values in watched["series"].items():
+        name, _, labels = key.partition("{")
+        if name == SHED_SERIES[0]:
+            kind = "unread"
+        else:
+            kind = labels.partition('stage="')[2].partition('"')[0] or "?"
+        column = totals.setdefault(kind, [0.0] * len(t_s))
+        for i, value in enumerate(values):
+            column[i] += value or 0.0  # a labelled series is missing until its first count
+    rows = []
+    for stage in result["stages"]:
+        start, end = stage["start_s"], stage["start_s"] + stage["duration_s"]
+        first = min(range(len(t_s)), key=lambda i: abs(t_s[i] - start))
+        last = min(range(len(t_s)), key=lambda i: abs(t_s[i] - end))
+        rows.append((stage["label"], {k: v[last] - v[first] for k, v in totals.items()}))
+    return rows
+
+
+def print_sheds(rows: list[tuple[str, dict[str, float]]]) -> None:
+    if not rows:
+        return
+    kinds = sorted({k for _, counts in rows for k in counts})
+    print("\nsheds by kind, by stage (the frontends' counters, sampled once a second)")
+    print(f"{'stage':<12} " + " ".join(f"{k:>9}" for k in kinds))
+    for label, counts in rows:
+        print(f"{label:<12} " + " ".join(f"{counts.get(k, 0.0):>9.0f}" for k in kinds))
+
+
 # The early check's sheds made from the request's bytes, before aiohttp parsed them.
 CONNECTION_CHECKS = "baton_frontend_connection_capacity_sheds_total"
 
@@ -319,7 +373,10 @@ def shed_breakdown(metrics: dict[str, list[str]]) -> str:
     body (its loop lagged), and by stage (frontend, sending, worker, waiting) with the mean
     time from arrival to the 429 as the frontend measured it and how many took over 50 ms
     (the client's figure adds the queues before the frontend reads the request)."""
-    names = ("baton_frontend_overload_sheds_total", "baton_frontend_shed_seconds_count")
+    names: tuple[str, ...] = (
+        "baton_frontend_overload_sheds_total",
+        "baton_frontend_shed_seconds_count",
+    )
     names += ("baton_frontend_shed_seconds_sum", "baton_frontend_shed_seconds_bucket")
     names += (CONNECTION_CHECKS,)
     before = parse_samples(metrics["before"], names)
