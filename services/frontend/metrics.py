@@ -116,6 +116,14 @@ class FrontendMetrics:
             "completion requests being served",
             registry=self.registry,
         )
+        # One series a process (the merged /metrics would add them up otherwise).
+        self.loop_lag = Gauge(
+            "baton_frontend_loop_lag_seconds",
+            "how late this process's event loop runs, smoothed over about 100 ms; past "
+            "--max-loop-lag-ms, with a TTFT objective, new requests are shed unread",
+            ["pid"],
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "baton_frontend_time_to_first_token_seconds",
             "time from request arrival to the first token",

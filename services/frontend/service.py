@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 
 from aiohttp import web
@@ -81,6 +82,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
             write_timeout_s=config.write_timeout_s,
             metrics_dir=config.metrics_dir,
         )
+        if state.pressure is not None:
+            pressure = state.pressure
+            metrics.loop_lag.labels(str(os.getpid())).set_function(lambda: pressure.lag_s)
         pool.on_load = state.generator.on_worker_report
         demux.on_batch = lambda worker_id: pool.heard_from(worker_id, time.monotonic())
         demux.worker_quiet_s = lambda worker_id: pool.quiet_s(worker_id, time.monotonic())

@@ -95,9 +95,16 @@ async def test_a_lagging_frontend_sheds_plain_requests_on_their_connection(start
         late = await metric(
             cluster.url, "baton_frontend_overload_sheds_total", session, where="handler"
         )
+        # The lag it sheds by is on /metrics: late ticks made it more than 0 (it never
+        # decays to exactly 0 within a test), one series for the one process.
+        lag = await metric(cluster.url, "baton_frontend_loop_lag_seconds", session)
         async with session.get(f"{cluster.url}/v1/models") as resp:  # other paths: as ever
             assert resp.status == 200
+        async with session.get(f"{cluster.url}/metrics") as resp:
+            page = await resp.text()
     assert (early, late) == (7, 2)
+    assert lag > 0
+    assert page.count("baton_frontend_loop_lag_seconds{pid=") == 1
 
 
 async def test_with_api_keys_only_a_valid_key_is_shed_early(start_cluster):
