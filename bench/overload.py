@@ -171,7 +171,8 @@ def bench_command(args: argparse.Namespace, url: str, out: str) -> list[str]:
     if args.plot:
         command += ["--plot", args.plot]
     if args.watch_sheds:
-        command += ["--watch-url", f"{url}/metrics", "--watch", ",".join(SHED_SERIES)]
+        watch = ",".join((*SHED_SERIES, LAG_SERIES))
+        command += ["--watch-url", f"{url}/metrics", "--watch", watch]
     if args.trace:
         command += ["--trace", args.trace, "--time-scale", str(args.time_scale)]
         command += ["--length-scale", str(args.length_scale)]
@@ -301,7 +302,7 @@ def main() -> None:
     print(f"sheds as the frontends counted them: {shed_breakdown(result['server_metrics'])}")
     if not args.trace:
         print_cores(cores)
-    print_sheds(sheds_by_stage(result))
+    print_sheds(sheds_by_stage(result), lag_by_stage(result))
     verdicts = [] if args.trace else checks(result, args)
     for name, ok, detail in verdicts:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
@@ -320,6 +321,7 @@ def main() -> None:
 WHERE = ("connection", "handler")  # where a frontend sheds before reading
 # The frontends' shed counters --watch-sheds samples: unread (loop lag), and by stage.
 SHED_SERIES = ("baton_frontend_overload_sheds_total", "baton_frontend_shed_seconds_count")
+LAG_SERIES = "baton_frontend_loop_lag_seconds"  # one series a frontend process
 
 
 def sheds_by_stage(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
@@ -338,6 +340,8 @@ def sheds_by_stage(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]
     totals: dict[str, list[float]] = {}
     for key, values in watched["series"].items():
         name, _, labels = key.partition("{")
+        if name == LAG_SERIES:
+            continue
         if name == SHED_SERIES[0]:
             kind = "unread"
         else:
@@ -354,14 +358,40 @@ def sheds_by_stage(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]
     return rows
 
 
-def print_sheds(rows: list[tuple[str, dict[str, float]]]) -> None:
+def lag_by_stage(result: dict[str, Any]) -> list[float | None]:
+    """The highest loop lag (seconds) any frontend process showed in each stage's samples
+    (``--watch-sheds``; the gauge is smoothed over about 100 ms); None for a stage with no
+    sample, [] without any."""
+    watched = result.get("watched")
+    if not watched or not watched["t_s"]:
+        return []
+    t_s: list[float] = watched["t_s"]
+    lags = [v for k, v in watched["series"].items() if k.partition("{")[0] == LAG_SERIES]
+    worst: list[float | None] = []
+    for stage in result["stages"]:
+        start, end = stage["start_s"], stage["start_s"] + stage["duration_s"]
+        values = [
+            value
+            for series in lags
+            for t, value in zip(t_s, series, strict=True)
+            if start <= t < end and value is not None
+        ]
+        worst.append(max(values) if values else None)
+    return worst
+
+
+def print_sheds(rows: list[tuple[str, dict[str, float]]], lags: list[float | None]) -> None:
     if not rows:
         return
     kinds = sorted({k for _, counts in rows for k in counts})
     print("\nsheds by kind, by stage (the frontends' counters, sampled once a second)")
-    print(f"{'stage':<12} " + " ".join(f"{k:>9}" for k in kinds))
-    for label, counts in rows:
-        print(f"{label:<12} " + " ".join(f"{counts.get(k, 0.0):>9.0f}" for k in kinds))
+    print(f"{'stage':<12} " + " ".join(f"{k:>9}" for k in kinds) + f" {'max lag ms':>10}")
+    for i, (label, counts) in enumerate(rows):
+        lag = lags[i] if i < len(lags) else None
+        cells = " ".join(f"{counts.get(k, 0.0):>9.0f}" for k in kinds)
+        print(
+            f"{label:<12} {cells} " + (f"{lag * 1e3:>10.0f}" if lag is not None else f"{'-':>10}")
+        )
 
 
 # The early check's sheds made from the request's bytes, before aiohttp parsed them.

@@ -43,3 +43,22 @@ def test_counts_each_kind_between_the_samples_nearest_each_stages_edges():
 def test_nothing_without_watched_samples():
     assert overload.sheds_by_stage({"stages": [], "time_series": {}}) == []
     assert overload.sheds_by_stage(_result({}) | {"watched": {"t_s": [], "series": {}}}) == []
+
+
+def test_the_lag_series_is_no_kind_of_shed_and_its_worst_sample_per_stage_is_kept():
+    lag_a = 'baton_frontend_loop_lag_seconds{pid="1"}'
+    lag_b = 'baton_frontend_loop_lag_seconds{pid="2"}'
+    result = _result(
+        {
+            UNREAD: [0, 0, 5, 50, 90, 100],
+            lag_a: [0.001, 0.002, 0.030, 0.010, None, 0.004],
+            lag_b: [None, 0.003, 0.001, 0.050, 0.020, 0.001],
+        }
+    )
+    assert [kinds for _, kinds in overload.sheds_by_stage(result)] == [
+        {"unread": 5.0},
+        {"unread": 95.0},
+    ]
+    # 1x holds the samples at 0.1 and 1.0 s; 4x those at 2.1 to 4.9 s.
+    assert overload.lag_by_stage(result) == [0.003, 0.050]
+    assert overload.lag_by_stage(_result({})) == [None, None]
