@@ -242,7 +242,10 @@ def main() -> None:
     p.add_argument(
         "--watch-sheds",
         action="store_true",
-        help="sample the frontends' shed counters once a second: sheds by kind in each stage",
+        help=(
+            "sample the frontends' shed counters and loop lag once a second: the sheds by "
+            "kind and the worst lag in each stage"
+        ),
     )
     args = p.parse_args()
 

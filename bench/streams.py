@@ -106,9 +106,8 @@ def tcp_counters() -> dict[str, int]:
 
 
 # The counters that say a connection or segment was dropped, refused or retried: where a
-# connect timeout or a reset comes from.
+# connect timeout or a reset comes from (beside ListenOverflows, reported on its own).
 TROUBLE_COUNTERS = (
-    "TcpExtListenOverflows",
     "TcpExtListenDrops",
     "TcpExtTCPReqQFullDrop",
     "TcpExtTCPReqQFullDoCookies",

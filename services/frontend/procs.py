@@ -47,7 +47,7 @@ async def serve_procs(config: FrontendConfig, argv: Sequence[str]) -> int:
     """Run ``config.procs`` frontend processes (0: as many as this machine's cores and
     open-file limit call for, ``default_num_procs``; with a TTFT objective, its cores)
     until SIGTERM/SIGINT; the exit code."""
-    num_procs = config.procs or default_num_procs(sheds=config.slo.slo_ttft_ms > 0)
+    num_procs = config.procs or default_num_procs(sheds=config.slo.ttft_s is not None)
     port = config.port or free_port()
     try:
         check_port_free(config.host, port)

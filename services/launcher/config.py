@@ -193,7 +193,8 @@ class UpConfig:
             num_routers=self.num_routers,
             num_prefill_workers=self.num_prefill_workers,
             num_workers=self.num_workers,
-            num_frontends=self.num_frontends or default_num_procs(sheds=self.slo.slo_ttft_ms > 0),
+            num_frontends=self.num_frontends
+            or default_num_procs(sheds=self.slo.ttft_s is not None),
             frontend_args=("--nice", str(self.frontend_niceness)),
             router_args=("--mode", self.router_mode),
             prefill_args=engine,
