@@ -200,10 +200,16 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def _is_overloaded(state: FrontendState) -> bool:
-    """Whether completion requests are shed before being read now: this process's loop lags,
-    and the server has a TTFT objective (without one, requests queue)."""
+    """Whether completion requests are shed before being read now (a fraction of them:
+    ``_draws_shed``): this process's loop lags, and the server has a TTFT objective
+    (without one, requests queue)."""
     pressure = state.pressure
     return pressure is not None and pressure.is_overloaded and state.ttft_s is not None
+
+
+def _draws_shed(state: FrontendState) -> bool:
+    """Whether the request at hand is one of those shed while the loop lags."""
+    return state.pressure is not None and state.pressure.should_shed()
 
 
 def _overload_shed(state: FrontendState, where: str) -> Shed:
@@ -263,6 +269,7 @@ def early_shed(state: FrontendState, config: FrontendConfig, keys: list[str]) ->
         keys=KeyChecker(keys) if keys else None,
         is_checking=lambda: state.generator.is_shedding_early,
         check=check,
+        draws_shed=lambda: _draws_shed(state),
     )
 
 
@@ -281,6 +288,8 @@ def _under_pressure(request: web.Request) -> web.Response | None:
     state = request.app[STATE]
     if not _is_overloaded(state):
         return None
+    if getattr(request.protocol, "passed_lag_draw", False) or not _draws_shed(state):
+        return None  # drawn once, by its connection, or not drawn to be shed now
     if is_high_priority_header(request.headers.get("X-Baton-Priority", "")):
         return None
     return error_response(_overload_shed(state, "handler"))

@@ -95,8 +95,9 @@ class FrontendConfig:
     max_loop_lag_ms: float = field(
         default=25.0,
         metadata=doc(
-            "with a TTFT objective: while this process's event loop runs this late, new "
-            "requests get 429 before their body is read (0: never)"
+            "with a TTFT objective: while this process's event loop runs later than this, "
+            "a growing fraction of new requests get 429 before their body is read, and a "
+            "shrinking one while it runs earlier (0: never)"
         ),
     )
     migration_limit: int = field(

@@ -12,7 +12,8 @@ decides how much CPU is left for the streams it serves.
 Here a connection's handler answers the plain case itself, from the raw bytes, before
 aiohttp parses them: one whole ``POST`` to a completion path in one read, with a
 ``Content-Length`` body, on a keep-alive connection with no request in progress, and not
-marked high priority. While the loop lags it sheds that request unread. While the early
+marked high priority. While the loop lags it sheds that request unread, or the fraction
+of such requests the lag calls for. While the early
 check has been shedding (its last answer was a shed), it decodes the body and runs the same
 check (``EarlyShed.check``); a request the check passes, or one with anything to say first
 (a bad body, an unknown model), goes on to aiohttp and is decoded again there. Everything
@@ -142,11 +143,13 @@ CheckedShed = tuple[bytes, int]
 class EarlyShed:
     """The decisions and the answers, shared by every connection of one server.
 
-    ``is_shedding`` says whether to shed unread now (the loop lags); ``on_shed`` counts one
-    such shed and returns the error body. ``is_checking`` says whether to run the early
-    check on the connection now, and ``check`` runs it: the answer for a request it sheds
-    (counted), or None. ``keys``: with API keys, only a request that presents a valid one is
-    answered here (the others get their 401 from the handler, as they would otherwise)."""
+    ``is_shedding`` says whether to shed unread now (the loop lags) and ``draws_shed``
+    whether this request is one of those shed (a process sheds a fraction while it lags:
+    ``LoopPressure``); ``on_shed`` counts one such shed and returns the error body.
+    ``is_checking`` says whether to run the early check on the connection now, and ``check``
+    runs it: the answer for a request it sheds (counted), or None. ``keys``: with API keys,
+    only a request that presents a valid one is answered here (the others get their 401
+    from the handler, as they would otherwise)."""
 
     def __init__(
         self,
@@ -157,8 +160,13 @@ class EarlyShed:
         keys: KeyChecker | None = None,
         is_checking: Callable[[], bool] = lambda: False,
         check: Callable[[PlainRequest], CheckedShed | None] = lambda _: None,
+        draws_shed: Callable[[], bool] = lambda: True,
     ) -> None:
         self.is_shedding = is_shedding
+        self.draws_shed = draws_shed
+        # Whether the last ``answer`` drew for its request and let it pass: the handler then
+        # does not draw again for it (read at once after the call, on the same loop).
+        self.passed_draw = False
         self.on_shed = on_shed
         self.max_header_bytes = max_header_bytes
         self.keys = keys
@@ -171,6 +179,7 @@ class EarlyShed:
 
     def answer(self, data: bytes) -> tuple[bytes, bool] | None:
         """The response to write for ``data`` and whether to close after it, or None."""
+        self.passed_draw = False
         request = plain_completion(data, self.max_header_bytes)
         if request is None:
             return None
@@ -179,7 +188,9 @@ class EarlyShed:
         ):
             return None
         if self.is_shedding():
-            return reply_429(self.on_shed(), close=request.close), request.close
+            if self.draws_shed():
+                return reply_429(self.on_shed(), close=request.close), request.close
+            self.passed_draw = True
         shed = self.check(request) if self.is_checking() else None
         if shed is None:
             return None
@@ -190,11 +201,14 @@ class EarlyShed:
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering the plain shed before aiohttp parses it."""
 
-    __slots__ = ("_num_handled",)
+    __slots__ = ("_num_handled", "passed_lag_draw")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._num_handled = 0  # requests aiohttp parsed and answered whole on this connection
+        # The request in the last bytes read was drawn for the lag shed here and passed
+        # (``passed_lag_draw``): the handler does not draw for it again.
+        self.passed_lag_draw = False
         self._messages = MessageQueue()  # type: ignore[assignment]
 
     async def finish_response(
@@ -210,8 +224,10 @@ class _Handler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         server = self._manager
+        self.passed_lag_draw = False
         if isinstance(server, _Server) and server.early.is_active() and self._is_idle():
             answer = server.early.answer(data)
+            self.passed_lag_draw = server.early.passed_draw
             if answer is not None:
                 response, close = answer
                 assert self.transport is not None  # data arrives only while connected

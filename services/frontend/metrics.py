@@ -124,6 +124,14 @@ class FrontendMetrics:
             ["pid"],
             registry=self.registry,
         )
+        self.lag_shed_fraction = Gauge(
+            "baton_frontend_lag_shed_fraction",
+            "the fraction of new completion requests this process sheds unread for its loop's "
+            "lag (with a TTFT objective): raised while the lag is past --max-loop-lag-ms, "
+            "lowered while it is under",
+            ["pid"],
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "baton_frontend_time_to_first_token_seconds",
             "time from request arrival to the first token",

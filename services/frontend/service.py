@@ -84,7 +84,9 @@ async def serve(config: FrontendConfig, stopping: asyncio.Event | None = None) -
         )
         if state.pressure is not None:
             pressure = state.pressure
-            metrics.loop_lag.labels(str(os.getpid())).set_function(lambda: pressure.lag_s)
+            pid = str(os.getpid())
+            metrics.loop_lag.labels(pid).set_function(lambda: pressure.lag_s)
+            metrics.lag_shed_fraction.labels(pid).set_function(lambda: pressure.shed_fraction)
         pool.on_load = state.generator.on_worker_report
         demux.on_batch = lambda worker_id: pool.heard_from(worker_id, time.monotonic())
         demux.worker_quiet_s = lambda worker_id: pool.quiet_s(worker_id, time.monotonic())

@@ -98,12 +98,16 @@ async def test_a_lagging_frontend_sheds_plain_requests_on_their_connection(start
         # The lag it sheds by is on /metrics: late ticks made it more than 0 (it never
         # decays to exactly 0 within a test), one series for the one process.
         lag = await metric(cluster.url, "baton_frontend_loop_lag_seconds", session)
+        # And the fraction it sheds: above 0 (a bound of 1 us reads any late tick as far past
+        # it; the ticks on time since may have begun to lower it).
+        fraction = await metric(cluster.url, "baton_frontend_lag_shed_fraction", session)
         async with session.get(f"{cluster.url}/v1/models") as resp:  # other paths: as ever
             assert resp.status == 200
         async with session.get(f"{cluster.url}/metrics") as resp:
             page = await resp.text()
     assert (early, late) == (7, 2)
     assert lag > 0
+    assert 0 < fraction <= 1
     assert page.count("baton_frontend_loop_lag_seconds{pid=") == 1
 
 

@@ -79,6 +79,21 @@ def test_the_check_answers_only_while_it_is_on_and_sheds():
     assert checked == [b"{}", b"{}"]
 
 
+def test_while_the_loop_lags_only_the_drawn_requests_are_shed_and_the_others_say_so():
+    draws = iter([True, False])
+    early = EarlyShed(
+        lambda: True, lambda: b"lag", max_header_bytes=LIMIT, draws_shed=lambda: next(draws)
+    )
+    data = request("Content-Length: 2")
+    reply, _ = early.answer(data)
+    assert reply.endswith(b"lag")
+    assert not early.passed_draw
+    assert early.answer(data) is None  # not drawn: aiohttp serves it
+    assert early.passed_draw  # and the handler does not draw for it again
+    assert early.answer(b"GET /health HTTP/1.1\r\n\r\n") is None
+    assert not early.passed_draw  # not looked at: the handler decides
+
+
 @pytest.mark.parametrize(
     "data",
     [
