@@ -208,7 +208,8 @@ def _is_overloaded(state: FrontendState) -> bool:
 
 
 def _draws_shed(state: FrontendState) -> bool:
-    """Whether the request at hand is one of those shed while the loop lags."""
+    """Whether the request at hand is one of those shed while the loop lags (one draw;
+    ask only while ``_is_overloaded``)."""
     return state.pressure is not None and state.pressure.should_shed()
 
 

@@ -12,11 +12,11 @@ decides how much CPU is left for the streams it serves.
 Here a connection's handler answers the plain case itself, from the raw bytes, before
 aiohttp parses them: one whole ``POST`` to a completion path in one read, with a
 ``Content-Length`` body, on a keep-alive connection with no request in progress, and not
-marked high priority. While the loop lags it sheds that request unread, or the fraction
-of such requests the lag calls for. While the early
-check has been shedding (its last answer was a shed), it decodes the body and runs the same
-check (``EarlyShed.check``); a request the check passes, or one with anything to say first
-(a bad body, an unknown model), goes on to aiohttp and is decoded again there. Everything
+marked high priority. While the loop lags it sheds the fraction of such requests the lag
+calls for, unread. While the early check has been shedding (its last answer was a shed), it
+decodes the body and runs the same check (``EarlyShed.check``); a request the check
+passes, or one with anything to say first (a bad body, an unknown model), goes on to aiohttp
+and is decoded again there. Everything
 else (a body still on its way, chunked bodies, pipelined requests, ``Expect``, HTTP/1.0, a
 missing or wrong API key) goes through aiohttp and the handler's own checks, which give
 the same 429 or the error that comes first. The handler reads a few of aiohttp's private
