@@ -290,13 +290,14 @@ def main() -> None:
     admission = "without objectives (admission off)" if args.no_admission else "with objectives"
     print(f"\n{args.workers} decode + {args.prefill} prefill worker(s), {admission}")
     header = f"{'stage':<12} {'offered/s':>9} {'good/s':>8} {'good%':>6} {'shed':>6} {'errors':>6}"
-    print(f"{header} {'shed p99 ms':>11} {'TTFT p50/p99 ms':>16} {'TPOT p50/p99 ms':>16}")
+    header += f" {'shed p99 ms':>11} {'new conn':>8} {'kept-alive p99':>14}"
+    print(f"{header} {'TTFT p50/p99 ms':>16} {'TPOT p50/p99 ms':>16}")
     for row in [*result["stages"], result["total"]]:
-        shed_p99 = row["shed_latency_p99_ms"]
         print(
             f"{row['label']:<12} {row['offered_rps']:>9.1f} {row['good_rps']:>8.1f} "
             f"{row['good_pct']:>6.0f} {row['num_shed']:>6} {row['num_errors']:>6} "
-            f"{(f'{shed_p99:.0f}' if shed_p99 is not None else '-'):>11} "
+            f"{_ms(row['shed_latency_p99_ms']):>11} {row['num_shed_new_connection']:>8} "
+            f"{_ms(row['shed_latency_p99_kept_alive_ms']):>14} "
             f"{_pair(row, 'ttft'):>16} {_pair(row, 'tpot'):>16}"
         )
     cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(server_cpu.items(), key=lambda x: -x[1]))
@@ -431,6 +432,10 @@ def shed_breakdown(metrics: dict[str, list[str]]) -> str:
             mean += f" ({delta.get(CONNECTION_CHECKS, 0.0):.0f} by their connection)"
         parts.append(f"{stage} {count:.0f}{mean}")
     return ", ".join(parts)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _pair(row: dict[str, Any], what: str) -> str:

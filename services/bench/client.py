@@ -234,7 +234,7 @@ async def send_lean(
     response = http1.Response(asyncio.get_running_loop(), reader.line)
     try:
         async with asyncio.timeout(share.request_timeout_s):
-            await client.send(request, response)
+            outcome.new_connection = await client.send(request, response)
     except TimeoutError:
         outcome.kind, outcome.error = Kind.TIMEOUT, f"over {share.request_timeout_s} s"
         return

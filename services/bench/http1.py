@@ -267,12 +267,14 @@ class Client:
             % (target, self._host_header, content_type.encode("ascii"), len(body), body)
         )
 
-    async def send(self, request: bytes, response: Response) -> None:
+    async def send(self, request: bytes, response: Response) -> bool:
         """Write ``request`` on an idle connection (or a new one) and read ``response`` to
-        its end; raises ``OSError`` / ``ProtocolError`` (the connection is then dropped).
-        Cancelled, the connection is dropped too (half a response must not be reused)."""
+        its end; whether it opened a new connection for it. Raises ``OSError`` /
+        ``ProtocolError`` (the connection is then dropped). Cancelled, the connection is
+        dropped too (half a response must not be reused)."""
         loop = asyncio.get_running_loop()
         connection = self._take_idle()
+        opened = connection is None
         if connection is None:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, connection = await loop.create_connection(
@@ -292,6 +294,7 @@ class Client:
             self._idle.append(connection)
         else:
             connection.abort()
+        return opened
 
     def _take_idle(self) -> _Connection | None:
         while self._idle:

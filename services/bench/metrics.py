@@ -47,6 +47,11 @@ class Summary:
     num_aborted: int
     shed_latency_p50_ms: float
     shed_latency_p99_ms: float
+    # Sheds that came on a connection opened for the request (a client's pool growing),
+    # and the p99 of the others, on connections kept alive: a new connection waits for the
+    # server to accept it, and a busy server accepts late.
+    num_shed_new_connection: int
+    shed_latency_p99_kept_alive_ms: float
     retry_after_p50_s: float
     ttft_p50_ms: float
     ttft_p99_ms: float
@@ -98,6 +103,8 @@ def summarize(
         num_aborted=verdicts.count(Verdict.ABORTED),
         shed_latency_p50_ms=_ms([o.latency_s for o in shed], 50),
         shed_latency_p99_ms=_ms([o.latency_s for o in shed], 99),
+        num_shed_new_connection=sum(1 for o in shed if o.new_connection),
+        shed_latency_p99_kept_alive_ms=_ms([o.latency_s for o in shed if not o.new_connection], 99),
         retry_after_p50_s=percentile([o.retry_after_s for o in shed], 50),
         ttft_p50_ms=_ms([o.ttft_s for o in completed], 50),
         ttft_p99_ms=_ms([o.ttft_s for o in completed], 99),

@@ -51,6 +51,9 @@ class Outcome:
     num_cached_tokens: int = 0  # of which served from its prefix cache
     retry_after_s: float = math.nan
     error: str = ""
+    # Sent on a connection opened for it, not on an idle one kept alive (the lean http://
+    # client knows; through aiohttp's client it stays False).
+    new_connection: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,7 +82,7 @@ def test_summarize_counts_rates_and_percentiles_of_a_stage():
         *(make_outcome(ttft_ms=float(t)) for t in range(100, 200, 10)),  # 10 good
         make_outcome(ttft_ms=900.0),  # missed TTFT
         make_outcome(Kind.SHED, status=429, latency_ms=2.0, retry_after_s=1.0),
-        make_outcome(Kind.SHED, status=429, latency_ms=4.0, retry_after_s=1.0),
+        make_outcome(Kind.SHED, status=429, latency_ms=4.0, retry_after_s=1.0, new_connection=True),
         make_outcome(Kind.HTTP_ERROR, status=500),
         make_outcome(Kind.ABORTED),
     ]
@@ -93,6 +93,8 @@ def test_summarize_counts_rates_and_percentiles_of_a_stage():
     assert s.good_rps == 2.0
     assert s.good_pct == pytest.approx(100 * 10 / 14)  # aborted ones had no chance
     assert s.shed_latency_p50_ms == pytest.approx(3.0)
+    assert s.num_shed_new_connection == 1
+    assert s.shed_latency_p99_kept_alive_ms == pytest.approx(2.0)  # the new one left out
     assert s.retry_after_p50_s == 1.0
     assert s.ttft_p50_ms == pytest.approx(150.0)
     assert s.tpot_p99_ms == pytest.approx(20.0)

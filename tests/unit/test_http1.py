@@ -157,12 +157,15 @@ async def test_a_real_server_streams_refuses_and_keeps_the_connection():
     client = http1.Client(f"http://127.0.0.1:{port}")
     loop = asyncio.get_running_loop()
     try:
+        opened: list[bool] = []
         for refuse in (False, True, False):
             lines: list[bytes] = []
             response = http1.Response(loop, lines.append)
             body = b'{"refuse": %s}' % (b"true" if refuse else b"false")
-            await asyncio.wait_for(
-                client.send(client.post_bytes("/v1/completions", body), response), 10
+            opened.append(
+                await asyncio.wait_for(
+                    client.send(client.post_bytes("/v1/completions", body), response), 10
+                )
             )
             if refuse:
                 assert (response.status, response.headers["retry-after"]) == (429, "1")
@@ -171,11 +174,12 @@ async def test_a_real_server_streams_refuses_and_keeps_the_connection():
                 assert response.status == 200
                 assert b"data: [DONE]" in lines
         assert len(set(peers)) == 1  # one keep-alive connection for all three
+        assert opened == [True, False, False]
         response = http1.Response(loop, lambda line: None)
         await asyncio.wait_for(client.send(client.post_bytes("/close", b"{}"), response), 10)
         assert (response.status, bytes(response.body), response.keep_alive) == (503, b"bye", False)
         response = http1.Response(loop, lambda line: None)
-        await asyncio.wait_for(
+        assert await asyncio.wait_for(
             client.send(client.post_bytes("/v1/completions", b'{"refuse": true}'), response), 10
         )
         assert response.status == 429
