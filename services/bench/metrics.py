@@ -49,7 +49,8 @@ class Summary:
     shed_latency_p99_ms: float
     # Sheds that came on a connection opened for the request (a client's pool growing),
     # and the p99 of the others, on connections kept alive: a new connection waits for the
-    # server to accept it, and a busy server accepts late.
+    # server to accept it, and a busy server accepts late. Only the lean http:// client
+    # knows which is which: through aiohttp's (https://) every shed counts as kept alive.
     num_shed_new_connection: int
     shed_latency_p99_kept_alive_ms: float
     retry_after_p50_s: float
