@@ -28,8 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from shared.servers import free_port
+from shared.servers import free_port, wait_for_port
 from shared.tokenizer.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -57,15 +55,19 @@ class _Request(msgspec.Struct):
 _decoder = msgspec.json.Decoder(_Request)
 
 
-def _event(request_id: str, content: str | None, finish: str | None) -> bytes:
+def _event(
+    request_id: str, content: str | None, finish: str | None, usage: dict[str, int] | None = None
+) -> bytes:
     delta = {} if content is None else {"content": content}
-    body = {
+    body: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": "floor",
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+    if usage is not None:
+        body["usage"] = usage
     return b"data: " + msgspec.json.encode(body) + b"\n\n"
 
 
@@ -96,18 +98,13 @@ def build_app(tokens_per_event: int, interval_s: float) -> web.Application:
             "completion_tokens": sent,
             "total_tokens": len(prompt_ids) + sent,
         }
-        last = _event(request_id, None, "length")[: -len(b"}\n\n")]
-        await response.write(last + b',"usage":' + msgspec.json.encode(usage) + b"}\n\n")
+        await response.write(_event(request_id, None, "length", usage))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     app = web.Application()
     app.router.add_post("/v1/chat/completions", complete)
-    app.router.add_get("/health", health)
     return app
 
 
@@ -143,15 +140,8 @@ def floor_servers(procs: int, tokens_per_event: int, interval_ms: float) -> Iter
         for _ in range(procs)
     ]
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the floor server did not start in 60 s") from None
-                time.sleep(0.2)
+        for child in children:  # one listening answers for all: also see that none exited
+            wait_for_port(port, 60, child)
         time.sleep(1.0)  # every process listening, not only the first
         yield port, [c.pid for c in children]
     finally:
